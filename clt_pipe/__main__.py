@@ -1,0 +1,3 @@
+from clt_pipe.cli import main
+
+main()

@@ -1,0 +1,307 @@
+"""Typed configuration for every stage.
+
+Precedence: dataclass defaults < TOML file (one table per stage) < CLI flags that were given explicitly.
+Unknown keys and ill-typed values raise ``ConfigError`` naming the offending key, so a typo in a pipeline file
+never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from clt_pipe.errors import ConfigError
+
+DEFAULT_STORE_ROOT = "storage/stores"
+TOKEN_POLICY_RE = re.compile(r"^(cls|patches|all|cls\+(\d+))$")
+SPARSIFIERS = ("relu_topk", "abs_topk", "jumprelu", "batchtopk")
+ANALYZE_PARTS = ("fidelity", "attribution", "zeroshot", "openloop", "closedloop", "ablation", "retrieval")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+
+
+def _check_positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def parse_token_policy(policy: str) -> tuple[str, int]:
+    """``'cls+16'`` -> ``('cls+k', 16)``; other policies -> ``(policy, 0)``."""
+    m = TOKEN_POLICY_RE.match(policy)
+    if not m:
+        raise ConfigError(f"tokens: {policy!r} is not one of cls, patches, all, cls+K (e.g. cls+16)")
+    if m.group(2) is not None:
+        k = int(m.group(2))
+        if k <= 0:
+            raise ConfigError(f"tokens: cls+K needs K >= 1, got {policy!r}")
+        return "cls+k", k
+    return policy, 0
+
+
+@dataclass
+class HarvestConfig:
+    """`clt-pipe harvest`: run a CLIP ViT over a dataset and write the activation store."""
+
+    model: str = "ViT-B-32"  # open_clip model name, or a path to an open_clip model-config JSON
+    pretrained: str = "openai"  # open_clip pretrained tag, a local checkpoint path, or "none" (random init)
+    dataset: str = "cifar100"  # cifar100 | imagenet100 | coco | imagefolder | digits
+    data_root: str = ""
+    split: str = "train"
+    store: str = f"{DEFAULT_STORE_ROOT}/default.zarr"  # local path or fsspec URL (s3://bucket/key)
+    tokens: str = "all"  # cls | patches | all | cls+K (CLS plus K random patches per image)
+    dtype: str = "fp16"  # fp16 | bf16 (bf16 is stored as its uint16 bit pattern, see storage/FORMAT.md)
+    compressor: str = "blosc-lz4-bitshuffle"  # none | blosc-lz4-bitshuffle | blosc-lz4-shuffle | blosc-zstd-bitshuffle
+    chunk_mb: float = 16.0  # target uncompressed chunk size along the token axis
+    chunks_per_shard: int = 4  # a shard (commit unit) is this many chunks
+    batch_size: int = 64
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    limit: int = 0  # 0 = every image of the split
+    seed: int = 0  # picks the random patches of cls+K
+    template_sets: list[str] = field(default_factory=lambda: ["single", "ensemble"])
+    coco_label_rule: str = "largest_area"  # largest_area | most_instances | first_annotation
+    on_bad_image: str = "fail"  # fail | skip (skipped images are recorded, their rows stay NaN)
+    data_workers: int = 2  # threads decoding/preprocessing images
+    overwrite: bool = False
+    dry_run: bool = False
+    workers: int = 0  # >0: a dask LocalCluster of this many workers writes disjoint shard ranges
+    scheduler: str = ""  # address of an existing dask scheduler (overrides workers)
+
+    def validate(self) -> None:
+        parse_token_policy(self.tokens)
+        _check_choice("dtype", self.dtype, ("fp16", "bf16"))
+        _check_choice(
+            "compressor",
+            self.compressor,
+            ("none", "blosc-lz4-bitshuffle", "blosc-lz4-shuffle", "blosc-zstd-bitshuffle"),
+        )
+        _check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _check_choice("on_bad_image", self.on_bad_image, ("fail", "skip"))
+        _check_choice("coco_label_rule", self.coco_label_rule, ("largest_area", "most_instances", "first_annotation"))
+        _check_choice("dataset", self.dataset, ("cifar100", "imagenet100", "coco", "imagefolder", "digits"))
+        _check_positive("batch_size", self.batch_size)
+        _check_positive("chunk_mb", self.chunk_mb)
+        _check_positive("chunks_per_shard", self.chunks_per_shard)
+        _check_positive("limit", self.limit, allow_zero=True)
+        _check_positive("workers", self.workers, allow_zero=True)
+        if not self.store:
+            raise ConfigError("store: a store URL or path is required")
+        if not self.template_sets:
+            raise ConfigError("template_sets: name at least one template set (e.g. single)")
+
+
+@dataclass
+class FitConfig:
+    """`clt-pipe fit`: train a CLT on a committed store."""
+
+    store: str = f"{DEFAULT_STORE_ROOT}/default.zarr"
+    out: str = "runs/clt"
+    sparsifier: str = "relu_topk"  # relu_topk | abs_topk | jumprelu | batchtopk
+    k: int = 32  # active features per layer and token (TopK family)
+    expansion: int = 8  # features per layer = expansion * d_model (unless n_features is set)
+    n_features: int = 0
+    dec_bias: bool = False  # off: attribution columns then sum to exactly 1
+    steps: int = 2000
+    batch_size: int = 1024
+    lr: float = 2e-4
+    warmup_steps: int = 100
+    decay: str = "cosine"  # cosine | linear | none (after warm-up, down to lr * min_lr_ratio)
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    aux_k: int = 256  # AuxK: dead latents used to model the residual (TopK family); 0 disables
+    aux_coef: float = 1.0 / 32
+    dead_tokens: int = 200_000  # a latent is dead after this many tokens without firing
+    l0_coef: float = 1e-3  # JumpReLU sparsity penalty weight
+    l0_penalty: str = "l0"  # l0 | tanh
+    tanh_scale: float = 4.0
+    jumprelu_threshold: float = 0.03  # initial JumpReLU threshold (standardised units)
+    jumprelu_bandwidth: float = 0.05  # straight-through estimator kernel width
+    tokens: str = "all"  # train on cls | patches | all rows of the store
+    holdout: float = 0.0  # fraction of chunks (whole images) held out from training
+    shuffle_chunks: int = 8  # shuffle buffer size, in chunks
+    read_threads: int = 4
+    checkpoint_every: int = 500
+    log_every: int = 25
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    decode: str = "auto"  # auto (sparse for TopK family) | sparse | dense
+    resume: bool = False
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        _check_choice("sparsifier", self.sparsifier, SPARSIFIERS)
+        _check_choice("decay", self.decay, ("cosine", "linear", "none"))
+        _check_choice("l0_penalty", self.l0_penalty, ("l0", "tanh"))
+        _check_choice("precision", self.precision, ("auto", "fp32", "bf16"))
+        _check_choice("decode", self.decode, ("auto", "sparse", "dense"))
+        _check_choice("tokens", self.tokens, ("cls", "patches", "all"))
+        for key in ("steps", "batch_size", "lr", "expansion", "checkpoint_every", "log_every", "read_threads"):
+            _check_positive(key, getattr(self, key))
+        for key in ("warmup_steps", "weight_decay", "grad_clip", "aux_k", "aux_coef", "l0_coef", "n_features"):
+            _check_positive(key, getattr(self, key), allow_zero=True)
+        if not 0.0 <= self.holdout < 1.0:
+            raise ConfigError(f"holdout: must be in [0, 1), got {self.holdout}")
+        if self.k <= 0:
+            raise ConfigError(f"k: must be > 0, got {self.k}")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume/overwrite: choose one")
+
+    def features(self, d_model: int) -> int:
+        f = self.n_features or self.expansion * d_model
+        if self.sparsifier != "jumprelu" and self.k >= f:
+            raise ConfigError(f"k: must be smaller than the {f} features per layer, got {self.k}")
+        return f
+
+
+@dataclass
+class AnalyzeConfig:
+    """`clt-pipe analyze`: fidelity, attribution, zero-shot substitution, ablations, retrieval, report."""
+
+    store: str = f"{DEFAULT_STORE_ROOT}/default.zarr"
+    clt: str = "runs/clt"
+    out: str = "runs/report"
+    data_root: str = ""  # needed by closed-loop substitution (re-runs the ViT on the images)
+    split: str = ""  # split for closed-loop images; default: the store's split
+    only: list[str] = field(default_factory=lambda: list(ANALYZE_PARTS))
+    template_set: str = "single"
+    windows: list[str] = field(default_factory=lambda: ["0-11", "3-11", "7-11", "10-11"])  # first-last layer
+    window_tokens: list[str] = field(default_factory=lambda: ["cls", "all"])
+    sources_before_window: bool = False  # True: features of layers before the window still write into it
+    ablation_rank: str = "attribution"  # attribution (sum of |C_proj| row) | fvu (worst reconstructed first)
+    ablation_keep: int = 4
+    ablation_mode: str = "true"  # true: dropped layers keep their true MLP output | zero: dropped layers output 0
+    retrieval_queries: int = 6
+    retrieval_k: int = 5
+    max_images: int = 0  # cap on images for closed-loop parts (0 = all in the store)
+    max_tokens: int = 0  # cap on rows streamed for fidelity (0 = all)
+    batch_size: int = 64
+    device: str = "auto"
+    read_threads: int = 4
+
+    def validate(self) -> None:
+        for part in self.only:
+            _check_choice("only", part, ANALYZE_PARTS)
+        if not self.only:
+            raise ConfigError("only: select at least one part")
+        for w in self.windows:
+            if not re.match(r"^\d+-\d+$", w):
+                raise ConfigError(f"windows: {w!r} is not FIRST-LAST (e.g. 3-11)")
+            a, b = (int(x) for x in w.split("-"))
+            if a > b:
+                raise ConfigError(f"windows: {w!r} starts after it ends")
+        for t in self.window_tokens:
+            _check_choice("window_tokens", t, ("cls", "patches", "all"))
+        if not self.window_tokens:
+            raise ConfigError("window_tokens: empty token selection")
+        _check_choice("ablation_rank", self.ablation_rank, ("attribution", "fvu"))
+        _check_choice("ablation_mode", self.ablation_mode, ("true", "zero"))
+        for key in ("batch_size", "retrieval_k", "read_threads"):
+            _check_positive(key, getattr(self, key))
+        for key in ("ablation_keep", "retrieval_queries", "max_images", "max_tokens"):
+            _check_positive(key, getattr(self, key), allow_zero=True)
+
+
+STAGES: dict[str, type] = {"harvest": HarvestConfig, "fit": FitConfig, "analyze": AnalyzeConfig}
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, str):  # CLI form: "a,b,c"
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(key, v, inner) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def build(cls: type, *layers: Mapping[str, Any] | None, section: str = "") -> Any:
+    """Build and validate ``cls`` from mappings applied in order (later wins); ``None`` values are skipped."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    prefix = f"{section}." if section else ""
+    for layer in layers:
+        for key, value in (layer or {}).items():
+            norm = key.replace("-", "_")
+            if norm not in names:
+                raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(names))})")
+            if value is None:
+                continue
+            values[norm] = _coerce(prefix + norm, value, hints[norm])
+    obj = cls(**values)
+    try:
+        obj.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}{e}") from None
+    return obj
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config: file {str(p)!r} not found")
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config: {p}: {e}") from None
+
+
+def stage_config(cls: type, section: str, config_file: str | None, overrides: Mapping[str, Any]) -> Any:
+    """The config of one stage: the ``[section]`` table of ``config_file`` (if given), then CLI ``overrides``."""
+    table: dict[str, Any] = {}
+    if config_file:
+        doc = load_toml(config_file)
+        if section in doc:
+            table = doc[section]
+        elif not any(s in doc for s in (*STAGES, "pipeline")):
+            table = doc  # a flat file holding one stage's keys
+        if not isinstance(table, dict):
+            raise ConfigError(f"{section}: expected a table in {config_file}")
+    return build(cls, table, overrides, section=section)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
