@@ -24,6 +24,13 @@ SPARSIFIERS = ("relu_topk", "abs_topk", "jumprelu", "batchtopk")
 ANALYZE_PARTS = ("fidelity", "attribution", "zeroshot", "openloop", "closedloop", "ablation", "retrieval")
 
 
+def opt(default: Any, help: str, factory: bool = False) -> Any:
+    """A config field with the help text that the CLI shows for its --option."""
+    if factory:
+        return field(default_factory=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
@@ -51,30 +58,30 @@ def parse_token_policy(policy: str) -> tuple[str, int]:
 class HarvestConfig:
     """`clt-pipe harvest`: run a CLIP ViT over a dataset and write the activation store."""
 
-    model: str = "ViT-B-32"  # open_clip model name, or a path to an open_clip model-config JSON
-    pretrained: str = "openai"  # open_clip pretrained tag, a local checkpoint path, or "none" (random init)
-    dataset: str = "cifar100"  # cifar100 | imagenet100 | coco | imagefolder | digits
-    data_root: str = ""
-    split: str = "train"
-    store: str = f"{DEFAULT_STORE_ROOT}/default.zarr"  # local path or fsspec URL (s3://bucket/key)
-    tokens: str = "all"  # cls | patches | all | cls+K (CLS plus K random patches per image)
-    dtype: str = "fp16"  # fp16 | bf16 (bf16 is stored as its uint16 bit pattern, see storage/FORMAT.md)
-    compressor: str = "blosc-lz4-bitshuffle"  # none | blosc-lz4-bitshuffle | blosc-lz4-shuffle | blosc-zstd-bitshuffle
-    chunk_mb: float = 16.0  # target uncompressed chunk size along the token axis
-    chunks_per_shard: int = 4  # a shard (commit unit) is this many chunks
-    batch_size: int = 64
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
-    limit: int = 0  # 0 = every image of the split
-    seed: int = 0  # picks the random patches of cls+K
-    template_sets: list[str] = field(default_factory=lambda: ["single", "ensemble"])
-    coco_label_rule: str = "largest_area"  # largest_area | most_instances | first_annotation
-    on_bad_image: str = "fail"  # fail | skip (skipped images are recorded, their rows stay NaN)
-    data_workers: int = 2  # threads decoding/preprocessing images
-    overwrite: bool = False
-    dry_run: bool = False
-    workers: int = 0  # >0: a dask LocalCluster of this many workers writes disjoint shard ranges
-    scheduler: str = ""  # address of an existing dask scheduler (overrides workers)
+    model: str = opt("ViT-B-32", 'open_clip model name, or a path to an open_clip model-config JSON')
+    pretrained: str = opt("openai", 'open_clip pretrained tag, a local checkpoint path, or "none" (random init)')
+    dataset: str = opt("cifar100", 'cifar100 | imagenet100 | coco | imagefolder | digits')
+    data_root: str = opt("", 'Dataset root folder (layout per dataset: see README)')
+    split: str = opt("train", 'Dataset split (train|test for cifar100/digits, train|val for imagenet100/coco)')
+    store: str = opt(f"{DEFAULT_STORE_ROOT}/default.zarr", 'Store: local path or fsspec URL (s3://bucket/key)')
+    tokens: str = opt("all", 'cls | patches | all | cls+K (CLS plus K random patches per image)')
+    dtype: str = opt("fp16", 'fp16 | bf16 (bf16 is stored as its uint16 bit pattern, see storage/FORMAT.md)')
+    compressor: str = opt("blosc-lz4-bitshuffle", 'none | blosc-lz4-bitshuffle | blosc-lz4-shuffle | blosc-zstd-bitshuffle')
+    chunk_mb: float = opt(16.0, 'target uncompressed chunk size along the token axis')
+    chunks_per_shard: int = opt(4, 'a shard (commit unit) is this many chunks')
+    batch_size: int = opt(64, 'Images (harvest/analyze) or token rows (fit) per batch')
+    device: str = opt("auto", 'auto | cpu | cuda | cuda:N')
+    precision: str = opt("auto", 'auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16')
+    limit: int = opt(0, '0 = every image of the split')
+    seed: int = opt(0, 'picks the random patches of cls+K')
+    template_sets: list[str] = opt(lambda: ["single", "ensemble"], 'Zero-shot template sets embedded in the store (comma-separated)', factory=True)
+    coco_label_rule: str = opt("largest_area", 'largest_area | most_instances | first_annotation')
+    on_bad_image: str = opt("fail", 'fail | skip (skipped images are recorded, their rows stay NaN)')
+    data_workers: int = opt(2, 'threads decoding/preprocessing images')
+    overwrite: bool = opt(False, 'Replace an existing store/run of different settings')
+    dry_run: bool = opt(False, 'Print the planned bytes, shards and time estimate, write nothing')
+    workers: int = opt(0, '>0: a dask LocalCluster of this many workers writes disjoint shard ranges')
+    scheduler: str = opt("", 'address of an existing dask scheduler (overrides workers)')
 
     def validate(self) -> None:
         parse_token_policy(self.tokens)
@@ -103,41 +110,41 @@ class HarvestConfig:
 class FitConfig:
     """`clt-pipe fit`: train a CLT on a committed store."""
 
-    store: str = f"{DEFAULT_STORE_ROOT}/default.zarr"
-    out: str = "runs/clt"
-    sparsifier: str = "relu_topk"  # relu_topk | abs_topk | jumprelu | batchtopk
-    k: int = 32  # active features per layer and token (TopK family)
-    expansion: int = 8  # features per layer = expansion * d_model (unless n_features is set)
-    n_features: int = 0
-    dec_bias: bool = False  # off: attribution columns then sum to exactly 1
-    steps: int = 2000
-    batch_size: int = 1024
-    lr: float = 2e-4
-    warmup_steps: int = 100
-    decay: str = "cosine"  # cosine | linear | none (after warm-up, down to lr * min_lr_ratio)
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    aux_k: int = 256  # AuxK: dead latents used to model the residual (TopK family); 0 disables
-    aux_coef: float = 1.0 / 32
-    dead_tokens: int = 200_000  # a latent is dead after this many tokens without firing
-    l0_coef: float = 1e-3  # JumpReLU sparsity penalty weight
-    l0_penalty: str = "l0"  # l0 | tanh
-    tanh_scale: float = 4.0
-    jumprelu_threshold: float = 0.03  # initial JumpReLU threshold (standardised units)
-    jumprelu_bandwidth: float = 0.05  # straight-through estimator kernel width
-    tokens: str = "all"  # train on cls | patches | all rows of the store
-    holdout: float = 0.0  # fraction of chunks (whole images) held out from training
-    shuffle_chunks: int = 8  # shuffle buffer size, in chunks
-    read_threads: int = 4
-    checkpoint_every: int = 500
-    log_every: int = 25
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
-    decode: str = "auto"  # auto (sparse for TopK family) | sparse | dense
-    resume: bool = False
-    overwrite: bool = False
+    store: str = opt(f"{DEFAULT_STORE_ROOT}/default.zarr", 'Store: local path or fsspec URL')
+    out: str = opt("runs/clt", 'Output directory')
+    sparsifier: str = opt("relu_topk", 'relu_topk | abs_topk | jumprelu | batchtopk')
+    k: int = opt(32, 'active features per layer and token (TopK family)')
+    expansion: int = opt(8, 'features per layer = expansion * d_model (unless n_features is set)')
+    n_features: int = opt(0, 'Features per layer (overrides expansion; 0 = expansion * d_model)')
+    dec_bias: bool = opt(False, 'off: attribution columns then sum to exactly 1')
+    steps: int = opt(2000, 'Optimiser steps')
+    batch_size: int = opt(1024, 'Images (harvest/analyze) or token rows (fit) per batch')
+    lr: float = opt(2e-4, 'Peak learning rate (AdamW)')
+    warmup_steps: int = opt(100, 'Linear warm-up steps')
+    decay: str = opt("cosine", 'cosine | linear | none (after warm-up, down to lr * min_lr_ratio)')
+    min_lr_ratio: float = opt(0.1, 'Final learning rate as a fraction of lr')
+    weight_decay: float = opt(0.0, 'AdamW weight decay')
+    grad_clip: float = opt(1.0, 'Clip the gradient norm to this (0 = off)')
+    aux_k: int = opt(256, 'AuxK: dead latents used to model the residual (TopK family); 0 disables')
+    aux_coef: float = opt(1.0 / 32, 'Weight of the AuxK loss')
+    dead_tokens: int = opt(200_000, 'a latent is dead after this many tokens without firing')
+    l0_coef: float = opt(1e-3, 'JumpReLU sparsity penalty weight')
+    l0_penalty: str = opt("l0", 'l0 | tanh')
+    tanh_scale: float = opt(4.0, 'Scale inside the tanh sparsity penalty')
+    jumprelu_threshold: float = opt(0.03, 'initial JumpReLU threshold (standardised units)')
+    jumprelu_bandwidth: float = opt(0.05, 'straight-through estimator kernel width')
+    tokens: str = opt("all", 'train on cls | patches | all rows of the store')
+    holdout: float = opt(0.0, 'fraction of chunks (whole images) held out from training')
+    shuffle_chunks: int = opt(8, 'shuffle buffer size, in chunks')
+    read_threads: int = opt(4, 'Threads decoding store chunks')
+    checkpoint_every: int = opt(500, 'Write a checkpoint every N steps')
+    log_every: int = opt(25, 'Log metrics every N steps')
+    seed: int = opt(0, 'Random seed (cls+K patch choice, loader order, initialisation)')
+    device: str = opt("auto", 'auto | cpu | cuda | cuda:N')
+    precision: str = opt("auto", 'auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16')
+    decode: str = opt("auto", 'auto (sparse for TopK family) | sparse | dense')
+    resume: bool = opt(False, 'Continue from the checkpoint in --out exactly')
+    overwrite: bool = opt(False, 'Replace an existing store/run of different settings')
 
     def validate(self) -> None:
         _check_choice("sparsifier", self.sparsifier, SPARSIFIERS)
@@ -168,26 +175,26 @@ class FitConfig:
 class AnalyzeConfig:
     """`clt-pipe analyze`: fidelity, attribution, zero-shot substitution, ablations, retrieval, report."""
 
-    store: str = f"{DEFAULT_STORE_ROOT}/default.zarr"
-    clt: str = "runs/clt"
-    out: str = "runs/report"
-    data_root: str = ""  # needed by closed-loop substitution (re-runs the ViT on the images)
-    split: str = ""  # split for closed-loop images; default: the store's split
-    only: list[str] = field(default_factory=lambda: list(ANALYZE_PARTS))
-    template_set: str = "single"
-    windows: list[str] = field(default_factory=lambda: ["0-11", "3-11", "7-11", "10-11"])  # first-last layer
-    window_tokens: list[str] = field(default_factory=lambda: ["cls", "all"])
-    sources_before_window: bool = False  # True: features of layers before the window still write into it
-    ablation_rank: str = "attribution"  # attribution (sum of |C_proj| row) | fvu (worst reconstructed first)
-    ablation_keep: int = 4
-    ablation_mode: str = "true"  # true: dropped layers keep their true MLP output | zero: dropped layers output 0
-    retrieval_queries: int = 6
-    retrieval_k: int = 5
-    max_images: int = 0  # cap on images for closed-loop parts (0 = all in the store)
-    max_tokens: int = 0  # cap on rows streamed for fidelity (0 = all)
-    batch_size: int = 64
-    device: str = "auto"
-    read_threads: int = 4
+    store: str = opt(f"{DEFAULT_STORE_ROOT}/default.zarr", 'Store: local path or fsspec URL')
+    clt: str = opt("runs/clt", 'Directory of a fitted CLT (clt-pipe fit --out)')
+    out: str = opt("runs/report", 'Output directory')
+    data_root: str = opt("", 'needed by closed-loop substitution (re-runs the ViT on the images)')
+    split: str = opt("", "split for closed-loop images; default: the store's split")
+    only: list[str] = opt(lambda: list(ANALYZE_PARTS), 'Parts to run, comma-separated: ' + ', '.join(ANALYZE_PARTS), factory=True)
+    template_set: str = opt("single", 'Zero-shot template set stored in the store (single | ensemble)')
+    windows: list[str] = opt(lambda: ["0-11", "3-11", "7-11", "10-11"], 'first-last layer', factory=True)
+    window_tokens: list[str] = opt(lambda: ["cls", "all"], 'Token types substituted in closed-loop windows (cls | patches | all)', factory=True)
+    sources_before_window: bool = opt(False, 'True: features of layers before the window still write into it')
+    ablation_rank: str = opt("attribution", 'attribution (sum of |C_proj| row) | fvu (worst reconstructed first)')
+    ablation_keep: int = opt(4, 'Layers kept by the keep-top-k ablation')
+    ablation_mode: str = opt("true", 'true: dropped layers keep their true MLP output | zero: dropped layers output 0')
+    retrieval_queries: int = opt(6, 'Query images for the retrieval grids')
+    retrieval_k: int = opt(5, 'Neighbours shown per query and layer')
+    max_images: int = opt(0, 'cap on images for closed-loop parts (0 = all in the store)')
+    max_tokens: int = opt(0, 'cap on rows streamed for fidelity (0 = all)')
+    batch_size: int = opt(64, 'Images (harvest/analyze) or token rows (fit) per batch')
+    device: str = opt("auto", 'auto | cpu | cuda | cuda:N')
+    read_threads: int = opt(4, 'Threads decoding store chunks')
 
     def validate(self) -> None:
         for part in self.only:

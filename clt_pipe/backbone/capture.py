@@ -1,0 +1,104 @@
+"""Capture, in one forward pass, every layer's MLP input (LN2 output) and MLP output for chosen tokens.
+
+Hooks gather the chosen token positions inside the hook, so the full [B, N, d] activations of all layers
+are never held at once, and write straight into preallocated per-batch buffers on the model's device.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from clt_pipe.backbone.loading import Backbone
+
+
+@dataclass
+class Captured:
+    mlp_in: torch.Tensor  # [B, T, L, d]
+    mlp_out: torch.Tensor  # [B, T, L, d]
+    resid_final: torch.Tensor  # [B, d] float32: the CLS residual entering ln_post
+    embedding: torch.Tensor  # [B, e] float32: ln_post(resid_final) @ proj, not normalised
+
+
+def token_positions(policy: str, k: int, n_positions: int, image_index: int, seed: int) -> np.ndarray:
+    """Which of the ViT's positions (0 = CLS) an image's stored slots hold.
+
+    ``cls+k`` draws its patches from a generator keyed by (seed, image index), so any shard can be
+    recomputed alone and a resumed harvest picks the same patches.
+    """
+    if policy == "cls":
+        return np.zeros(1, np.int16)
+    if policy == "patches":
+        return np.arange(1, n_positions, dtype=np.int16)
+    if policy == "all":
+        return np.arange(n_positions, dtype=np.int16)
+    rng = np.random.default_rng([seed, image_index])
+    patches = np.sort(rng.choice(np.arange(1, n_positions), size=min(k, n_positions - 1), replace=False))
+    return np.concatenate([[0], patches]).astype(np.int16)
+
+
+def _batch_major(x: torch.Tensor, batch_first: bool) -> torch.Tensor:
+    return x if batch_first else x.transpose(0, 1)
+
+
+@contextmanager
+def capture_hooks(bb: Backbone, positions: torch.Tensor, out_dtype: torch.dtype):
+    """Yields a dict filled by the next forward: ``mlp_in``/``mlp_out`` [B, T, L, d], ``resid_final`` [B, d].
+
+    ``positions`` is [B, T] (long, on the model's device).
+    """
+    transformer = bb.visual.transformer
+    batch_first = getattr(transformer, "batch_first", True)
+    n_layers = len(bb.blocks)
+    B, T = positions.shape
+    d = transformer.width
+    store = {
+        "mlp_in": torch.empty(B, T, n_layers, d, dtype=out_dtype, device=positions.device),
+        "mlp_out": torch.empty(B, T, n_layers, d, dtype=out_dtype, device=positions.device),
+    }
+    gather_idx = positions[..., None].expand(B, T, d)
+
+    def grab(name: str, layer: int):
+        def hook(_module, _inputs, output):
+            x = _batch_major(output, batch_first)
+            store[name][:, :, layer] = torch.gather(x, 1, gather_idx).to(out_dtype)
+
+        return hook
+
+    def grab_final(_module, inputs):
+        x = inputs[0]
+        if x.dim() == 3:  # ln_post applied to the whole sequence: keep the CLS row
+            x = _batch_major(x, batch_first)[:, 0]
+        store["resid_final"] = x.float()
+
+    handles = []
+    try:
+        for layer, block in enumerate(bb.blocks):
+            handles.append(block.ln_2.register_forward_hook(grab("mlp_in", layer)))
+            handles.append(block.mlp.register_forward_hook(grab("mlp_out", layer)))
+        handles.append(bb.visual.ln_post.register_forward_pre_hook(grab_final))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def autocast_context(device: torch.device, precision: str):
+    """bf16 autocast on CUDA by default; full fp32 on CPU (CPU autocast is slower than fp32 there)."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return torch.autocast(device_type=device.type, enabled=False)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.inference_mode()
+def run_capture(bb: Backbone, images: torch.Tensor, positions: torch.Tensor, out_dtype: torch.dtype,
+                precision: str = "auto") -> Captured:
+    with capture_hooks(bb, positions, out_dtype) as store, autocast_context(images.device, precision):
+        emb = bb.model.encode_image(images)
+    return Captured(store["mlp_in"], store["mlp_out"], store["resid_final"], emb.float())

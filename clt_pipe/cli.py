@@ -1,0 +1,199 @@
+"""The `clt-pipe` command.
+
+Stage commands get one --option per field of their config dataclass (help text from the field), so the
+CLI, TOML files and the config types cannot drift apart. Options default to "not given", which lets a
+`--config` file's values stand unless a flag overrides them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import sys
+import typing
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from clt_pipe import __version__
+from clt_pipe.config import AnalyzeConfig, FitConfig, HarvestConfig, stage_config
+from clt_pipe.errors import CltPipeError
+
+app = typer.Typer(help="Cross-Layer Transcoders for CLIP Vision Transformers: harvest -> fit -> analyze.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+store_app = typer.Typer(help="Inspect and check activation stores.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _cli_type(tp: Any) -> type:
+    if typing.get_origin(tp) is list:
+        return str  # comma-separated on the command line
+    return tp
+
+
+def stage_command(cls: type, name: str, help: str, positional: tuple[str, ...] = ()):
+    """Register a typer command whose options are the fields of ``cls`` plus ``--config``."""
+
+    def decorate(fn: Callable[[Any], None]):
+        hints = typing.get_type_hints(cls)
+        params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                                    default=typer.Option(None, "--config", "-c",
+                                                         help=f"TOML file; its [{name}] table sets defaults"))]
+        for f in dataclasses.fields(cls):
+            tp = _cli_type(hints[f.name])
+            flag = "--" + f.name.replace("_", "-")
+            h = f.metadata.get("help", "")
+            if tp is bool:
+                opt = typer.Option(None, f"{flag}/--no-{f.name.replace('_', '-')}", help=h, show_default=False)
+            else:
+                opt = typer.Option(None, flag, help=h, show_default=False)
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[tp],
+                                            default=opt))
+
+        def command(**kwargs):
+            config_file = kwargs.pop("config")
+            cfg = stage_config(cls, name, config_file, kwargs)
+            fn(cfg)
+
+        command.__signature__ = inspect.Signature(params)
+        command.__name__ = name
+        command.__doc__ = help
+        app.command(name, help=help)(command)
+        return fn
+
+    return decorate
+
+
+def _print_summary(title: str, summary: dict) -> None:
+    table = Table(title=title, show_header=False)
+    for k, v in summary.items():
+        if isinstance(v, float):
+            v = f"{v:,.4g}"
+        table.add_row(str(k), str(v))
+    console.print(table)
+
+
+@stage_command(HarvestConfig, "harvest", "Run a CLIP ViT over a dataset and write the activation store.")
+def harvest_cmd(cfg: HarvestConfig) -> None:
+    from clt_pipe.harvest import run_harvest
+    from clt_pipe.progress import RichProgress
+
+    summary = run_harvest(cfg, RichProgress(err_console), log=err_console.print)
+    if summary.get("dry_run"):
+        summary["GB_uncompressed"] = summary["bytes_uncompressed"] / 1e9
+        _print_summary("harvest plan (dry run, nothing written)", summary)
+    elif summary.get("already_complete"):
+        console.print(f"[green]{cfg.store} is already complete[/] ({summary['n_shards']} shards); nothing to do")
+    else:
+        _print_summary(f"harvest -> {cfg.store}", summary)
+
+
+@stage_command(FitConfig, "fit", "Train a Cross-Layer Transcoder on a committed store.")
+def fit_cmd(cfg: FitConfig) -> None:
+    from clt_pipe.fit.trainer import run_fit
+
+    summary = run_fit(cfg, console=err_console)
+    _print_summary(f"fit -> {cfg.out}", summary)
+
+
+@stage_command(AnalyzeConfig, "analyze", "Fidelity, attribution, zero-shot substitution, ablations, report.")
+def analyze_cmd(cfg: AnalyzeConfig) -> None:
+    from clt_pipe.analyze.run import run_analyze
+
+    summary = run_analyze(cfg, console=err_console)
+    _print_summary(f"analyze -> {cfg.out}", summary)
+
+
+@app.command("run")
+def run_cmd(pipeline: str = typer.Argument(..., help="Pipeline TOML with [harvest], [fit], [analyze] tables"),
+            only: Optional[str] = typer.Option(None, help="Comma-separated stages to run (default: all in file)"),
+            force: bool = typer.Option(False, help="Redo stages whose outputs are already complete")) -> None:
+    """Run the stages a pipeline TOML describes, skipping stages that already finished."""
+    from clt_pipe.pipeline import run_pipeline
+
+    run_pipeline(pipeline, only=only.split(",") if only else None, force=force, console=err_console)
+
+
+@app.command("demo")
+def demo_cmd(workdir: str = typer.Option("runs/demo", help="Where the demo writes its store, CLT and report"),
+             seed: int = typer.Option(0, help="Seed for the tiny CLIP, the split and the CLT"),
+             fast: bool = typer.Option(False, help="Fewer CLT steps (for smoke tests)")) -> None:
+    """Offline end-to-end run: tiny CLIP trained on sklearn digits -> harvest -> fit -> analyze."""
+    from clt_pipe.demo.run import run_demo
+
+    run_demo(workdir, seed=seed, fast=fast, console=err_console)
+
+
+@store_app.command("info")
+def store_info(url: str = typer.Argument(..., help="Store path or URL"),
+               as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table")) -> None:
+    """What a store holds, its sizes and whether its harvest finished."""
+    from clt_pipe.store.inspect import store_info as info
+
+    data = info(url)
+    if as_json:
+        console.print_json(json.dumps(data))
+    else:
+        _print_summary(f"store {url}", data)
+
+
+@store_app.command("verify")
+def store_verify(url: str = typer.Argument(..., help="Store path or URL"),
+                 threads: int = typer.Option(4, help="Threads reading chunks")) -> None:
+    """Re-read every committed chunk and check it against its commit checksum; names bad shards."""
+    from clt_pipe.store.inspect import verify_store
+
+    report = verify_store(url, threads=threads)
+    if report["bad_shards"]:
+        for shard, why in report["problems"][:20]:
+            err_console.print(f"[red]shard {shard}[/]: {why}")
+        raise CltPipeError(f"{url}: {len(report['bad_shards'])} bad shard(s): {report['bad_shards'][:10]}")
+    status = "complete" if report["complete"] else "INCOMPLETE"
+    console.print(f"[green]ok[/]: {report['checked_chunks']} chunks in {report['checked_shards']} committed "
+                  f"shards match their checksums; store is {status}")
+    if not report["complete"]:
+        raise typer.Exit(1)
+
+
+@store_app.command("ls")
+def store_ls(root: str = typer.Argument("storage/stores", help="Folder or URL prefix holding stores")) -> None:
+    """List the stores under a root with their model, dataset and completeness."""
+    from clt_pipe.store.inspect import list_stores
+
+    table = Table("store", "model", "dataset", "tokens", "images", "complete")
+    for row in list_stores(root):
+        table.add_row(*(str(row[k]) for k in ("store", "model", "dataset", "tokens", "images", "complete")))
+    console.print(table)
+
+
+@app.command("export")
+def export_cmd(clt: str = typer.Argument(..., help="Fitted CLT directory (fit --out)"),
+               out: str = typer.Argument(..., help="Destination directory")) -> None:
+    """Export a fitted CLT with standardisation folded in (raw activations in, raw activations out)."""
+    from clt_pipe.fit.checkpoint import export_run
+
+    path = export_run(clt, out)
+    console.print(f"exported to {path}")
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit")) -> None:
+    if version:
+        console.print(f"clt-pipe {__version__}")
+        raise typer.Exit()
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=True)
+    except CltPipeError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/]; committed shards/checkpoints are kept, re-run to resume")
+        sys.exit(130)

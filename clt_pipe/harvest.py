@@ -1,0 +1,334 @@
+"""`clt-pipe harvest`: images -> CLIP ViT -> activation store.
+
+The forward pass runs on the device while a writer thread compresses and writes the previous batch
+(bounded queue), and a thread pool decodes and preprocesses the next images: with the GPU the three overlap.
+Shards are the unit of work, commit and resume: a shard's batches are fixed by the layout, so rewriting an
+uncommitted shard reproduces bit for bit what an uninterrupted run writes.
+"""
+
+from __future__ import annotations
+
+import errno
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from clt_pipe.backbone.capture import run_capture, token_positions
+from clt_pipe.backbone.loading import Backbone, load_backbone, resolve_device
+from clt_pipe.config import HarvestConfig, parse_token_policy
+from clt_pipe.datasets.base import BadImageError, ImageDataset
+from clt_pipe.datasets.registry import open_dataset
+from clt_pipe.errors import CltPipeError, StoreError
+from clt_pipe.progress import NullProgress
+from clt_pipe.store import format as F
+from clt_pipe.store.writer import ShardWriter, StoreWriter
+
+
+@dataclass
+class HarvestPlan:
+    layout: F.StoreLayout
+    tokens_per_image: int
+    bytes_uncompressed: int
+
+
+def open_inputs(cfg: HarvestConfig) -> tuple[ImageDataset, Backbone]:
+    dataset = open_dataset(cfg.dataset, cfg.data_root, cfg.split, coco_label_rule=cfg.coco_label_rule)
+    bb = load_backbone(cfg.model, cfg.pretrained, resolve_device(cfg.device))
+    return dataset, bb
+
+
+def n_images(cfg: HarvestConfig, dataset: ImageDataset) -> int:
+    return min(len(dataset), cfg.limit) if cfg.limit else len(dataset)
+
+
+def plan(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone) -> HarvestPlan:
+    policy, k = parse_token_policy(cfg.tokens)
+    n_pos = bb.identity["n_positions"]
+    T = len(token_positions(policy, k, n_pos, 0, cfg.seed))
+    L, d = bb.identity["n_layers"], bb.identity["d_model"]
+    layout = F.StoreLayout.plan(n_images(cfg, dataset), T, L, d, 2, cfg.chunk_mb, cfg.chunks_per_shard)
+    return HarvestPlan(layout, T, 2 * layout.n_tokens * L * d * 2)
+
+
+@torch.inference_mode()
+def text_classifiers(bb: Backbone, class_names: list[str], templates: dict[str, list[str]],
+                     sets: list[str]) -> dict[str, np.ndarray]:
+    """Per template set: the mean of normalised prompt embeddings per class, renormalised ([C, e])."""
+    out = {}
+    for name in sets:
+        if name not in templates:
+            raise CltPipeError(f"template_sets: {name!r} is not a template set of this dataset "
+                               f"(has: {', '.join(templates)})")
+        rows = []
+        for c in class_names:
+            tokens = bb.tokenizer([t.replace("{c}", c) for t in templates[name]]).to(bb.device)
+            emb = bb.model.encode_text(tokens).float()
+            emb = emb / emb.norm(dim=-1, keepdim=True)
+            mean = emb.mean(0)
+            rows.append((mean / mean.norm()).cpu().numpy())
+        out[name] = np.stack(rows)
+    return out
+
+
+def store_meta(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, hp: HarvestPlan) -> dict:
+    policy, k = parse_token_policy(cfg.tokens)
+    pre = bb.visual.preprocess_cfg if hasattr(bb.visual, "preprocess_cfg") else {}
+    return {
+        "model": bb.identity,
+        "preprocess": {k2: (list(v) if isinstance(v, tuple) else v) for k2, v in pre.items()},
+        "dataset": {"name": dataset.name, "split": dataset.split, "n_images": hp.layout.n_images,
+                    "class_names": list(dataset.class_names), "data_root": cfg.data_root},
+        "templates": {k2: list(v) for k2, v in dataset.templates.items()},
+        "tokens": {"policy": policy if policy != "cls+k" else f"cls+{k}", "k": k,
+                   "tokens_per_image": hp.tokens_per_image, "seed": cfg.seed},
+        "activations": {"dtype": cfg.dtype, "storage_dtype": str(F.storage_dtype(cfg.dtype)),
+                        "compressor": cfg.compressor,
+                        "mlp_in": "ln_2 output (MLP input)", "mlp_out": "mlp output (before ls_2 and the residual add)"},
+        "layout": hp.layout.to_dict(),
+    }
+
+
+def head_weights(bb: Backbone) -> dict[str, np.ndarray]:
+    v = bb.visual
+    return {"ln_post_weight": v.ln_post.weight.detach().float().cpu().numpy(),
+            "ln_post_bias": v.ln_post.bias.detach().float().cpu().numpy(),
+            "proj": v.proj.detach().float().cpu().numpy()}
+
+
+class ImagePrefetcher:
+    """Decodes and preprocesses images in a thread pool, one batch ahead of the forward pass."""
+
+    def __init__(self, dataset: ImageDataset, preprocess, workers: int, skip_bad: bool):
+        self.dataset = dataset
+        self.preprocess = preprocess
+        self.skip_bad = skip_bad
+        self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="clt-img")
+
+    def _load(self, i: int):
+        try:
+            return self.preprocess(self.dataset.load_image(i)), None
+        except BadImageError as e:
+            if not self.skip_bad:
+                raise
+            return None, str(e)
+
+    def submit(self, indices: range):
+        return [self.pool.submit(self._load, i) for i in indices]
+
+    @staticmethod
+    def collect(futures, indices: range, image_shape) -> tuple[torch.Tensor, np.ndarray, dict[int, str]]:
+        tensors, ok, errors = [], np.ones(len(indices), np.uint8), {}
+        for j, (i, fut) in enumerate(zip(indices, futures)):
+            t, err = fut.result()
+            if t is None:
+                ok[j], errors[i] = 0, err
+                t = torch.zeros(image_shape)
+            tensors.append(t)
+        return torch.stack(tensors), ok, errors
+
+    def close(self):
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class WriterThread:
+    """Consumes captured batches; the bounded queue lets one batch compress while the next one computes."""
+
+    def __init__(self, depth: int = 2):
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="clt-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue  # drain after a failure; the main thread raises it
+            fn, args = item
+            try:
+                fn(*args)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+                self.error = e
+
+    def put(self, fn, *args):
+        self.check()
+        self.q.put((fn, args))
+
+    def check(self):
+        if self.error is not None:
+            raise self.error
+
+    def close(self):
+        self.stop()
+        self.check()
+
+    def stop(self):
+        """Idempotent: let the thread finish what is queued and exit."""
+        if self.thread.is_alive():
+            self.q.put(None)
+            self.thread.join()
+
+
+def _to_host(cap, event):
+    """Finish the device->host copy (on CUDA) and hand numpy views to the shard writer."""
+    if event is not None:
+        event.synchronize()
+    return cap
+
+
+def harvest_shards(cfg: HarvestConfig, writer: StoreWriter, dataset: ImageDataset, bb: Backbone,
+                   shards: list[int], progress=NullProgress()) -> dict:
+    """Write (and commit) the given shards. Returns counters."""
+    layout = writer.layout
+    out_dtype = torch.float16 if cfg.dtype == "fp16" else torch.bfloat16
+    img_size = bb.identity["image_size"]
+    hw = tuple(img_size) if isinstance(img_size, list) else (img_size, img_size)
+    image_shape = (3, *hw)
+    prefetch = ImagePrefetcher(dataset, bb.preprocess, cfg.data_workers, cfg.on_bad_image == "skip")
+    wt = WriterThread()
+    counters = {"images": 0, "tokens": 0, "bytes": 0, "shards": 0}
+    batches = [(s, range(b, min(b + cfg.batch_size, layout.shard_images(s).stop)))
+               for s in shards for b in range(layout.shard_images(s).start, layout.shard_images(s).stop,
+                                              cfg.batch_size)]
+    shard_writers: dict[int, ShardWriter] = {}
+    try:
+        try:
+            _run_batches(cfg, writer, dataset, bb, batches, prefetch, wt, shard_writers, counters, progress,
+                         image_shape, out_dtype)
+            wt.close()
+        finally:
+            wt.stop()
+            prefetch.close()
+    except OSError as e:
+        raise _disk_error(e, writer) from None
+    return counters
+
+
+def _run_batches(cfg, writer, dataset, bb, batches, prefetch, wt, shard_writers, counters, progress,
+                 image_shape, out_dtype):
+    layout = writer.layout
+    policy, k = parse_token_policy(cfg.tokens)
+    n_pos = bb.identity["n_positions"]
+    dev = bb.device
+    pin = dev.type == "cuda"
+    pending = prefetch.submit(batches[0][1]) if batches else None
+    for bi, (shard, idx) in enumerate(batches):
+        futures = pending
+        pending = prefetch.submit(batches[bi + 1][1]) if bi + 1 < len(batches) else None
+        images, ok, errors = prefetch.collect(futures, idx, image_shape)
+        positions = np.stack([token_positions(policy, k, n_pos, i, cfg.seed) for i in idx])
+        labels = np.array([dataset.record(i).label for i in idx], np.int32)
+        images = images.to(dev, non_blocking=pin)
+        pos_t = torch.from_numpy(positions.astype(np.int64)).to(dev)
+        cap = run_capture(bb, images, pos_t, out_dtype, cfg.precision)
+        event = None
+        if dev.type == "cuda":
+            cap = _copy_to_pinned_host(cap)
+            event = torch.cuda.Event()
+            event.record()
+        if shard not in shard_writers:
+            shard_writers[shard] = writer.shard(shard)
+        sw = shard_writers[shard]
+        wt.put(_write_batch, sw, idx.start, cap, event, labels, positions, ok, errors)
+        last_of_shard = idx.stop == layout.shard_images(shard).stop
+        if last_of_shard:
+            wt.put(_commit, sw, counters)
+        n_tok = len(idx) * layout.tokens_per_image
+        nbytes = 2 * n_tok * layout.n_layers * layout.d_model * 2
+        counters["images"] += len(idx)
+        counters["tokens"] += n_tok
+        counters["bytes"] += nbytes
+        progress.advance(len(idx), images=len(idx), tokens=n_tok, MB=nbytes / 1e6)
+
+
+def _disk_error(e: OSError, writer: StoreWriter) -> StoreError:
+    what = "disk full" if e.errno == errno.ENOSPC else f"write failed ({e.strerror or e})"
+    return StoreError(f"{what} while writing {writer.loc.url}; the shard in progress was not committed, "
+                      f"free space and re-run the same command to resume")
+
+
+def _copy_to_pinned_host(cap):
+    from clt_pipe.backbone.capture import Captured
+
+    def host(t):
+        h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        h.copy_(t, non_blocking=True)
+        return h
+
+    return Captured(host(cap.mlp_in), host(cap.mlp_out), host(cap.resid_final), host(cap.embedding))
+
+
+def _np_activation(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def _write_batch(sw: ShardWriter, first: int, cap, event, labels, positions, ok, errors):
+    cap = _to_host(cap, event)
+    sw.add(first, _np_activation(cap.mlp_in), _np_activation(cap.mlp_out), cap.resid_final.numpy(),
+           cap.embedding.numpy(), labels, positions, ok, errors)
+
+
+def _commit(sw: ShardWriter, counters: dict):
+    sw.commit()
+    counters["shards"] += 1
+
+
+def estimate_seconds_per_image(bb: Backbone, batch_size: int, precision: str) -> float:
+    """Time one forward on random pixels (after a warm-up) - for --dry-run."""
+    img = bb.identity["image_size"]
+    hw = tuple(img) if isinstance(img, list) else (img, img)
+    x = torch.randn(min(batch_size, 8), 3, *hw, device=bb.device)
+    pos = torch.zeros(x.shape[0], 1, dtype=torch.long, device=bb.device)
+    run_capture(bb, x, pos, torch.float16, precision)
+    t0 = time.perf_counter()
+    run_capture(bb, x, pos, torch.float16, precision)
+    if bb.device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / x.shape[0]
+
+
+def run_harvest(cfg: HarvestConfig, progress=NullProgress(), log=print) -> dict:
+    dataset, bb = open_inputs(cfg)
+    hp = plan(cfg, dataset, bb)
+    lay = hp.layout
+    if cfg.dry_run:
+        spi = estimate_seconds_per_image(bb, cfg.batch_size, cfg.precision)
+        return {"dry_run": True, "n_images": lay.n_images, "tokens_per_image": lay.tokens_per_image,
+                "n_tokens": lay.n_tokens, "bytes_uncompressed": hp.bytes_uncompressed, "n_shards": lay.n_shards,
+                "n_chunks": lay.n_chunks, "rows_per_chunk": lay.rows_per_chunk,
+                "estimated_seconds": spi * lay.n_images, "device": str(bb.device)}
+    meta = store_meta(cfg, dataset, bb, hp)
+    writer = StoreWriter.open(cfg.store, meta, overwrite=cfg.overwrite)
+    if writer.is_complete():
+        return {"already_complete": True, "store": cfg.store, "n_shards": lay.n_shards}
+    if F.TEXT_GROUP not in writer.group:
+        classifiers = text_classifiers(bb, dataset.class_names, dataset.templates, cfg.template_sets)
+        writer.write_constants(head_weights(bb), classifiers)
+    todo = sorted(set(range(lay.n_shards)) - writer.committed_shards())
+    resumed = lay.n_shards - len(todo)
+    if resumed:
+        log(f"resuming: {resumed}/{lay.n_shards} shards already committed")
+    t0 = time.perf_counter()
+    progress.start("harvest", sum(len(lay.shard_images(s)) for s in todo))
+    try:
+        if cfg.workers or cfg.scheduler:
+            from clt_pipe.scale.dask_harvest import harvest_with_dask
+
+            counters = harvest_with_dask(cfg, todo)
+        else:
+            counters = harvest_shards(cfg, writer, dataset, bb, todo, progress)
+    finally:
+        progress.stop()
+    elapsed = time.perf_counter() - t0
+    records = [dataset.record(i) for i in range(lay.n_images)]
+    summary = writer.finalize(records, dataset.split)
+    return {**summary, **counters, "seconds": elapsed, "resumed_shards": resumed, "store": cfg.store}

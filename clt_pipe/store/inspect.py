@@ -1,0 +1,118 @@
+"""`clt-pipe store info | verify | ls`."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from clt_pipe.errors import StoreError
+from clt_pipe.store import format as F
+from clt_pipe.store.location import StoreLocation
+from clt_pipe.store.reader import ActivationStore
+from clt_pipe.store.writer import crc32c
+
+
+def _stored_bytes(store: ActivationStore) -> int:
+    total = 0
+    for name in F.ACTIVATION_ARRAYS:
+        try:
+            total += int(store.group[name].nbytes_stored())
+        except Exception:  # noqa: BLE001 - some fsspec backends cannot list sizes cheaply
+            return -1
+    return total
+
+
+def store_info(url: str) -> dict:
+    s = ActivationStore(url, require_complete=False)
+    lay, m = s.layout, s.meta
+    committed = s.committed_shards()
+    raw = 2 * lay.n_tokens * lay.n_layers * lay.d_model * 2
+    stored = _stored_bytes(s)
+    info = {
+        "format_version": m["format_version"],
+        "complete": s.is_complete,
+        "shards_committed": f"{len(committed)}/{lay.n_shards}",
+        "model": f"{m['model']['name']} ({m['model']['pretrained']})",
+        "weights_sha256": m["model"]["weights_sha256"][:16],
+        "layers x width": f"{lay.n_layers} x {lay.d_model}",
+        "dataset": f"{m['dataset']['name']}/{m['dataset']['split']} ({len(m['dataset']['class_names'])} classes)",
+        "tokens": f"{m['tokens']['policy']} ({lay.tokens_per_image}/image)",
+        "images": lay.n_images,
+        "token rows": lay.n_tokens,
+        "chunk": f"{lay.rows_per_chunk} rows ({lay.images_per_chunk} images)",
+        "dtype / codec": f"{m['activations']['dtype']} / {m['activations']['compressor']}",
+        "GB uncompressed (mlp_in+mlp_out)": round(raw / 1e9, 4),
+        "GB stored": round(stored / 1e9, 4) if stored >= 0 else "n/a",
+        "compression ratio": round(raw * len(committed) / max(lay.n_shards, 1) / stored, 3) if stored > 0 else "n/a",
+        "created": m.get("created", ""),
+        "fingerprint": m["fingerprint"],
+    }
+    if s.is_complete:
+        info["finished"] = s.loc.read_json(F.COMPLETE_FILE).get("finished", "")
+    return info
+
+
+def _check_shard(s: ActivationStore, shard: int) -> list[str]:
+    problems = []
+    try:
+        rec = s.commit_record(shard)
+    except Exception as e:  # noqa: BLE001
+        return [f"commit record unreadable: {e}"]
+    lay = s.layout
+    imgs = lay.shard_images(shard)
+    if rec.get("images") != [imgs.start, imgs.stop]:
+        problems.append(f"commit covers images {rec.get('images')}, layout says {[imgs.start, imgs.stop]}")
+    for chunk in lay.shard_chunks(shard):
+        want = rec.get("chunk_crc32c", {}).get(str(chunk))
+        if want is None:
+            problems.append(f"chunk {chunk}: no checksum in commit record")
+            continue
+        try:
+            arrays = s.read_chunk(chunk)
+        except Exception as e:  # noqa: BLE001 - a corrupt chunk fails to decode
+            problems.append(f"chunk {chunk}: unreadable ({type(e).__name__}: {e})")
+            continue
+        for name, arr in zip(F.ACTIVATION_ARRAYS, arrays):
+            if crc32c(arr) != want[name]:
+                problems.append(f"chunk {chunk} of {name}: checksum mismatch")
+    for name, want in rec.get("per_image_crc32c", {}).items():
+        if crc32c(s.group[name][imgs.start:imgs.stop]) != want:
+            problems.append(f"{name} rows {imgs.start}-{imgs.stop}: checksum mismatch")
+    return problems
+
+
+def verify_store(url: str, threads: int = 4) -> dict:
+    s = ActivationStore(url, require_complete=False)
+    shards = s.committed_shards()
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        results = list(pool.map(lambda sh: (sh, _check_shard(s, sh)), shards))
+    problems = [(sh, p) for sh, ps in results for p in ps]
+    bad = sorted({sh for sh, _ in problems})
+    if s.is_complete and len(shards) != s.layout.n_shards:
+        problems.append((-1, f"COMPLETE.json present but only {len(shards)}/{s.layout.n_shards} shards committed"))
+        bad.append(-1)
+    if s.is_complete:
+        stats = s.group[F.STATS_GROUP]
+        if not np.isfinite(stats["mean_in"][:]).all():
+            problems.append((-1, "merged statistics contain NaN"))
+            bad.append(-1)
+    return {"complete": s.is_complete, "checked_shards": len(shards),
+            "checked_chunks": sum(len(s.layout.shard_chunks(sh)) for sh in shards),
+            "bad_shards": bad, "problems": problems}
+
+
+def list_stores(root: str) -> list[dict]:
+    loc = StoreLocation(root)
+    rows = []
+    for name in loc.listdir(""):
+        url = f"{root.rstrip('/')}/{name}"
+        try:
+            s = ActivationStore(url, require_complete=False)
+        except StoreError:
+            continue
+        m = s.meta
+        rows.append({"store": url, "model": m["model"]["name"], "dataset": f"{m['dataset']['name']}/"
+                     f"{m['dataset']['split']}", "tokens": m["tokens"]["policy"], "images": s.layout.n_images,
+                     "complete": s.is_complete})
+    return rows

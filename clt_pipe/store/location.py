@@ -1,0 +1,120 @@
+"""A store URL: the Zarr store for arrays plus an fsspec filesystem for the small side files.
+
+Local paths and ``file://`` URLs use zarr's LocalStore (fast path, fsync available); anything else
+(``s3://``, ``gs://``, ``memory://``) goes through fsspec, so object stores behave like a path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import zarr
+import zarr.storage
+
+from clt_pipe.errors import StoreError
+
+
+class StoreLocation:
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+        self.url = url
+        self.is_local = "://" not in url or url.startswith("file://")
+        if self.is_local:
+            self.root = os.path.abspath(url.removeprefix("file://"))
+            self.fs = fsspec.filesystem("file")
+        else:
+            self.fs, self.root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        self.storage_options = storage_options or {}
+
+    def zarr_store(self, read_only: bool = False) -> zarr.abc.store.Store:
+        if self.is_local:
+            return zarr.storage.LocalStore(self.root, read_only=read_only)
+        return zarr.storage.FsspecStore.from_url(self.url, storage_options=self.storage_options,
+                                                 read_only=read_only)
+
+    def path(self, key: str) -> str:
+        return f"{self.root.rstrip('/')}/{key}"
+
+    def exists(self, key: str = "") -> bool:
+        return self.fs.exists(self.path(key) if key else self.root)
+
+    def read_json(self, key: str) -> dict:
+        try:
+            with self.fs.open(self.path(key), "rb") as fh:
+                return json.loads(fh.read())
+        except FileNotFoundError:
+            raise
+        except (ValueError, OSError) as e:
+            raise StoreError(f"{self.url}: {key} is unreadable ({e})") from None
+
+    def write_json_atomic(self, key: str, obj: dict) -> None:
+        """Readers see the old file or the whole new one, never a torn one."""
+        data = json.dumps(obj, indent=1, sort_keys=True).encode()
+        self.write_bytes_atomic(key, data)
+
+    def write_bytes_atomic(self, key: str, data: bytes) -> None:
+        target = self.path(key)
+        if self.is_local:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            tmp = f"{target}.{uuid.uuid4().hex}.tmp"
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+            _fsync_dir(os.path.dirname(target))
+        else:
+            # One PUT: object stores make a single-part upload visible atomically.
+            self.fs.pipe_file(target, data)
+
+    def listdir(self, key: str) -> list[str]:
+        try:
+            return sorted(os.path.basename(p.rstrip("/")) for p in self.fs.ls(self.path(key), detail=False))
+        except FileNotFoundError:
+            return []
+
+    def remove(self, key: str) -> None:
+        try:
+            self.fs.rm(self.path(key), recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def clean_temp_files(self, key: str) -> int:
+        """Drop ``*.tmp`` leftovers of a killed atomic write; returns how many."""
+        n = 0
+        for name in self.listdir(key):
+            if name.endswith(".tmp"):
+                self.remove(f"{key}/{name}")
+                n += 1
+        return n
+
+    def fsync_files(self, keys: list[str]) -> None:
+        """Flush chunk files to disk before their commit record exists (power-loss safety on local disks)."""
+        if not self.is_local:
+            return
+        for key in keys:
+            try:
+                fd = os.open(self.path(key), os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # an all-fill chunk is not written at all
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,135 @@
+"""Open a v1 store for reading; refuse anything that is not a complete store of a known format version."""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from clt_pipe.errors import StoreError
+from clt_pipe.store import format as F
+from clt_pipe.store.location import StoreLocation
+
+
+class ActivationStore:
+    def __init__(self, url: str, *, require_complete: bool = True, storage_options: dict | None = None):
+        self.url = url
+        self.loc = StoreLocation(url, storage_options)
+        if not self.loc.exists("zarr.json"):
+            raise StoreError(f"store {url!r} not found (no zarr.json there)")
+        try:
+            self.group = zarr.open_group(self.loc.zarr_store(read_only=True), mode="r")
+        except Exception as e:  # noqa: BLE001
+            raise StoreError(f"store {url!r} is unreadable: {e}") from None
+        meta = self.group.attrs.get(F.ATTRS_KEY)
+        if meta is None:
+            raise StoreError(f"{url!r} is a Zarr group but not a clt-pipe store")
+        version = meta.get("format_version")
+        if version != F.FORMAT_VERSION:
+            raise StoreError(f"{url!r} is store format v{version}; this tool reads v{F.FORMAT_VERSION}")
+        self.meta = meta
+        self.layout = F.StoreLayout(**meta["layout"])
+        self.dtype = meta["activations"]["dtype"]
+        if require_complete and not self.is_complete:
+            done = len(self.committed_shards())
+            raise StoreError(f"store {url!r} is incomplete ({done}/{self.layout.n_shards} shards committed, no "
+                             f"{F.COMPLETE_FILE}); re-run the same harvest command to resume it")
+
+    @property
+    def is_complete(self) -> bool:
+        return self.loc.exists(F.COMPLETE_FILE)
+
+    def committed_shards(self) -> list[int]:
+        out = []
+        for name in self.loc.listdir(F.COMMITS_DIR):
+            if name.startswith("shard-") and name.endswith(".json"):
+                rec = self.loc.read_json(f"{F.COMMITS_DIR}/{name}")
+                if rec.get("fingerprint") == self.meta["fingerprint"]:
+                    out.append(int(rec["shard"]))
+        return sorted(out)
+
+    def commit_record(self, shard: int) -> dict:
+        return self.loc.read_json(F.shard_commit_name(shard))
+
+    # ---- identity ------------------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return self.layout.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.layout.d_model
+
+    @property
+    def model(self) -> dict:
+        return self.meta["model"]
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.meta["dataset"]["class_names"]
+
+    # ---- arrays ----------------------------------------------------------------------------------------
+    def array(self, name: str) -> zarr.Array:
+        return self.group[name]
+
+    def read_chunk(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+        """Stored (undecoded) ``mlp_in``, ``mlp_out`` rows of one chunk: [rows, L, d]."""
+        rows = self.layout.chunk_rows(chunk)
+        return (self.group[F.MLP_IN][rows.start:rows.stop], self.group[F.MLP_OUT][rows.start:rows.stop])
+
+    def decode(self, arr: np.ndarray) -> np.ndarray:
+        return F.decode_activations(arr, self.dtype)
+
+    def per_image(self, name: str) -> np.ndarray:
+        return self.group[name][:]
+
+    @cached_property
+    def token_index(self) -> np.ndarray:
+        return self.group[F.TOKEN_INDEX][:]
+
+    @cached_property
+    def image_ok(self) -> np.ndarray:
+        return self.group[F.IMAGE_OK][:].astype(bool)
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        return self.group[F.LABELS][:]
+
+    def head(self) -> dict[str, np.ndarray]:
+        g = self.group[F.HEAD_GROUP]
+        return {name: g[name][:] for name in ("ln_post_weight", "ln_post_bias", "proj")}
+
+    def text_classifier(self, template_set: str) -> np.ndarray:
+        g = self.group[F.TEXT_GROUP]
+        if template_set not in g:
+            raise StoreError(f"template set {template_set!r} not in store (has: {', '.join(sorted(g.array_keys()))})")
+        return g[template_set][:]
+
+    def stats(self) -> dict[str, np.ndarray]:
+        """Merged per-layer, per-dimension mean/var of inputs and targets (float64, [L, d])."""
+        g = self.group[F.STATS_GROUP]
+        return {k: g[k][:] for k in ("mean_in", "var_in", "mean_out", "var_out")}
+
+    def images(self) -> pa.Table:
+        with self.loc.fs.open(self.loc.path(F.IMAGES_PARQUET), "rb") as fh:
+            return pq.read_table(fh)
+
+    def slot_positions(self) -> np.ndarray:
+        """[n_images, T]: the ViT position each stored slot holds (0 = CLS)."""
+        return self.token_index
+
+    def token_type_mask(self, chunk: int, tokens: str) -> np.ndarray:
+        """Boolean mask over a chunk's rows: valid rows of the wanted token type (cls | patches | all)."""
+        imgs = self.layout.chunk_images(chunk)
+        pos = self.token_index[imgs.start:imgs.stop]
+        ok = self.image_ok[imgs.start:imgs.stop, None]
+        if tokens == "cls":
+            keep = pos == 0
+        elif tokens == "patches":
+            keep = pos > 0
+        else:
+            keep = pos >= 0
+        return (keep & ok).reshape(-1)

@@ -1,0 +1,318 @@
+"""Create (or reopen for resume) a v1 store and write it shard by shard.
+
+Protocol (storage/FORMAT.md, "Commit protocol"): arrays are created once at their final size with a NaN
+fill; a shard's chunks, per-image rows and moments are written and flushed, then ``commits/shard-N.json``
+(per-chunk crc32c of the decoded bytes) is written atomically. ``COMPLETE.json`` is written last, after
+the merged statistics and ``images.parquet``. Until then no reader treats the store as complete.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import crc32c as _crc32c
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from clt_pipe import __version__
+from clt_pipe.errors import StoreError
+from clt_pipe.store import format as F
+from clt_pipe.store.location import StoreLocation
+from clt_pipe.store.stats import Moments
+
+# Root-attribute keys whose change makes an existing store a different store (refuse unless --overwrite).
+IDENTITY_KEYS = ("model", "dataset", "tokens", "activations", "layout", "preprocess")
+
+
+def fingerprint(meta: dict) -> str:
+    ident = {k: meta[k] for k in IDENTITY_KEYS}
+    ident["model"] = {k: v for k, v in ident["model"].items() if k != "model_arg"}
+    ident["dataset"] = {k: v for k, v in ident["dataset"].items() if k != "data_root"}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def crc32c(arr: np.ndarray) -> int:
+    return _crc32c.crc32c(np.ascontiguousarray(arr).data)
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _describe_difference(old: dict, new: dict) -> str:
+    diffs = []
+    for key in IDENTITY_KEYS:
+        if old.get(key) != new.get(key):
+            o, n = old.get(key) or {}, new.get(key) or {}
+            sub = [k for k in sorted(set(o) | set(n)) if o.get(k) != n.get(k) and k not in ("model_arg", "data_root")]
+            if sub:
+                diffs.append(", ".join(f"{key}.{k} {o.get(k)!r} != {n.get(k)!r}" for k in sub[:2]))
+    return "; ".join(diffs) or "its settings differ"
+
+
+class StoreWriter:
+    def __init__(self, loc: StoreLocation, meta: dict, group: zarr.Group):
+        self.loc = loc
+        self.meta = meta
+        self.group = group
+        self.layout = F.StoreLayout(**meta["layout"])
+        self.dtype = meta["activations"]["dtype"]
+        self.fingerprint = meta["fingerprint"]
+
+    # ---- opening -------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, url: str, meta: dict, *, overwrite: bool = False,
+             storage_options: dict | None = None) -> "StoreWriter":
+        """Create the store, or reopen an identical one for resume; refuse a different one."""
+        meta = dict(meta, format_version=F.FORMAT_VERSION, fingerprint=fingerprint(meta))
+        loc = StoreLocation(url, storage_options)
+        if loc.exists("zarr.json"):
+            try:
+                old = zarr.open_group(loc.zarr_store(read_only=True), mode="r").attrs.get(F.ATTRS_KEY)
+            except Exception as e:  # noqa: BLE001 - any unreadable root is "not ours"
+                old, err = None, e
+            else:
+                err = None
+            if not overwrite:
+                if old is None:
+                    raise StoreError(f"{url} exists and is not a clt-pipe store"
+                                     f"{f' ({err})' if err else ''}; pass --overwrite to replace it")
+                if old.get("format_version") != F.FORMAT_VERSION:
+                    raise StoreError(f"{url} is store format v{old.get('format_version')}, this tool writes "
+                                     f"v{F.FORMAT_VERSION}; pass --overwrite to replace it")
+                if old.get("fingerprint") != meta["fingerprint"]:
+                    raise StoreError(f"{url} holds a different harvest ({_describe_difference(old, meta)}); "
+                                     f"pass --overwrite to replace it or choose another --store")
+                group = zarr.open_group(loc.zarr_store(), mode="r+")
+                writer = cls(loc, old, group)
+                loc.clean_temp_files(F.COMMITS_DIR)
+                return writer
+            loc.remove("")
+        elif loc.exists() and loc.is_local and loc.listdir(""):
+            if not overwrite:
+                raise StoreError(f"{url} exists, is not empty and is not a clt-pipe store; pass --overwrite "
+                                 f"to replace it")
+            loc.remove("")
+        meta["created"] = now()
+        meta["tool_version"] = __version__
+        group = zarr.open_group(loc.zarr_store(), mode="w", attributes={F.ATTRS_KEY: meta})
+        writer = cls(loc, meta, group)
+        writer._create_arrays()
+        return writer
+
+    def _create_arrays(self) -> None:
+        lay, g = self.layout, self.group
+        act = self.meta["activations"]
+        n_img, ipc = lay.n_images, lay.images_per_chunk
+        for name in F.ACTIVATION_ARRAYS:
+            g.create_array(name, shape=(lay.n_tokens, lay.n_layers, lay.d_model),
+                           chunks=(lay.rows_per_chunk, lay.n_layers, lay.d_model),
+                           dtype=F.storage_dtype(self.dtype), fill_value=F.activation_fill(self.dtype),
+                           compressors=F.compressors_for(act["compressor"]),
+                           dimension_names=("token", "layer", "dim"))
+        d, e, T = lay.d_model, self.meta["model"]["embed_dim"], lay.tokens_per_image
+        specs = {
+            F.RESID_FINAL: ((n_img, d), (ipc, d), "float32", float("nan")),
+            F.EMBEDDING: ((n_img, e), (ipc, e), "float32", float("nan")),
+            F.LABELS: ((n_img,), (ipc,), "int32", -1),
+            F.TOKEN_INDEX: ((n_img, T), (ipc, T), "int16", -1),
+            F.IMAGE_OK: ((n_img,), (ipc,), "uint8", 0),
+        }
+        for name, (shape, chunks, dtype, fill) in specs.items():
+            g.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill)
+        stats = g.create_group(F.STATS_GROUP)
+        for side in ("in", "out"):
+            # One chunk per shard: concurrent writers never share a chunk.
+            stats.create_array(f"shard_moments_{side}", shape=(lay.n_shards, 2, lay.n_layers, d),
+                               chunks=(1, 2, lay.n_layers, d), dtype="float64", fill_value=float("nan"))
+        stats.create_array("shard_count", shape=(lay.n_shards,), chunks=(1,), dtype="int64", fill_value=-1)
+
+    def write_constants(self, head: dict[str, np.ndarray], text: dict[str, np.ndarray]) -> None:
+        """Model pieces that open-loop analysis needs without the model: ln_post, proj, zero-shot classifier."""
+        hg = self.group.require_group(F.HEAD_GROUP)
+        for name, arr in head.items():
+            hg.create_array(name, data=np.asarray(arr, np.float32), overwrite=True)
+        tg = self.group.require_group(F.TEXT_GROUP)
+        for name, arr in text.items():
+            tg.create_array(name, data=np.asarray(arr, np.float32), overwrite=True)
+
+    # ---- commits -------------------------------------------------------------------------------------
+    def committed_shards(self) -> set[int]:
+        done = set()
+        for name in self.loc.listdir(F.COMMITS_DIR):
+            if name.startswith("shard-") and name.endswith(".json"):
+                rec = self.loc.read_json(f"{F.COMMITS_DIR}/{name}")
+                if rec.get("fingerprint") == self.fingerprint:
+                    done.add(int(rec["shard"]))
+        return done
+
+    def is_complete(self) -> bool:
+        return self.loc.exists(F.COMPLETE_FILE)
+
+    def shard(self, shard: int) -> "ShardWriter":
+        return ShardWriter(self, shard)
+
+    # ---- finalisation --------------------------------------------------------------------------------
+    def finalize(self, records: list, split: str) -> dict:
+        """Merge shard moments, write images.parquet, then COMPLETE.json (last)."""
+        lay = self.layout
+        done = self.committed_shards()
+        missing = sorted(set(range(lay.n_shards)) - done)
+        if missing:
+            raise StoreError(f"{self.loc.url}: cannot finalise, shards {missing[:5]} are not committed")
+        stats = self.group[F.STATS_GROUP]
+        counts = stats["shard_count"][:]
+        merged = {}
+        for side in ("in", "out"):
+            arr = stats[f"shard_moments_{side}"][:]
+            total = Moments.empty((lay.n_layers, lay.d_model))
+            for s in range(lay.n_shards):
+                total = total.merge(Moments(int(counts[s]), arr[s, 0], arr[s, 1]))
+            merged[side] = total
+            stats.create_array(f"mean_{side}", data=total.mean, overwrite=True)
+            stats.create_array(f"var_{side}", data=total.var, overwrite=True)
+        stats.attrs["count"] = int(merged["in"].count)
+        skipped: dict[int, str] = {}
+        for s in range(lay.n_shards):
+            rec = self.loc.read_json(F.shard_commit_name(s))
+            skipped.update({int(k): v for k, v in rec.get("skipped", {}).items()})
+        self._write_images_parquet(records, split, skipped)
+        summary = {"fingerprint": self.fingerprint, "n_shards": lay.n_shards, "n_images": lay.n_images,
+                   "n_tokens": lay.n_tokens, "n_valid_tokens": int(merged["in"].count),
+                   "n_skipped_images": len(skipped), "finished": now()}
+        self.loc.write_json_atomic(F.COMPLETE_FILE, summary)
+        return summary
+
+    def _write_images_parquet(self, records: list, split: str, skipped: dict[int, str]) -> None:
+        lay = self.layout
+        n = lay.n_images
+        idx = np.arange(n, dtype=np.int64)
+        table = pa.table({
+            "image": idx,
+            "row_start": idx * lay.tokens_per_image,
+            "shard": (idx // lay.images_per_shard).astype(np.int32),
+            "source": pa.array([r.source for r in records], pa.string()),
+            "label": pa.array([r.label for r in records], pa.int32()),
+            "labels": pa.array([list(r.labels or (r.label,)) for r in records], pa.list_(pa.int32())),
+            "split": pa.array([split] * n, pa.string()),
+            "ok": pa.array([i not in skipped for i in range(n)], pa.bool_()),
+            "error": pa.array([skipped.get(i) for i in range(n)], pa.string()),
+        })
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        self.loc.write_bytes_atomic(F.IMAGES_PARQUET, sink.getvalue().to_pybytes())
+
+
+@dataclass
+class ShardWriter:
+    """Accumulates one shard's images in order, writing each chunk as soon as it is full."""
+
+    store: StoreWriter
+    shard: int
+    chunk_crcs: dict = field(default_factory=dict)
+    skipped: dict = field(default_factory=dict)
+    bytes_written: int = 0
+
+    def __post_init__(self):
+        lay = self.store.layout
+        self.images = lay.shard_images(self.shard)
+        self.next_image = self.images.start
+        sdt = F.storage_dtype(self.store.dtype)
+        fill = F.activation_fill(self.store.dtype)
+        self._chunk_bufs = {n: np.full((lay.rows_per_chunk, lay.n_layers, lay.d_model), fill, sdt)
+                            for n in F.ACTIVATION_ARRAYS}
+        e, d, T = self.store.meta["model"]["embed_dim"], lay.d_model, lay.tokens_per_image
+        n = len(self.images)
+        self.per_image = {
+            F.RESID_FINAL: np.full((n, d), np.nan, np.float32),
+            F.EMBEDDING: np.full((n, e), np.nan, np.float32),
+            F.LABELS: np.full((n,), -1, np.int32),
+            F.TOKEN_INDEX: np.full((n, T), -1, np.int16),
+            F.IMAGE_OK: np.zeros((n,), np.uint8),
+        }
+        self.moments = {s: Moments.empty((lay.n_layers, lay.d_model)) for s in ("in", "out")}
+        self._chunk = lay.shard_chunks(self.shard).start
+
+    def add(self, first_image: int, mlp_in: np.ndarray, mlp_out: np.ndarray, resid_final: np.ndarray,
+            embedding: np.ndarray, labels: np.ndarray, token_index: np.ndarray, ok: np.ndarray,
+            errors: dict[int, str] | None = None) -> None:
+        """Append a batch of consecutive images; activations are [b, T, L, d] in the storage dtype."""
+        if first_image != self.next_image:
+            raise RuntimeError(f"shard {self.shard}: expected image {self.next_image}, got {first_image}")
+        lay = self.store.layout
+        b = mlp_in.shape[0]
+        rel = first_image - self.images.start
+        for name, val in ((F.RESID_FINAL, resid_final), (F.EMBEDDING, embedding), (F.LABELS, labels),
+                          (F.TOKEN_INDEX, token_index), (F.IMAGE_OK, ok)):
+            self.per_image[name][rel:rel + b] = val
+        self.skipped.update({int(k): v for k, v in (errors or {}).items()})
+        pos = 0
+        while pos < b:
+            img = first_image + pos
+            chunk_imgs = lay.chunk_images(self._chunk)
+            take = min(b - pos, chunk_imgs.stop - img)
+            r0 = (img - chunk_imgs.start) * lay.tokens_per_image
+            r1 = r0 + take * lay.tokens_per_image
+            fill = F.activation_fill(self.store.dtype)
+            for name, src in ((F.MLP_IN, mlp_in), (F.MLP_OUT, mlp_out)):
+                part = src[pos:pos + take].reshape(-1, lay.n_layers, lay.d_model)
+                self._chunk_bufs[name][r0:r1] = part
+                bad = ~ok[pos:pos + take].astype(bool)
+                if bad.any():  # a skipped image keeps the fill value, so it can never pass for data
+                    rows = self._chunk_bufs[name][r0:r1].reshape(take, -1, lay.n_layers, lay.d_model)
+                    rows[bad] = fill
+            pos += take
+            if img + take == chunk_imgs.stop:
+                self._flush_chunk()
+        self.next_image = first_image + b
+
+    def _flush_chunk(self) -> None:
+        lay = self.store.layout
+        rows = lay.chunk_rows(self._chunk)
+        n = len(rows)
+        imgs = lay.chunk_images(self._chunk)
+        ok = self.per_image[F.IMAGE_OK][imgs.start - self.images.start:imgs.stop - self.images.start]
+        valid = np.repeat(ok.astype(bool), lay.tokens_per_image)
+        crcs = {}
+        for name, side in ((F.MLP_IN, "in"), (F.MLP_OUT, "out")):
+            data = self._chunk_bufs[name][:n]
+            self.store.group[name][rows.start:rows.stop] = data
+            crcs[name] = crc32c(data)
+            self.bytes_written += data.nbytes
+            values = F.decode_activations(data[valid], self.store.dtype)
+            self.moments[side] = self.moments[side].merge(Moments.of(values))
+        self.chunk_crcs[str(self._chunk)] = crcs
+        self._chunk += 1
+
+    def commit(self) -> dict:
+        lay = self.store.layout
+        if self.next_image != self.images.stop:
+            raise RuntimeError(f"shard {self.shard}: commit before all images were added")
+        g = self.store.group
+        sl = slice(self.images.start, self.images.stop)
+        per_image_crcs = {}
+        for name, arr in self.per_image.items():
+            g[name][sl] = arr
+            per_image_crcs[name] = crc32c(arr)
+        stats = g[F.STATS_GROUP]
+        for side in ("in", "out"):
+            m = self.moments[side]
+            stats[f"shard_moments_{side}"][self.shard] = np.stack([m.mean, m.m2])
+        stats["shard_count"][self.shard] = self.moments["in"].count
+        keys = [f"{name}/c/{c}/0/0" for c in lay.shard_chunks(self.shard) for name in F.ACTIVATION_ARRAYS]
+        self.store.loc.fsync_files(keys)
+        record = {
+            "shard": self.shard, "fingerprint": self.store.fingerprint,
+            "images": [self.images.start, self.images.stop],
+            "rows": [self.images.start * lay.tokens_per_image, self.images.stop * lay.tokens_per_image],
+            "chunk_crc32c": self.chunk_crcs, "per_image_crc32c": per_image_crcs,
+            "valid_tokens": self.moments["in"].count, "skipped": {str(k): v for k, v in self.skipped.items()},
+            "committed": now(),
+        }
+        self.store.loc.write_json_atomic(F.shard_commit_name(self.shard), record)
+        return record
