@@ -1,0 +1,211 @@
+"""`clt-pipe fit`: train a CLT on a committed store, with exact resume.
+
+Everything that decides the next update is checkpointed: weights, AdamW moments, the LR schedule, the
+loader position, the dead-latent counters and the RNG states. So N straight steps and N/2 + kill + resume +
+N/2 produce the same weights bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from clt_pipe.backbone.loading import resolve_device
+from clt_pipe.clt.losses import LossConfig, clt_loss
+from clt_pipe.clt.model import CrossLayerTranscoder
+from clt_pipe.clt.spec import AUXK_FAMILY, CLTSpec
+from clt_pipe.config import FitConfig
+from clt_pipe.errors import CheckpointError, CltPipeError
+from clt_pipe.fit import checkpoint as ckpt
+from clt_pipe.fit.metrics import MetricsLog
+from clt_pipe.store.loader import ChunkLoader
+from clt_pipe.store.reader import ActivationStore
+
+# Fields that may change between an interrupted run and its resume without changing the result.
+RESUMABLE_FIELDS = {"resume", "overwrite", "checkpoint_every", "log_every", "read_threads", "device", "store",
+                    "out"}
+
+
+def spec_for(cfg: FitConfig, store: ActivationStore) -> CLTSpec:
+    return CLTSpec(n_layers=store.n_layers, d_model=store.d_model, n_features=cfg.features(store.d_model),
+                   sparsifier=cfg.sparsifier, k=cfg.k, dec_bias=cfg.dec_bias,
+                   jumprelu_threshold=cfg.jumprelu_threshold, jumprelu_bandwidth=cfg.jumprelu_bandwidth)
+
+
+def standardization(store: ActivationStore) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-layer input centring and scalar scales from the store's statistics (see clt/model.py)."""
+    st = store.stats()
+    in_mean = torch.from_numpy(st["mean_in"]).float()
+    in_scale = torch.from_numpy(np.sqrt(st["var_in"].mean(-1))).float().clamp_min(1e-6)
+    out_scale = torch.from_numpy(np.sqrt(st["var_out"].mean(-1))).float().clamp_min(1e-6)
+    return in_mean, in_scale, out_scale
+
+
+def lr_lambda(cfg: FitConfig) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.decay == "none":
+            return 1.0
+        span = max(cfg.steps - cfg.warmup_steps, 1)
+        t = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+        shape = 0.5 * (1 + math.cos(math.pi * t)) if cfg.decay == "cosine" else 1 - t
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+
+    return f
+
+
+def _comparable(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k not in RESUMABLE_FIELDS}
+
+
+def prepare_out_dir(cfg: FitConfig, store: ActivationStore) -> None:
+    out = Path(cfg.out)
+    run_file = out / ckpt.RUN_FILE
+    has_state = run_file.exists() or ckpt.list_checkpoints(out)
+    if not has_state:
+        return
+    if cfg.overwrite:
+        shutil.rmtree(out)
+        return
+    old = json.loads(run_file.read_text()) if run_file.exists() else ckpt.latest_config(out)
+    old_cfg = (old or {}).get("config", {})
+    if _comparable(old_cfg) != _comparable(dataclasses.asdict(cfg)):
+        diff = sorted(k for k in _comparable(dataclasses.asdict(cfg))
+                      if old_cfg.get(k) != getattr(cfg, k))
+        raise CheckpointError(f"{out} holds a run with other settings ({', '.join(diff[:4])}); pass --overwrite "
+                              f"to replace it or choose another --out")
+    if (old or {}).get("store", {}).get("fingerprint") not in (None, store.meta["fingerprint"]):
+        raise CheckpointError(f"{out} was trained on another store; pass --overwrite or choose another --out")
+    if (old or {}).get("finished"):
+        return  # same settings, already done: run_fit reports it
+    if not cfg.resume:
+        raise CheckpointError(f"{out} holds an unfinished run of these settings; pass --resume to continue it "
+                              f"or --overwrite to start again")
+
+
+def run_meta(cfg: FitConfig, store: ActivationStore, spec: CLTSpec) -> dict:
+    return {"config": dataclasses.asdict(cfg), "spec": spec.to_dict(),
+            "store": {"url": store.url, "fingerprint": store.meta["fingerprint"], "model": store.model,
+                      "dataset": {k: v for k, v in store.meta["dataset"].items() if k != "class_names"},
+                      "tokens": store.meta["tokens"], "n_layers": store.n_layers, "d_model": store.d_model}}
+
+
+class Trainer:
+    def __init__(self, cfg: FitConfig, store: ActivationStore, device: torch.device):
+        self.cfg, self.store, self.device = cfg, store, device
+        torch.manual_seed(cfg.seed)
+        self.spec = spec_for(cfg, store)
+        self.model = CrossLayerTranscoder(self.spec)
+        self.model.set_standardization(*standardization(store))
+        self.model.to(device)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                     betas=(0.9, 0.999))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
+        self.loader = ChunkLoader(store, cfg.batch_size, tokens=cfg.tokens, split="train", holdout=cfg.holdout,
+                                  seed=cfg.seed, shuffle_chunks=cfg.shuffle_chunks, read_threads=cfg.read_threads,
+                                  device=device)
+        self.loss_cfg = LossConfig.from_fit_config(cfg)
+        self.since_fired = torch.zeros(self.spec.n_layers, self.spec.n_features, dtype=torch.long, device=device)
+        self.step = 0
+
+    # ---- state ---------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"step": self.step, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "loader": self.loader.state_dict(), "since_fired": self.since_fired.cpu(), "rng": rng}
+
+    def load_state(self, weights: dict, state: dict) -> None:
+        self.model.load_state_dict(weights)
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["loader"])
+        self.since_fired = state["since_fired"].to(self.device)
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.step = state["step"]
+
+    # ---- one update ----------------------------------------------------------------------------------
+    def amp(self):
+        precision = self.cfg.precision
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def train_step(self, batch) -> dict:
+        self.model.train()
+        dead = self.since_fired >= self.cfg.dead_tokens if self.spec.sparsifier in AUXK_FAMILY else None
+        with self.amp():
+            out = self.model(batch.x, decode=self.cfg.decode)
+            loss, metrics = clt_loss(self.model, out, batch.y, dead_mask=dead, cfg=self.loss_cfg)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        n = batch.x.shape[0]
+        self.since_fired += n
+        self.since_fired[metrics["fired"]] = 0
+        self.step += 1
+        metrics["loss"] = loss.detach()
+        metrics["dead_frac"] = (self.since_fired >= self.cfg.dead_tokens).float().mean(-1)
+        metrics["image_diversity"] = batch.image_diversity
+        return metrics
+
+
+def run_fit(cfg: FitConfig, console=None, on_step: Callable[[int], None] | None = None) -> dict:
+    store = ActivationStore(cfg.store)  # refuses incomplete stores and unknown format versions
+    prepare_out_dir(cfg, store)
+    out = Path(cfg.out)
+    if (out / ckpt.RUN_FILE).exists() and json.loads((out / ckpt.RUN_FILE).read_text()).get("finished"):
+        return {"already_finished": True, "out": str(out)}
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    try:
+        trainer = Trainer(cfg, store, device)
+    except ValueError as e:
+        raise CltPipeError(f"fit: {e}") from None
+    meta = run_meta(cfg, store, trainer.spec)
+    if cfg.resume:
+        loaded = ckpt.load_latest(out, device, log=(console.print if console else print))
+        if loaded is not None:
+            trainer.load_state(*loaded)
+    else:
+        ckpt.write_json_atomic(out / ckpt.RUN_FILE, dict(meta, run_format_version=ckpt.RUN_FORMAT_VERSION,
+                                                         finished=False))
+    log = MetricsLog(out / "metrics.jsonl", trainer.spec.n_layers, console=console, total_steps=cfg.steps,
+                     resume_step=trainer.step)
+    t0, start_step = time.perf_counter(), trainer.step
+    batches = iter(trainer.loader)
+    try:
+        while trainer.step < cfg.steps:
+            batch = next(batches)
+            metrics = trainer.train_step(batch)
+            if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
+                log.write(trainer.step, metrics, lr=trainer.sched.get_last_lr()[0], batch_size=cfg.batch_size)
+            if trainer.step % cfg.checkpoint_every == 0 and trainer.step < cfg.steps:
+                ckpt.save_checkpoint(out, trainer.step, trainer.model.state_dict(), trainer.state(), meta)
+            if on_step is not None:
+                on_step(trainer.step)
+    finally:
+        log.close()
+        trainer.loader.close()
+    ckpt.save_checkpoint(out, trainer.step, trainer.model.state_dict(), trainer.state(), meta)
+    ckpt.save_fitted(out, trainer.model.cpu(), meta)
+    elapsed = time.perf_counter() - t0
+    steps = trainer.step - start_step
+    return {"out": str(out), "steps": trainer.step, "seconds": elapsed,
+            "steps_per_s": steps / max(elapsed, 1e-9), "tokens_per_s": steps * cfg.batch_size / max(elapsed, 1e-9),
+            **log.final_summary()}
