@@ -323,7 +323,7 @@ def run_harvest(cfg: HarvestConfig, progress=NullProgress(), log=print) -> dict:
         if cfg.workers or cfg.scheduler:
             from clt_pipe.scale.dask_harvest import harvest_with_dask
 
-            counters = harvest_with_dask(cfg, todo)
+            counters = harvest_with_dask(cfg, todo, progress)
         else:
             counters = harvest_shards(cfg, writer, dataset, bb, todo, progress)
     finally:

@@ -60,6 +60,14 @@ def file_sha256(path: str | Path, block: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def state_sha256(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _register_model_name(model: str) -> str:
     """A JSON path is registered as an open_clip config named after the file stem."""
     if model.endswith(".json"):
@@ -127,11 +135,17 @@ def load_backbone(model: str, pretrained: str, device: str | torch.device = "cpu
                 kwargs[f"image_{key}"] = cfg[key]
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # open_clip warns on random init
     try:
-        clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=dev, **kwargs)
+        # Random init is seeded, so "--pretrained none" names one model: resumes and dask workers agree.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=dev,
+                                                                        **kwargs)
     except (RuntimeError, KeyError, ValueError, OSError) as e:
         raise ModelError(f"pretrained: could not load {pretrained!r} into {name}: {str(e).splitlines()[0][:200]}") \
             from None
     clip.eval()
+    if weights is None:
+        sha = "random-init-" + state_sha256(clip.visual)[:16]
     visual = clip.visual
     if not hasattr(visual, "transformer") or getattr(visual, "attn_pool", None) is not None \
             or getattr(visual, "pool_type", "tok") != "tok":

@@ -1,0 +1,116 @@
+"""Harvest overhead: wall time of a full harvest / a bare forward pass over the same images.
+
+Both sides use the same loaded model, the same images (an ImageFolder of random JPEGs), the same batch
+size and the same image pipeline (thread-pool decode + open_clip preprocessing, one batch ahead). "Bare"
+runs ``encode_image`` and discards the result; "harvest" adds the hooks, the device->host copies, the
+writer thread (compression, crc32c, statistics) and the store's creation and finalisation. Repeats are
+interleaved and medians compared. Goal: ratio <= 1.05.
+
+    python benchmarks/bench_harvest.py --model ViT-B-32 --images 64 --batch 32 [--write]
+    python benchmarks/bench_harvest.py --model clt_pipe/demo/assets/tiny-clip.json --images 512 --batch 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from clt_pipe.config import HarvestConfig, build  # noqa: E402
+from clt_pipe.harvest import (ImagePrefetcher, harvest_shards, head_weights, open_inputs, plan,  # noqa: E402
+                              store_meta)
+from clt_pipe.store.writer import StoreWriter  # noqa: E402
+
+
+def make_images(root: Path, n: int, size: int) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = root / f"class{i % 4}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(d / f"{i:05d}.jpg", quality=90)
+
+
+@torch.inference_mode()
+def bare_forward(cfg: HarvestConfig, dataset, bb) -> float:
+    n = min(len(dataset), cfg.limit or len(dataset))
+    img = bb.identity["image_size"]
+    shape = (3, *(img if isinstance(img, list) else (img, img)))
+    pre = ImagePrefetcher(dataset, bb.preprocess, cfg.data_workers, skip_bad=False)
+    batches = [range(b, min(b + cfg.batch_size, n)) for b in range(0, n, cfg.batch_size)]
+    t0 = time.perf_counter()
+    pending = pre.submit(batches[0])
+    for i, idx in enumerate(batches):
+        futs, pending = pending, (pre.submit(batches[i + 1]) if i + 1 < len(batches) else None)
+        x, _, _ = pre.collect(futs, idx, shape)
+        bb.model.encode_image(x.to(bb.device))
+    if bb.device.type == "cuda":
+        torch.cuda.synchronize()
+    pre.close()
+    return time.perf_counter() - t0
+
+
+def full_harvest(cfg: HarvestConfig, dataset, bb, store: Path) -> float:
+    shutil.rmtree(store, ignore_errors=True)
+    hp = plan(cfg, dataset, bb)
+    t0 = time.perf_counter()
+    writer = StoreWriter.open(str(store), store_meta(cfg, dataset, bb, hp))
+    writer.write_constants(head_weights(bb), {"single": np.zeros((len(dataset.class_names), bb.identity["embed_dim"]))})
+    harvest_shards(cfg, writer, dataset, bb, list(range(hp.layout.n_shards)))
+    writer.finalize([dataset.record(i) for i in range(hp.layout.n_images)], dataset.split)
+    if bb.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="ViT-B-32")
+    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tokens", default="all")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--write", action="store_true", help="append the result to benchmarks/BENCHMARKS.md")
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-harvest-"))
+    try:
+        is_tiny = args.model.endswith(".json")
+        make_images(tmp / "data", args.images, 40 if is_tiny else 256)
+        cfg = build(HarvestConfig, {"model": args.model, "pretrained": "none", "dataset": "imagefolder",
+                                    "data_root": str(tmp / "data"), "store": str(tmp / "s.zarr"),
+                                    "batch_size": args.batch, "tokens": args.tokens, "device": args.device})
+        dataset, bb = open_inputs(cfg)
+        bare_forward(cfg, dataset, bb)  # warm-up (allocator, kernels, page cache)
+        bare, full = [], []
+        for _ in range(args.repeats):
+            bare.append(bare_forward(cfg, dataset, bb))
+            full.append(full_harvest(cfg, dataset, bb, tmp / "s.zarr"))
+        mb, mf = statistics.median(bare), statistics.median(full)
+        line = (f"| harvest / bare forward | {bb.name} ({'random init'}), {args.images} images, batch {args.batch}, "
+                f"tokens {args.tokens}, {bb.device} | bare {mb:.2f} s, harvest {mf:.2f} s | **{mf / mb:.3f}** "
+                f"(goal <= 1.05) |")
+        print(line)
+        print(f"bare runs {['%.2f' % t for t in bare]}, harvest runs {['%.2f' % t for t in full]}")
+        if args.write:
+            from bench_common import append_result
+
+            append_result(line)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

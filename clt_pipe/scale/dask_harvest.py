@@ -1,0 +1,74 @@
+"""Harvest with several writers: dask.distributed workers each own disjoint shard ranges.
+
+The client has already created the store (arrays at final size); each worker loads the model once, opens
+the same store (its fingerprint must match what the worker computes itself, so a worker with other weights
+or data refuses) and writes and commits only its shards. Nobody writes the same object twice, so no locks.
+With CUDA, worker i uses GPU i mod n_gpus.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from clt_pipe.config import HarvestConfig, build
+
+
+def _worker_device(device: str) -> str:
+    if not device.startswith("cuda") and device != "auto":
+        return device
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    try:
+        from distributed import get_worker
+
+        index = int(str(get_worker().name).rsplit("-", 1)[-1])
+    except (ImportError, ValueError):
+        index = 0
+    return f"cuda:{index % torch.cuda.device_count()}"
+
+
+def harvest_shard_group(cfg_dict: dict, shards: list[int]) -> dict:
+    from clt_pipe.harvest import harvest_shards, open_inputs, plan, store_meta
+    from clt_pipe.store.writer import StoreWriter
+
+    cfg = build(HarvestConfig, cfg_dict)
+    cfg.device = _worker_device(cfg.device)
+    dataset, bb = open_inputs(cfg)
+    meta = store_meta(cfg, dataset, bb, plan(cfg, dataset, bb))
+    writer = StoreWriter.open(cfg.store, meta)
+    return harvest_shards(cfg, writer, dataset, bb, shards)
+
+
+def harvest_with_dask(cfg: HarvestConfig, todo: list[int], progress=None) -> dict:
+    from distributed import Client, LocalCluster, as_completed
+
+    cfg_dict = dataclasses.asdict(cfg)
+    cfg_dict.update(workers=0, scheduler="", overwrite=False)  # workers write into the store the client made
+    if cfg.scheduler:
+        client, cluster = Client(cfg.scheduler), None
+    else:
+        cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None, silence_logs=logging.CRITICAL)
+        client = Client(cluster)
+    try:
+        n_workers = max(1, len(client.scheduler_info()["workers"]))
+        # A few interleaved groups per worker, so one slow worker does not hold a large tail of the work.
+        n_groups = min(len(todo), 2 * n_workers)
+        groups = [todo[i::n_groups] for i in range(n_groups)] if n_groups else []
+        futures = [client.submit(harvest_shard_group, cfg_dict, g, pure=False) for g in groups]
+        totals = {"images": 0, "tokens": 0, "bytes": 0, "shards": 0}
+        for fut in as_completed(futures):
+            counters = fut.result()
+            for k in totals:
+                totals[k] += counters.get(k, 0)
+            if progress is not None:
+                progress.advance(counters.get("images", 0), images=counters.get("images", 0))
+        totals["workers"] = n_workers
+        return totals
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
