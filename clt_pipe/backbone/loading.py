@@ -174,4 +174,6 @@ def describe(bb: Backbone, model_arg: str) -> dict:
         "patch_size": list(visual.patch_size) if isinstance(visual.patch_size, tuple) else visual.patch_size,
         "n_positions": 1 + grid[0] * grid[1],
         "logit_scale": float(bb.model.logit_scale.exp().item()),
+        "ln_eps": float(visual.ln_post.eps),
+        "ls_identity": all(type(b.ls_2).__name__ == "Identity" for b in bb.blocks),
     }

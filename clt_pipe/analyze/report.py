@@ -1,0 +1,394 @@
+"""The analysis report in ``--out``: report.json, Parquet tables, PNG plots (matplotlib Agg), report.html.
+
+* ``report.json`` — every number, the exact settings, and the store / CLT identity.
+* ``fidelity.parquet`` (per layer × token type), ``fidelity_aggregate.parquet`` (paper form: averages over
+  layers), ``attribution.parquet`` (source, target, c_proj per token type), ``substitution.parquet`` (baselines,
+  open-loop and closed-loop windows), ``ablation.parquet``, ``retrieval.parquet`` (+ ``retrieval_layers``).
+* PNGs: ``attribution.png`` (C_proj heatmaps, CLS vs patches), ``cascade.png`` (top-1 vs window start, with
+  the baseline ± 1 binomial standard error as a band), ``fidelity.png`` (R² and cosine per layer),
+  ``ablation.png``, ``retrieval_q<image>.png`` (rows = layers, columns = query + neighbours).
+* ``report.html`` — self-contained: PNGs embedded as base64, tables as HTML.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+TOKEN_COLOURS = {"cls": "tab:red", "patches": "tab:blue", "all": "tab:green"}
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
+def _write_parquet(path: Path, rows: list[dict]) -> None:
+    cols: dict[str, list] = {}
+    for r in rows:
+        for k in r:
+            cols.setdefault(k, [])
+    table = pa.table({k: [r.get(k) for r in rows] for k in cols}) if rows else pa.table({})
+    pq.write_table(table, path)
+
+
+def substitution_rows(results: dict) -> list[dict]:
+    rows = []
+    keys = ("top1", "top5", "n", "cross_entropy")
+    if "zeroshot" in results:
+        z = results["zeroshot"]
+        rows.append({"mode": "baseline_store", "tokens": "", "window": "", **{k: z.get(k) for k in keys}})
+    if "openloop" in results:
+        b = results["openloop"]["baseline_resid"]
+        rows.append({"mode": "baseline_resid", "tokens": "", "window": "", **{k: b.get(k) for k in keys}})
+        rows += results["openloop"]["rows"]
+    if "closedloop_baseline" in results:
+        b = results["closedloop_baseline"]
+        rows.append({"mode": "baseline_closedloop", "tokens": "", "window": "", **{k: b.get(k) for k in keys}})
+    if "closedloop" in results:
+        rows += results["closedloop"]["rows"]
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ plots
+
+def plot_attribution(path: Path, attribution: dict) -> bool:
+    kinds = [t for t in ("cls", "patches") if t in attribution] or list(attribution)
+    if not kinds:
+        return False
+    L = attribution[kinds[0]]["matrix"].shape[0]
+    vmax = max(float(np.abs(attribution[t]["matrix"]).max()) for t in kinds) or 1.0
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds) + 1, 4.8), squeeze=False)
+    im = None
+    for ax, t in zip(axes[0], kinds):
+        mat = np.array(attribution[t]["matrix"], float)
+        shown = np.where(np.triu(np.ones((L, L), bool)), mat, np.nan)
+        im = ax.imshow(shown, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+        ax.set_title(f"C_proj, {t} tokens (n={attribution[t]['n_tokens']:,})")
+        ax.set_xlabel("target layer j")
+        ax.set_ylabel("source layer i")
+        ticks = range(L) if L <= 16 else range(0, L, max(1, L // 12))
+        ax.set_xticks(list(ticks))
+        ax.set_yticks(list(ticks))
+        if L <= 12:
+            for i in range(L):
+                for j in range(i, L):
+                    v = mat[i, j]
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7 if L > 8 else 8,
+                            color="white" if abs(v) > 0.6 * vmax else "black")
+    fig.colorbar(im, ax=list(axes[0]), shrink=0.85, label="share of ŷ_j (columns sum to 1)")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def plot_cascade(path: Path, results: dict) -> bool:
+    series = []
+    if "closedloop" in results:
+        for t in dict.fromkeys(r["tokens"] for r in results["closedloop"]["rows"]):
+            rows = sorted((r for r in results["closedloop"]["rows"] if r["tokens"] == t), key=lambda r: r["first"])
+            series.append((f"closed-loop, {t}", TOKEN_COLOURS.get(t, "k"), "-", "o", rows))
+    if "openloop" in results:
+        rows = sorted(results["openloop"]["rows"], key=lambda r: r["first"])
+        series.append(("open-loop (cache), cls", TOKEN_COLOURS["cls"], "--", "s", rows))
+    if not series:
+        return False
+    base = results.get("closedloop_baseline") or (results.get("openloop") or {}).get("baseline_resid") \
+        or results.get("zeroshot")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key in zip(axes, ("top1", "top5")):
+        if base and base.get(key) is not None and base.get("n"):
+            p, n = base[key] / 100, base["n"]
+            se = 100 * math.sqrt(max(p * (1 - p), 1e-12) / n)
+            ax.axhspan(base[key] - se, base[key] + se, color="0.85", label=f"baseline {base[key]:.2f} ± 1 s.e.")
+            ax.axhline(base[key], color="0.4", lw=1)
+        for si, (label, colour, ls, marker, rows) in enumerate(series):
+            xs = [r["first"] for r in rows]
+            # earlier series drawn wider so identical curves stay visible underneath later ones
+            ax.plot(xs, [r[key] for r in rows], ls=ls, marker=marker, color=colour, label=label,
+                    lw=1.5 + 1.5 * (len(series) - 1 - si), ms=5 + 3 * (len(series) - 1 - si), alpha=0.85)
+        last = max(r["last"] for _, _, _, _, rows in series for r in rows)
+        ax.set_xlabel(f"window start layer (window = start…{last})")
+        ax.set_ylabel(f"{'top-1' if key == 'top1' else 'top-5'} zero-shot accuracy (%)")
+        ax.set_title(f"CLT substitution cascade, {key}")
+        ax.grid(alpha=0.3)
+        starts = sorted({r["first"] for _, _, _, _, rows in series for r in rows})
+        ax.set_xticks(starts)
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+        lo, hi = ax.get_ylim()
+        if hi - lo < 2.0:  # a flat curve (e.g. top-5 with ≤ 5 classes): show a readable range around it
+            mid = (hi + lo) / 2
+            ax.set_ylim(mid - 1.0, mid + 1.0)
+    axes[0].legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_fidelity(path: Path, fidelity: dict) -> bool:
+    rows = fidelity.get("per_layer") or []
+    if not rows:
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for t in dict.fromkeys(r["tokens"] for r in rows):
+        rs = sorted((r for r in rows if r["tokens"] == t), key=lambda r: r["layer"])
+        xs = [r["layer"] for r in rs]
+        for ax, key in zip(axes, ("r2", "cosine", "mse_std")):
+            ax.plot(xs, [r[key] for r in rs], marker="o", color=TOKEN_COLOURS.get(t, "k"), label=t)
+    for ax, title in zip(axes, ("R² = 1 − SSE/SST", "mean cosine(ŷ, y)", "MSE / mean target variance")):
+        ax.set_title(title)
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3)
+        ax.set_xticks(sorted({r["layer"] for r in rows}))
+    axes[0].legend(title="tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_ablation(path: Path, ablation: dict) -> bool:
+    rows = ablation.get("rows") or []
+    if not rows:
+        return False
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    tokens = list(dict.fromkeys(r["tokens"] for r in rows))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    w = 0.8 / len(tokens)
+    for k, t in enumerate(tokens):
+        vals = [next((r["delta_top1_pp"] for r in rows if r["tokens"] == t and r["variant"] == v), np.nan)
+                for v in variants]
+        bars = ax.bar(np.arange(len(variants)) + (k - (len(tokens) - 1) / 2) * w, vals, w,
+                      color=TOKEN_COLOURS.get(t, "k"), label=t)
+        ax.bar_label(bars, fmt="%+.2f", fontsize=8)
+    ax.axhline(0, color="k", lw=0.8)
+    lo, hi = ax.get_ylim()
+    span = max(hi - lo, 1e-6)
+    ax.set_ylim(lo - 0.08 * span, hi + 0.12 * span)
+    ax.set_xticks(range(len(variants)))
+    ax.set_xticklabels(variants)
+    ax.set_ylabel("Δ top-1 vs baseline (pp)")
+    ax.set_title(f"ablations (rank={ablation['rank']}, non-CLT layers={ablation['mode']})", pad=12)
+    ax.legend(title="tokens")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_retrieval(out: Path, retrieval: dict, class_names: list[str], dataset=None) -> list[Path]:
+    paths = []
+    rows = retrieval.get("rows") or []
+    k = retrieval.get("k", 0)
+    layers = sorted({r["layer"] for r in rows})
+    if not layers:
+        return paths
+
+    def name(label: int) -> str:
+        return class_names[label] if 0 <= label < len(class_names) else str(label)
+
+    def show(ax, img_idx: int, label: int, title: str, colour: str):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if dataset is not None:
+            try:
+                ax.imshow(np.asarray(dataset.load_image(img_idx).convert("RGB")))
+            except Exception:  # noqa: BLE001 - a grid with a missing picture is still useful
+                ax.text(0.5, 0.5, "?", ha="center", va="center")
+        else:
+            ax.text(0.5, 0.5, f"#{img_idx}\n{name(label)}", ha="center", va="center", fontsize=8,
+                    transform=ax.transAxes)
+        ax.set_title(title, fontsize=7, color=colour)
+        for s in ax.spines.values():
+            s.set_edgecolor(colour)
+            s.set_linewidth(2 if colour != "black" else 0.5)
+
+    for q in retrieval["queries"]:
+        qrows = [r for r in rows if r["query"] == q]
+        if not qrows:
+            continue
+        qlabel = qrows[0]["query_label"]
+        fig, axes = plt.subplots(len(layers), k + 1, figsize=(1.25 * (k + 1) + 0.6, 1.25 * len(layers) + 0.6),
+                                 squeeze=False)
+        for li, layer in enumerate(layers):
+            show(axes[li][0], q, qlabel, f"query #{q}\n{name(qlabel)}" if li == 0 else "query", "black")
+            axes[li][0].set_ylabel(f"layer {layer}", fontsize=8)
+            lr = sorted((r for r in qrows if r["layer"] == layer), key=lambda r: r["rank"])
+            for c in range(k):
+                ax = axes[li][c + 1]
+                if c < len(lr):
+                    r = lr[c]
+                    show(ax, r["neighbour"], r["neighbour_label"], f"{name(r['neighbour_label'])} {r['cosine']:.2f}",
+                         "tab:green" if r["same_label"] else "tab:red")
+                else:
+                    ax.axis("off")
+        fig.suptitle(f"nearest images by each layer's CLS code (green = same label as the query)", fontsize=9)
+        fig.tight_layout()
+        p = out / f"retrieval_q{q}.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------ HTML
+
+def _html_table(rows: list[dict], max_rows: int = 400) -> str:
+    if not rows:
+        return "<p><em>(empty)</em></p>"
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+
+    def fmt(v):
+        if isinstance(v, float):
+            return "" if not math.isfinite(v) else f"{v:.4g}"
+        return html.escape(str(v)) if v is not None else ""
+
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{fmt(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows[:max_rows])
+    more = f"<p><em>{len(rows) - max_rows} more rows in the Parquet file</em></p>" if len(rows) > max_rows else ""
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{more}"
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}">'
+
+
+def write_html(path: Path, results: dict, settings: dict, identity: dict, tables: dict, pngs: dict) -> None:
+    css = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;font-size:12px;"
+           "margin-bottom:1em}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}th{background:#eee}"
+           "img{max-width:100%;border:1px solid #ddd;margin:4px 0}pre{background:#f6f6f6;padding:8px;"
+           "font-size:11px;overflow:auto}")
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>CLT analysis</title><style>{css}</style>"
+             "</head><body><h1>Cross-layer transcoder analysis</h1>"]
+    st = identity["store"]
+    parts.append(f"<p>Store <code>{html.escape(str(st['url']))}</code> — model "
+                 f"{html.escape(str(st['model'].get('name')))} ({st['model'].get('n_layers')} layers × "
+                 f"{st['model'].get('d_model')}), dataset {html.escape(str(st['dataset'].get('name')))}/"
+                 f"{html.escape(str(st['dataset'].get('split')))}; CLT <code>{html.escape(str(identity['clt']['path']))}"
+                 f"</code> ({html.escape(json.dumps(identity['clt']['spec']))})</p>")
+    for n in results.get("notes", []):
+        parts.append(f"<p><strong>Note:</strong> {html.escape(n)}</p>")
+    sections = [
+        ("Fidelity", ["fidelity_aggregate", "fidelity"], ["fidelity"]),
+        ("Attribution C_proj", ["attribution_columns"], ["attribution"]),
+        ("Zero-shot substitution", ["substitution"], ["cascade"]),
+        ("Ablations", ["ablation"], ["ablation"]),
+        ("Retrieval", ["retrieval_layers", "retrieval"], ["retrieval"]),
+    ]
+    for title, tnames, pnames in sections:
+        if not any(t in tables for t in tnames) and not any(p in pngs for p in pnames):
+            continue
+        parts.append(f"<h2>{title}</h2>")
+        for p in pnames:
+            for f in pngs.get(p, []):
+                parts.append(_img(f))
+        for t in tnames:
+            if t in tables:
+                parts.append(f"<h3>{t}</h3>" + _html_table(tables[t]))
+    parts.append("<h2>Settings</h2><pre>" + html.escape(json.dumps(_jsonable(settings), indent=1)) + "</pre>")
+    parts.append("<h2>Timings (s)</h2><pre>" + html.escape(json.dumps(_jsonable(results.get("timings_s", {})),
+                                                                          indent=1)) + "</pre>")
+    parts.append("</body></html>")
+    path.write_text("\n".join(parts), encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------------ entry
+
+def write_report(out: str | Path, results: dict, settings: dict, identity: dict, class_names: list[str],
+                 labels=None, dataset=None) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tables: dict[str, list[dict]] = {}
+    if "fidelity" in results:
+        tables["fidelity"] = results["fidelity"]["per_layer"]
+        tables["fidelity_aggregate"] = results["fidelity"]["aggregate"]
+    if "attribution" in results:
+        from clt_pipe.analyze.attribution import to_rows
+
+        tables["attribution"] = to_rows(results["attribution"])
+        tables["attribution_columns"] = [
+            {"tokens": t, "target": j, "column_sum": float(r["column_sums"][j])}
+            for t, r in results["attribution"].items() for j in range(len(r["column_sums"]))]
+    subs = substitution_rows(results)
+    if subs:
+        tables["substitution"] = subs
+    if "ablation" in results:
+        tables["ablation"] = results["ablation"]["rows"]
+    if "retrieval" in results:
+        tables["retrieval"] = results["retrieval"]["rows"]
+        tables["retrieval_layers"] = results["retrieval"]["per_layer"]
+    files: dict[str, list[str]] = {"parquet": [], "png": []}
+    for name in ("fidelity", "fidelity_aggregate", "attribution", "substitution", "ablation", "retrieval",
+                 "retrieval_layers"):
+        if name in tables:
+            p = out / f"{name}.parquet"
+            _write_parquet(p, tables[name])
+            files["parquet"].append(str(p))
+    pngs: dict[str, list[Path]] = {}
+    if "attribution" in results and plot_attribution(out / "attribution.png", results["attribution"]):
+        pngs["attribution"] = [out / "attribution.png"]
+    if plot_cascade(out / "cascade.png", results):
+        pngs["cascade"] = [out / "cascade.png"]
+    if "fidelity" in results and plot_fidelity(out / "fidelity.png", results["fidelity"]):
+        pngs["fidelity"] = [out / "fidelity.png"]
+    if "ablation" in results and plot_ablation(out / "ablation.png", results["ablation"]):
+        pngs["ablation"] = [out / "ablation.png"]
+    if "retrieval" in results:
+        pngs["retrieval"] = plot_retrieval(out, results["retrieval"], class_names, dataset)
+        results["retrieval"]["grids"] = "images" if dataset is not None else "indices"
+    files["png"] = [str(p) for ps in pngs.values() for p in ps]
+    files["json"] = [str(out / "report.json")]
+    files["html"] = [str(out / "report.html")]
+    report = {"settings": settings, "identity": identity, "headline": summary(results, files), "results": results,
+              "files": files}
+    write_html(out / "report.html", results, settings, identity, tables, pngs)
+    # Last: `clt-pipe run` treats a report.json with matching settings as a finished analysis.
+    tmp = out / "report.json.tmp"
+    tmp.write_text(json.dumps(_jsonable(report), indent=1))
+    tmp.replace(out / "report.json")
+    return files
+
+
+def summary(results: dict, files: dict) -> dict:
+    """The short dict the CLI prints."""
+    s: dict = {"parts": ",".join(results.get("computed", []))}
+    if "zeroshot" in results:
+        s["baseline_top1"] = round(results["zeroshot"]["top1"], 2)
+    for agg in (results.get("fidelity") or {}).get("aggregate", []):
+        s[f"r2_{agg['tokens']}"] = round(agg["r2"], 4)
+        s[f"cosine_{agg['tokens']}"] = round(agg["cosine"], 4)
+    for r in (results.get("openloop") or {}).get("rows", []):
+        s[f"openloop_cls_{r['window']}_top1"] = round(r["top1"], 2)
+    for r in (results.get("closedloop") or {}).get("rows", []):
+        s[f"closedloop_{r['tokens']}_{r['window']}_top1"] = round(r["top1"], 2)
+    for r in (results.get("ablation") or {}).get("rows", []):
+        s[f"ablation_{r['tokens']}_{r['variant']}_dtop1_pp"] = round(r["delta_top1_pp"], 2)
+    s["report"] = (files.get("html") or [""])[0]
+    s["seconds"] = round(results.get("timings_s", {}).get("total", 0.0), 1)
+    return s
