@@ -26,8 +26,8 @@ app = typer.Typer(help="Cross-Layer Transcoders for CLIP Vision Transformers: ha
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 store_app = typer.Typer(help="Inspect and check activation stores.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _cli_type(tp: Any) -> type:

@@ -161,6 +161,8 @@ class FitConfig:
             raise ConfigError(f"holdout: must be in [0, 1), got {self.holdout}")
         if self.k <= 0:
             raise ConfigError(f"k: must be > 0, got {self.k}")
+        if self.n_features and self.sparsifier != "jumprelu" and self.k >= self.n_features:
+            raise ConfigError(f"k: must be smaller than n_features={self.n_features}, got {self.k}")
         if self.resume and self.overwrite:
             raise ConfigError("resume/overwrite: choose one")
 

@@ -9,6 +9,7 @@ uncommitted shard reproduces bit for bit what an uninterrupted run writes.
 from __future__ import annotations
 
 import errno
+import hashlib
 import queue
 import threading
 import time
@@ -75,6 +76,15 @@ def text_classifiers(bb: Backbone, class_names: list[str], templates: dict[str, 
     return out
 
 
+def sources_sha256(dataset: ImageDataset, n: int) -> str:
+    """Identifies the exact images (and labels) of a harvest: another dataset of the same shape differs here."""
+    h = hashlib.sha256()
+    for i in range(n):
+        r = dataset.record(i)
+        h.update(f"{r.source}\t{r.label}\n".encode())
+    return h.hexdigest()
+
+
 def store_meta(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, hp: HarvestPlan) -> dict:
     policy, k = parse_token_policy(cfg.tokens)
     pre = bb.visual.preprocess_cfg if hasattr(bb.visual, "preprocess_cfg") else {}
@@ -83,7 +93,8 @@ def store_meta(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, hp: Harv
         "preprocess": {k2: (list(v) if isinstance(v, tuple) else v) for k2, v in pre.items()},
         "dataset": {"name": dataset.name, "split": dataset.split, "n_images": hp.layout.n_images,
                     "class_names": list(dataset.class_names), "data_root": cfg.data_root,
-                    "coco_label_rule": cfg.coco_label_rule if dataset.name == "coco" else None},
+                    "coco_label_rule": cfg.coco_label_rule if dataset.name == "coco" else None,
+                    "sources_sha256": sources_sha256(dataset, hp.layout.n_images)},
         "templates": {k2: list(v) for k2, v in dataset.templates.items()},
         "tokens": {"policy": policy if policy != "cls+k" else f"cls+{k}", "k": k,
                    "tokens_per_image": hp.tokens_per_image, "seed": cfg.seed},
@@ -208,7 +219,7 @@ def harvest_shards(cfg: HarvestConfig, writer: StoreWriter, dataset: ImageDatase
             wt.stop()
             prefetch.close()
     except OSError as e:
-        raise _disk_error(e, writer) from None
+        raise _disk_error(e, writer.loc.url) from None
     return counters
 
 
@@ -249,9 +260,9 @@ def _run_batches(cfg, writer, dataset, bb, batches, prefetch, wt, shard_writers,
         progress.advance(len(idx), images=len(idx), tokens=n_tok, MB=nbytes / 1e6)
 
 
-def _disk_error(e: OSError, writer: StoreWriter) -> StoreError:
+def _disk_error(e: OSError, url: str) -> StoreError:
     what = "disk full" if e.errno == errno.ENOSPC else f"write failed ({e.strerror or e})"
-    return StoreError(f"{what} while writing {writer.loc.url}; the shard in progress was not committed, "
+    return StoreError(f"{what} while writing {url}; the shard in progress was not committed, "
                       f"free space and re-run the same command to resume")
 
 
@@ -308,10 +319,18 @@ def run_harvest(cfg: HarvestConfig, progress=NullProgress(), log=print) -> dict:
                 "n_chunks": lay.n_chunks, "rows_per_chunk": lay.rows_per_chunk,
                 "estimated_seconds": spi * lay.n_images, "device": str(bb.device)}
     meta = store_meta(cfg, dataset, bb, hp)
+    try:
+        return _write_store(cfg, dataset, bb, meta, progress, log)
+    except OSError as e:
+        raise _disk_error(e, cfg.store) from None
+
+
+def _write_store(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, meta: dict, progress, log) -> dict:
     writer = StoreWriter.open(cfg.store, meta, overwrite=cfg.overwrite)
+    lay = writer.layout
     if writer.is_complete():
         return {"already_complete": True, "store": cfg.store, "n_shards": lay.n_shards}
-    if F.TEXT_GROUP not in writer.group:
+    if writer.missing_constants(cfg.template_sets):
         classifiers = text_classifiers(bb, dataset.class_names, dataset.templates, cfg.template_sets)
         writer.write_constants(head_weights(bb), classifiers)
     todo = sorted(set(range(lay.n_shards)) - writer.committed_shards())

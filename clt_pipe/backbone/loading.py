@@ -9,9 +9,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import open_clip
 import torch
@@ -105,10 +107,16 @@ def _cached_pretrained_file(name: str, tag: str) -> tuple[str, dict]:
             f"pretrained: weights {name}/{tag} are not in the local cache and this run is offline; download "
             f"them where there is network or pass --pretrained /path/to/checkpoint.pt (use the *-quickgelu "
             f"model name for OpenAI weights)")
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
 
+    # huggingface_hub retries for ~20 s on a machine without network: ask once, briefly, first.
     try:
-        os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+        socket.create_connection((urlparse(constants.ENDPOINT).hostname, 443), timeout=3).close()
+    except OSError:
+        raise ModelError(f"pretrained: weights {name}/{tag} are not in the local cache and the hub is unreachable; "
+                         f"pass --pretrained /path/to/checkpoint.pt (use the *-quickgelu model name for OpenAI "
+                         f"weights)") from None
+    try:
         return hf_hub_download(hub, "open_clip_model.safetensors"), cfg
     except Exception as e:  # noqa: BLE001
         raise ModelError(

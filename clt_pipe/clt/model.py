@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clt_pipe.clt import sparsifiers as sp
+from clt_pipe.clt.sparse_decode import sparse_decode
 from clt_pipe.clt.spec import CLTSpec
 from clt_pipe.errors import ConfigError
 
@@ -92,6 +93,14 @@ class CLTOutput:
 
 
 class CrossLayerTranscoder(nn.Module):
+    """Training contract of the sparse decode (TopK family): keep the W_dec gradients allocated and dense —
+    call ``materialize_grads()`` once (after moving the model) and ``optimizer.zero_grad(set_to_none=False)``
+    each step. The sparse backward then adds its B·k rows into ``W_dec[s].grad`` in place; with ``.grad`` None it
+    falls back to returning a fresh dense F·(L-s)·d gradient (correct, as slow as the dense decode's gradient).
+    Set ``inplace_decoder_grads = False`` under DDP/FSDP or with hooks on W_dec (they would miss those rows)."""
+
+    inplace_decoder_grads: bool = True
+
     def __init__(self, spec: CLTSpec) -> None:
         super().__init__()
         self.spec = spec
@@ -143,6 +152,16 @@ class CrossLayerTranscoder(nn.Module):
             if name != "in_mean" and not (t > 0).all():
                 raise ValueError(f"{name}: scales must be > 0")
             getattr(self, name).copy_(t)
+
+    @torch.no_grad()
+    def materialize_grads(self) -> None:
+        """Give every parameter that requires grad a dense zero ``.grad`` where it has none (W_dec included), so
+        that the sparse decode's backward accumulates into it in place from the first step on. Pair with
+        ``zero_grad(set_to_none=False)``; idempotent; call again after ``.to(device)`` or dtype changes."""
+        for p in self.parameters():
+            if p.requires_grad and (p.grad is None or p.grad.shape != p.shape or p.grad.device != p.device
+                                    or p.grad.dtype != p.dtype or p.grad.layout != torch.strided):
+                p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
 
     # ------------------------------------------------------------ properties
 
@@ -235,10 +254,11 @@ class CrossLayerTranscoder(nn.Module):
         return decode
 
     def _source_sparse(self, s: int, idx: Tensor, val: Tensor) -> Tensor:
-        """Source s's writes [B, L-s, d] from its k (index, value) pairs: gathers k rows instead of F."""
-        w = self.W_dec[s]
-        flat = w.view(self.n_features, -1)
-        out = F.embedding_bag(idx.contiguous(), flat, per_sample_weights=val.to(w.dtype).contiguous(), mode="sum")
+        """Source s's writes [B, L-s, d] from its k (index, value) pairs: gathers k rows instead of F.
+
+        The backward touches only those B·k rows of W_dec[s]; it adds them straight into a pre-existing dense
+        ``W_dec[s].grad`` (see ``materialize_grads`` and clt_pipe/clt/sparse_decode.py)."""
+        out = sparse_decode(idx, val, self.W_dec[s], inplace_grad=self.inplace_decoder_grads)
         return out.view(idx.shape[0], self.n_layers - s, self.d_model)
 
     def _source_dense(self, s: int, z_s: Tensor) -> Tensor:
@@ -257,14 +277,15 @@ class CrossLayerTranscoder(nn.Module):
                 yield s, self._source_dense(s, z[:, s])
 
     def _decode_std(self, z: Tensor | None, idx: Tensor | None, val: Tensor | None, sparse: bool) -> Tensor:
-        recon: Tensor | None = None
-        for s, part in self._sources(z, idx, val, sparse):
-            if recon is None:
-                recon = part  # source 0 writes every target: reuse it as the accumulator
-            else:
-                recon[:, s:] += part  # fine for autograd: neither GEMM nor embedding_bag saves its output
-        assert recon is not None
-        return recon
+        # Concatenate every source's writes [B, L-s, d] -> [B, L(L+1)/2, d] and sum them into their targets with
+        # one tiny matmul by a constant 0/1 [L, L(L+1)/2] matrix: one op (and one GEMM backward) instead of L
+        # in-place slice updates, whose backward costs ~10 small ops each.
+        parts = [part for _, part in self._sources(z, idx, val, sparse)]
+        stacked = torch.cat(parts, dim=1)
+        n_layers = self.n_layers
+        tgt = torch.cat([torch.arange(s, n_layers, device=stacked.device) for s in range(n_layers)])
+        fold = (torch.arange(n_layers, device=stacked.device)[:, None] == tgt[None, :]).to(stacked.dtype)
+        return torch.matmul(fold, stacked)
 
     def decode(self, z: Tensor) -> Tensor:
         """Dense codes [B, L, F] -> raw reconstruction [B, L, d]."""

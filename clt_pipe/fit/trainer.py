@@ -171,6 +171,7 @@ def run_fit(cfg: FitConfig, console=None, on_step: Callable[[int], None] | None 
     out = Path(cfg.out)
     if (out / ckpt.RUN_FILE).exists() and json.loads((out / ckpt.RUN_FILE).read_text()).get("finished"):
         return {"already_finished": True, "out": str(out)}
+    spec_for(cfg, store)  # k >= F and other spec errors before anything is written
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     try:

@@ -38,7 +38,7 @@ def harvest_shard_group(cfg_dict: dict, shards: list[int]) -> dict:
     cfg.device = _worker_device(cfg.device)
     dataset, bb = open_inputs(cfg)
     meta = store_meta(cfg, dataset, bb, plan(cfg, dataset, bb))
-    writer = StoreWriter.open(cfg.store, meta)
+    writer = StoreWriter.open(cfg.store, meta, clean_temp=False)
     return harvest_shards(cfg, writer, dataset, bb, shards)
 
 

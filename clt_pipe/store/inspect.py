@@ -32,6 +32,7 @@ def store_info(url: str) -> dict:
     info = {
         "format_version": m["format_version"],
         "complete": s.is_complete,
+        "status": "complete" if s.is_complete else "INCOMPLETE: re-run the same harvest command to resume it",
         "shards_committed": f"{len(committed)}/{lay.n_shards}",
         "model": f"{m['model']['name']} ({m['model']['pretrained']})",
         "weights_sha256": m["model"]["weights_sha256"][:16],

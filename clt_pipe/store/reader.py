@@ -40,7 +40,9 @@ class ActivationStore:
 
     @property
     def is_complete(self) -> bool:
-        return self.loc.exists(F.COMPLETE_FILE)
+        if not self.loc.exists(F.COMPLETE_FILE):
+            return False
+        return self.loc.read_json(F.COMPLETE_FILE).get("fingerprint") == self.meta["fingerprint"]
 
     def committed_shards(self) -> list[int]:
         out = []

@@ -66,9 +66,13 @@ class StoreWriter:
 
     # ---- opening -------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, url: str, meta: dict, *, overwrite: bool = False,
-             storage_options: dict | None = None) -> "StoreWriter":
-        """Create the store, or reopen an identical one for resume; refuse a different one."""
+    def open(cls, url: str, meta: dict, *, overwrite: bool = False, storage_options: dict | None = None,
+             clean_temp: bool = True) -> "StoreWriter":
+        """Create the store, or reopen an identical one for resume; refuse a different one.
+
+        ``clean_temp=False`` for the extra writers of a multi-writer harvest: only the coordinating process
+        may remove stray temp files, or one worker could delete another's in-flight commit.
+        """
         meta = dict(meta, format_version=F.FORMAT_VERSION, fingerprint=fingerprint(meta))
         loc = StoreLocation(url, storage_options)
         if loc.exists("zarr.json"):
@@ -88,10 +92,14 @@ class StoreWriter:
                 if old.get("fingerprint") != meta["fingerprint"]:
                     raise StoreError(f"{url} holds a different harvest ({_describe_difference(old, meta)}); "
                                      f"pass --overwrite to replace it or choose another --store")
-                group = zarr.open_group(loc.zarr_store(), mode="r+")
-                writer = cls(loc, old, group)
-                loc.clean_temp_files(F.COMMITS_DIR)
-                return writer
+                if old.get("initialised", True):
+                    group = zarr.open_group(loc.zarr_store(), mode="r+")
+                    writer = cls(loc, old, group)
+                    if clean_temp:
+                        loc.clean_temp_files(F.COMMITS_DIR)
+                        loc.clean_temp_files("")
+                    return writer
+                # Killed while creating the arrays: nothing can be committed yet, so start afresh.
             loc.remove("")
         elif loc.exists() and loc.is_local and loc.listdir(""):
             if not overwrite:
@@ -100,9 +108,12 @@ class StoreWriter:
             loc.remove("")
         meta["created"] = now()
         meta["tool_version"] = __version__
-        group = zarr.open_group(loc.zarr_store(), mode="w", attributes={F.ATTRS_KEY: meta})
+        # "initialised" turns true only once every array exists, so a kill in between is recognisable.
+        group = zarr.open_group(loc.zarr_store(), mode="w", attributes={F.ATTRS_KEY: dict(meta, initialised=False)})
         writer = cls(loc, meta, group)
         writer._create_arrays()
+        group.attrs[F.ATTRS_KEY] = dict(meta, initialised=True)
+        writer.meta = group.attrs[F.ATTRS_KEY]
         return writer
 
     def _create_arrays(self) -> None:
@@ -131,6 +142,13 @@ class StoreWriter:
             stats.create_array(f"shard_moments_{side}", shape=(lay.n_shards, 2, lay.n_layers, d),
                                chunks=(1, 2, lay.n_layers, d), dtype="float64", fill_value=float("nan"))
         stats.create_array("shard_count", shape=(lay.n_shards,), chunks=(1,), dtype="int64", fill_value=-1)
+
+    def missing_constants(self, template_sets: list[str]) -> bool:
+        g = self.group
+        if F.HEAD_GROUP not in g or F.TEXT_GROUP not in g:
+            return True
+        have_head = set(g[F.HEAD_GROUP].array_keys()) >= {"ln_post_weight", "ln_post_bias", "proj"}
+        return not have_head or not set(template_sets) <= set(g[F.TEXT_GROUP].array_keys())
 
     def write_constants(self, head: dict[str, np.ndarray], text: dict[str, np.ndarray]) -> None:
         """Model pieces that open-loop analysis needs without the model: ln_post, proj, zero-shot classifier."""
@@ -250,6 +268,10 @@ class ShardWriter:
         for name, val in ((F.RESID_FINAL, resid_final), (F.EMBEDDING, embedding), (F.LABELS, labels),
                           (F.TOKEN_INDEX, token_index), (F.IMAGE_OK, ok)):
             self.per_image[name][rel:rel + b] = val
+        bad_images = ~ok.astype(bool)
+        if bad_images.any():  # a skipped image's outputs came from a blank stand-in image: not data
+            self.per_image[F.RESID_FINAL][rel:rel + b][bad_images] = np.nan
+            self.per_image[F.EMBEDDING][rel:rel + b][bad_images] = np.nan
         self.skipped.update({int(k): v for k, v in (errors or {}).items()})
         pos = 0
         while pos < b:
@@ -289,6 +311,18 @@ class ShardWriter:
         self.chunk_crcs[str(self._chunk)] = crcs
         self._chunk += 1
 
+    def _chunk_keys(self) -> list[str]:
+        """Every chunk file this shard wrote (zarr v3 default key encoding: ``name/c/i/j/...``)."""
+        g = self.store.group
+        keys = []
+        for c in self.store.layout.shard_chunks(self.shard):
+            for name in (*F.ACTIVATION_ARRAYS, *F.PER_IMAGE_ARRAYS):
+                keys.append(f"{name}/c/{c}" + "/0" * (g[name].ndim - 1))
+        for side in ("in", "out"):
+            keys.append(f"{F.STATS_GROUP}/shard_moments_{side}/c/{self.shard}/0/0/0")
+        keys.append(f"{F.STATS_GROUP}/shard_count/c/{self.shard}")
+        return keys
+
     def commit(self) -> dict:
         lay = self.store.layout
         if self.next_image != self.images.stop:
@@ -304,8 +338,7 @@ class ShardWriter:
             m = self.moments[side]
             stats[f"shard_moments_{side}"][self.shard] = np.stack([m.mean, m.m2])
         stats["shard_count"][self.shard] = self.moments["in"].count
-        keys = [f"{name}/c/{c}/0/0" for c in lay.shard_chunks(self.shard) for name in F.ACTIVATION_ARRAYS]
-        self.store.loc.fsync_files(keys)
+        self.store.loc.fsync_files(self._chunk_keys())
         record = {
             "shard": self.shard, "fingerprint": self.store.fingerprint,
             "images": [self.images.start, self.images.stop],
