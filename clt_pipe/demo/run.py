@@ -26,7 +26,7 @@ def run_demo(workdir: str, seed: int = 0, fast: bool = False, console=None) -> d
     t0 = time.perf_counter()
     say("[bold]demo[/]: tiny CLIP on sklearn digits (cached after the first run)")
     art = ensure_tiny_clip(seed=seed, progress=None)
-    say(f"  tiny CLIP zero-shot top-1 on the digits test split: {art.meta.get('zero_shot_top1', float('nan')):.3f}"
+    say(f"  tiny CLIP zero-shot top-1 on the digits test split: {art.meta.get('zero_shot_top1_test', float('nan')):.3f}"
         f"  ({art.checkpoint_path})")
     env = {"CLT_PIPE_TINY_CLIP_CONFIG": str(art.config_path), "CLT_PIPE_TINY_CLIP_CKPT": str(art.checkpoint_path),
            "CLT_PIPE_DEMO_DIR": workdir}
@@ -45,7 +45,7 @@ def run_demo(workdir: str, seed: int = 0, fast: bool = False, console=None) -> d
                 os.environ[k] = v
     report_dir = Path(workdir) / "report"
     headline = headline_numbers(report_dir / "report.json")
-    headline["tiny_clip_zero_shot_top1"] = art.meta.get("zero_shot_top1")
+    headline["tiny_clip_zero_shot_top1"] = art.meta.get("zero_shot_top1_test")
     headline["wall_seconds"] = round(time.perf_counter() - t0, 1)
     say(f"[bold green]report:[/] {report_dir / 'report.html'}")
     for k, v in headline.items():

@@ -382,6 +382,7 @@ def ensure_tiny_clip(cache_dir: Path | None = None, seed: int = 0, progress: Pro
         return found
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.tmp-", dir=cache_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the renamed cache should read like any other directory
     try:
         train_tiny_clip(tmp, seed=seed, epochs=epochs, progress=progress)
         if cache_dir.exists():  # invalid leftovers (validated above); another process may have raced us
