@@ -1,24 +1,22 @@
 """Sparse-gather vs dense decode of TopK codes: forward + backward time at ViT-B sizes.
 
-    python benchmarks/bench_decode.py --batch 128 --repeats 3 [--device cuda] [--write]
+    python benchmarks/bench_decode.py --batch 128 --repeats 3 [--device cuda] [--skip-step] [--write]
 
-Two measurements, each sparse and dense side by side on the same weights and codes:
+Every path is timed as the trainer runs it: dense ``.grad`` buffers that persist across steps and are zeroed in
+place (``zero_grad(set_to_none=False)``, included in the time), then forward + backward. Measured on the same
+weights and codes, repeats interleaved (sparse, dense, old-sparse, sparse, ...), medians reported:
 
-* decode: (indices, values) -> reconstruction -> backward to values and every W_dec[s]; this is the part the
-  sparse path changes (dense does F/k times the multiply-adds).
-* step:   the whole model forward (encoder, ReLU-TopK, decode) + backward, i.e. what a training step pays.
+* decode: (indices, values) -> reconstruction -> backward to the values and every W_dec[s]; the part the sparse
+  path changes. ``sparse`` is ``clt_pipe.clt.sparse_decode`` (B·k rows added into ``.grad`` in place), ``dense``
+  the codes-times-W_dec GEMM, ``embedding_bag`` the previous sparse path (autograd's dense W_dec gradient).
+* step:   the whole model forward (encoder, ReLU-TopK, decode) + backward, sparse vs dense.
 
-Both paths must write a dense W_dec gradient (AdamW needs one), so the sparse path's floor is allocating and
-zeroing that gradient; the script times this floor too. Gradients are reset to None between repeats, as ``optimizer.zero_grad(set_to_none=True)`` does, so neither path
-pays for accumulating into an existing ``.grad``. ``--write`` appends the markdown rows to
-benchmarks/BENCHMARKS.md.
+``--write`` appends one line per measurement to benchmarks/BENCHMARKS.md (``bench_common.append_result``).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import platform
 import statistics
 import sys
 import time
@@ -26,14 +24,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_common import append_result  # noqa: E402
 from clt_pipe.clt import sparsifiers as sp  # noqa: E402
 from clt_pipe.clt.model import CrossLayerTranscoder  # noqa: E402
 from clt_pipe.clt.spec import CLTSpec  # noqa: E402
-
-BENCH_FILE = Path(__file__).resolve().parent / "BENCHMARKS.md"
 
 
 def _sync(device: torch.device) -> None:
@@ -41,17 +39,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], None], repeats: int, device: torch.device) -> float:
-    """Median wall seconds of ``fn`` after one warm-up call."""
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def interleaved(fns: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, float]:
+    """Median wall seconds of each fn; one warm-up call each, then ``repeats`` rounds calling each in turn."""
+    for fn in fns.values():
         fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -64,7 +65,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-step", action="store_true", help="only time the decode")
-    ap.add_argument("--write", action="store_true", help=f"append the result rows to {BENCH_FILE.name}")
+    ap.add_argument("--skip-old", action="store_true", help="do not time the previous embedding_bag sparse path")
+    ap.add_argument("--write", action="store_true", help="append the result lines to benchmarks/BENCHMARKS.md")
     args = ap.parse_args()
 
     device = torch.device(args.device)
@@ -72,76 +74,80 @@ def main() -> None:
     spec = CLTSpec(args.layers, args.d_model, args.features, "relu_topk", args.k)
     with device:
         model = CrossLayerTranscoder(spec)
-    n_layers, n_feat, b = args.layers, args.features, args.batch
+    model.materialize_grads()  # persistent dense .grad buffers, as a trainer using zero_grad(set_to_none=False)
+    n_layers, n_feat, b, d = args.layers, args.features, args.batch, args.d_model
 
     # Random distinct indices per (token, layer) and positive values, like ReLU-TopK codes.
     idx = torch.rand(b, n_layers, n_feat, device=device).topk(args.k, dim=-1).indices
     val = (torch.rand(b, n_layers, args.k, device=device) + 0.1).requires_grad_(True)
-    grad_out = torch.randn(b, n_layers, args.d_model, device=device)
-    x = torch.randn(b, n_layers, args.d_model, device=device)
+    grad_out = torch.randn(b, n_layers, d, device=device)
+    x = torch.randn(b, n_layers, d, device=device)
+    val.grad = torch.zeros_like(val)
 
-    def reset() -> None:
-        model.zero_grad(set_to_none=True)
-        val.grad = None
+    def zero() -> None:
+        model.zero_grad(set_to_none=False)
+        val.grad.zero_()
 
     def decode_sparse() -> None:
-        reset()
+        zero()
         model._decode_std(None, idx, val, sparse=True).backward(grad_out)
 
     def decode_dense() -> None:
-        reset()
+        zero()
         z = sp.dense_from_topk(idx, val, n_feat)
         model._decode_std(z, None, None, sparse=False).backward(grad_out)
 
-    def grad_floor() -> None:
-        # What any path pays to materialise dense W_dec gradients for AdamW: one fresh, zeroed 4·F·L(L+1)/2·d bytes.
-        reset()
-        for w in model.W_dec:
-            w.grad = torch.zeros_like(w)
+    def decode_embedding_bag() -> None:
+        # The previous sparse path: autograd through embedding_bag (dense F·(L-s)·d gradient per source).
+        zero()
+        recon = None
+        for s, w in enumerate(model.W_dec):
+            part = F.embedding_bag(idx[:, s].contiguous(), w.view(n_feat, -1), per_sample_weights=val[:, s].contiguous(),
+                                   mode="sum").view(b, n_layers - s, d)
+            if recon is None:
+                recon = part
+            else:
+                recon[:, s:] += part
+        recon.backward(grad_out)
 
     def step(mode: str) -> Callable[[], None]:
         def run() -> None:
-            reset()
+            model.zero_grad(set_to_none=False)
             model(x, decode=mode).recon_std.backward(grad_out)
 
         return run
 
-    rows = []
-    stamp = dt.datetime.now().strftime("%Y-%m-%d")
-    where = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    )
-    shape = f"L={n_layers} d={args.d_model} F={n_feat} k={args.k} B={b}"
-    sparse_t = timed(decode_sparse, args.repeats, device)
-    dense_t = timed(decode_dense, args.repeats, device)
-    rows.append(("decode fwd+bwd", sparse_t, dense_t))
-    floor_t = timed(grad_floor, args.repeats, device)
-    if not args.skip_step:
-        rows.append(("full step fwd+bwd", timed(step("sparse"), args.repeats, device), timed(step("dense"), args.repeats, device)))
+    # Same values and gradients from both paths before timing anything.
+    decode_sparse()
+    g_sparse = [w.grad.clone() for w in model.W_dec] + [val.grad.clone()]
+    decode_dense()
+    for a, ref in zip(g_sparse, [w.grad for w in model.W_dec] + [val.grad]):
+        torch.testing.assert_close(a, ref, rtol=1e-3, atol=1e-3)
+    del g_sparse
 
-    print("| date | device | sizes | what | sparse (ms) | dense (ms) | dense/sparse |")
-    print("|---|---|---|---|---|---|---|")
-    lines = []
-    for what, s_t, d_t in rows:
-        line = f"| {stamp} | {where} | {shape} | {what} | {s_t * 1e3:.1f} | {d_t * 1e3:.1f} | {d_t / s_t:.1f}x |"
-        lines.append(line)
+    shape = f"L={n_layers} d={d} F={n_feat} k={args.k} B={b}, {device.type}"
+    fns = {"sparse": decode_sparse, "dense": decode_dense, "zero_grad": zero}
+    if not args.skip_old:
+        fns["embedding_bag"] = decode_embedding_bag
+    t = interleaved(fns, args.repeats, device)
+    lines = [
+        f"| decode fwd+bwd (zero_grad in place) | {shape} | sparse {t['sparse'] * 1e3:.0f} ms, dense {t['dense'] * 1e3:.0f} ms"
+        + (f", old embedding_bag sparse {t['embedding_bag'] * 1e3:.0f} ms" if "embedding_bag" in t else "")
+        + f", of which zero_grad(set_to_none=False) {t['zero_grad'] * 1e3:.0f} ms"
+        + f" (median of {args.repeats}) | dense/sparse {t['dense'] / t['sparse']:.1f}x"
+        + (f", old/new sparse {t['embedding_bag'] / t['sparse']:.1f}x |" if "embedding_bag" in t else " |")
+    ]
+    if not args.skip_step:
+        ts = interleaved({"sparse": step("sparse"), "dense": step("dense")}, args.repeats, device)
+        lines.append(
+            f"| CLT step fwd+bwd (zero_grad in place) | {shape} | sparse {ts['sparse'] * 1e3:.0f} ms, "
+            f"dense {ts['dense'] * 1e3:.0f} ms (median of {args.repeats}) | dense/sparse {ts['dense'] / ts['sparse']:.1f}x |"
+        )
+    for line in lines:
         print(line)
-    note = (
-        f"(floor shared by both paths: allocating zeroed W_dec gradients, "
-        f"{sum(w.numel() for w in model.W_dec) * 4 / 2**30:.2f} GiB, took {floor_t * 1e3:.1f} ms)"
-    )
-    print(note)
-    lines.append(f"\n{note}")
     if args.write:
-        new = not BENCH_FILE.exists()
-        with BENCH_FILE.open("a") as fh:
-            if new:
-                fh.write("# Benchmarks\n\n")
-            fh.write("\n## Sparse vs dense CLT decode (benchmarks/bench_decode.py)\n\n")
-            fh.write("| date | device | sizes | what | sparse (ms) | dense (ms) | dense/sparse |\n|---|---|---|---|---|---|---|\n")
-            fh.write("\n".join(lines) + "\n")
+        for line in lines:
+            append_result(line)
 
 
 if __name__ == "__main__":

@@ -343,3 +343,95 @@ def test_metrics_shapes_and_fired() -> None:
     assert m["fired"].dtype == torch.bool and m["fired"].shape == (L, F)
     torch.testing.assert_close(m["fired"], (out.z != 0).any(0))
     torch.testing.assert_close(m["l0"], torch.full((L,), float(K)))
+
+
+# ------------------------------------------------------------------ sparse_decode Function
+
+
+def _dense_decode_ref(idx: torch.Tensor, val: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    z = torch.zeros(idx.shape[0], weight.shape[0], dtype=val.dtype).scatter_add(1, idx, val)
+    return z @ weight.reshape(weight.shape[0], -1)
+
+
+def _codes(n: int = 5, n_feat: int = 7, k: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n_feat, (n, k), generator=g)  # duplicates within and across rows on purpose
+    return idx, torch.randn(n, k, generator=g, dtype=torch.float64)
+
+
+def test_sparse_decode_gradcheck_and_matches_dense_formula() -> None:
+    from clt_pipe.clt.sparse_decode import sparse_decode
+
+    idx, val = _codes()
+    w = torch.randn(7, 2, 3, dtype=torch.float64, requires_grad=True)
+    val.requires_grad_(True)
+    # .grad is None throughout (gradcheck uses autograd.grad): the always-dense return path
+    assert torch.autograd.gradcheck(lambda v, ww: sparse_decode(idx, v, ww), (val, w))
+    go = torch.randn(5, 6, dtype=torch.float64)
+    ref = torch.autograd.grad(_dense_decode_ref(idx, val, w), (val, w), go)
+    got = torch.autograd.grad(sparse_decode(idx, val, w), (val, w), go)
+    torch.testing.assert_close(sparse_decode(idx, val, w), _dense_decode_ref(idx, val, w))
+    for a, b in zip(got, ref):
+        assert a.layout == torch.strided
+        torch.testing.assert_close(a, b)
+
+
+def test_sparse_decode_accumulates_in_place_into_existing_grad() -> None:
+    from clt_pipe.clt.sparse_decode import sparse_decode
+
+    idx, val = _codes(seed=1)
+    w = torch.randn(7, 2, 3, dtype=torch.float64, requires_grad=True)
+    go1, go2 = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
+    ref = sum(torch.autograd.grad(_dense_decode_ref(idx, val, w), w, go)[0] for go in (go1, go2))
+
+    sparse_decode(idx, val, w).backward(go1)  # .grad None: dense gradient returned, becomes .grad
+    assert w.grad is not None and w.grad.layout == torch.strided
+    ptr = w.grad.data_ptr()
+    sparse_decode(idx, val, w).backward(go2)  # .grad exists: rows added in place
+    assert w.grad.data_ptr() == ptr and w.grad.layout == torch.strided
+    torch.testing.assert_close(w.grad, ref)
+
+    # autograd.grad must neither touch .grad nor lose the contribution
+    before = w.grad.clone()
+    (g,) = torch.autograd.grad(sparse_decode(idx, val, w), w, go1)
+    torch.testing.assert_close(w.grad, before)
+    torch.testing.assert_close(g, torch.autograd.grad(_dense_decode_ref(idx, val, w), w, go1)[0])
+    # backward(inputs=...) that leaves the weight out does not touch .grad either
+    v = val.clone().requires_grad_(True)
+    sparse_decode(idx, v, w).backward(go1, inputs=[v])
+    torch.testing.assert_close(w.grad, before)
+    assert v.grad is not None
+
+
+def test_model_sparse_decode_with_materialized_grads_matches_dense_over_two_steps() -> None:
+    x = batch(1)
+    grads = {}
+    for mode in ("sparse", "dense"):
+        model = make("relu_topk", dec_bias=True, standardize=True)
+        model.materialize_grads()
+        assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+        ptrs = [w.grad.data_ptr() for w in model.W_dec]
+        for seed in (2, 3):  # two backward calls accumulate
+            (model(x, decode=mode).recon - batch(seed)).pow(2).sum().backward()
+        assert [w.grad.data_ptr() for w in model.W_dec] == ptrs
+        grads[mode] = [w.grad.clone() for w in model.W_dec]
+        model.zero_grad(set_to_none=False)
+        assert all(not w.grad.any() for w in model.W_dec)
+    for a, b in zip(grads["sparse"], grads["dense"]):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_sparse_decode_under_cpu_autocast_outputs_autocast_dtype() -> None:
+    from clt_pipe.clt.sparse_decode import sparse_decode
+
+    idx, val = _codes()
+    w = torch.randn(7, 6, requires_grad=True)
+    v = val.float().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sparse_decode(idx, v.bfloat16(), w)
+        dense = v.bfloat16() @ w[:3]  # what a dense GEMM gives under autocast
+    assert out.dtype == dense.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert w.grad.dtype == torch.float32 and v.grad.dtype == torch.float32
+    torch.testing.assert_close(out.float(), _dense_decode_ref(idx, v.detach(), w.detach()), rtol=2e-2, atol=2e-2)

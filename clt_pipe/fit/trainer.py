@@ -107,6 +107,8 @@ class Trainer:
         self.model = CrossLayerTranscoder(self.spec)
         self.model.set_standardization(*standardization(store))
         self.model.to(device)
+        # Dense zero grads from the start: the sparse decode then adds its B*k rows into them in place.
+        self.model.materialize_grads()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      betas=(0.9, 0.999))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
@@ -149,7 +151,7 @@ class Trainer:
         with self.amp():
             out = self.model(batch.x, decode=self.cfg.decode)
             loss, metrics = clt_loss(self.model, out, batch.y, dead_mask=dead, cfg=self.loss_cfg)
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=False)
         loss.backward()
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
