@@ -71,4 +71,5 @@ class MetricsLog:
     def close(self) -> None:
         if self.live:
             self.live.stop()
+            self.live.console.line()
         self.fh.close()
