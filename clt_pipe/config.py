@@ -184,7 +184,7 @@ class AnalyzeConfig:
     split: str = opt("", "split for closed-loop images; default: the store's split")
     only: list[str] = opt(lambda: list(ANALYZE_PARTS), 'Parts to run, comma-separated: ' + ', '.join(ANALYZE_PARTS), factory=True)
     template_set: str = opt("single", 'Zero-shot template set stored in the store (single | ensemble)')
-    windows: list[str] = opt(lambda: ["0-11", "3-11", "7-11", "10-11"], 'first-last layer', factory=True)
+    windows: list[str] = opt(lambda: ["0-11", "3-11", "7-11", "10-11"], 'Substitution windows FIRST-LAST (inclusive layer indices; clipped or rescaled for shallower models)', factory=True)
     window_tokens: list[str] = opt(lambda: ["cls", "all"], 'Token types substituted in closed-loop windows (cls | patches | all)', factory=True)
     sources_before_window: bool = opt(False, 'True: features of layers before the window still write into it')
     ablation_rank: str = opt("attribution", 'attribution (sum of |C_proj| row) | fvu (worst reconstructed first)')

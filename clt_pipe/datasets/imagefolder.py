@@ -40,7 +40,28 @@ def open_rgb(path: Path) -> Image.Image:
         raise BadImageError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
-class ImageFolderDataset(ImageDataset):
+class ClassFolders(ImageDataset):
+    """Images listed from one folder per class; label = position of the folder in ``class_dirs``."""
+
+    def _index(self, class_dirs: list[Path]) -> None:
+        self._paths: list[Path] = []
+        self._labels: list[int] = []
+        for label, d in enumerate(class_dirs):
+            files = list_images(d)
+            self._paths += files
+            self._labels += [label] * len(files)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def record(self, i: int) -> ImageRecord:
+        return ImageRecord(i, self._paths[i].relative_to(self.root).as_posix(), self._labels[i])
+
+    def load_image(self, i: int) -> Image.Image:
+        return open_rgb(self._paths[i])
+
+
+class ImageFolderDataset(ClassFolders):
     """``root/<split>/<class>/*`` when that split folder exists, else ``root/<class>/*``; classes sorted by name.
 
     Class names are the folder names with ``_`` read as a space; templates are the ImageNet ensemble.
@@ -59,18 +80,4 @@ class ImageFolderDataset(ImageDataset):
             raise DatasetError(f"imagefolder {base} has no class folders (expected root/[<split>/]<class>/*)")
         self.class_names = [d.name.replace("_", " ") for d in class_dirs]
         self.templates = imagenet_templates()
-        self._paths: list[Path] = []
-        self._labels: list[int] = []
-        for label, d in enumerate(class_dirs):
-            files = list_images(d)
-            self._paths += files
-            self._labels += [label] * len(files)
-
-    def __len__(self) -> int:
-        return len(self._paths)
-
-    def record(self, i: int) -> ImageRecord:
-        return ImageRecord(i, self._paths[i].relative_to(self.root).as_posix(), self._labels[i])
-
-    def load_image(self, i: int) -> Image.Image:
-        return open_rgb(self._paths[i])
+        self._index(class_dirs)

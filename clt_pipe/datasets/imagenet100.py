@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image
-
-from clt_pipe.datasets.base import DatasetError, ImageDataset, ImageRecord, package_data_text, shared_zeroshot_data
-from clt_pipe.datasets.imagefolder import imagenet_templates, list_images, open_rgb
+from clt_pipe.datasets.base import DatasetError, package_data_text, shared_zeroshot_data
+from clt_pipe.datasets.imagefolder import ClassFolders, imagenet_templates
 
 SPLITS = ("train", "val")
 LAYOUT = "root/{train,val}/<wnid>/*.JPEG"
@@ -26,7 +24,7 @@ def imagenet_clip_names(wnids: list[str]) -> list[str]:
     return [names[index[w]] for w in wnids]
 
 
-class ImageNet100Dataset(ImageDataset):
+class ImageNet100Dataset(ClassFolders):
     """``root/{train,val}/<wnid>/*.JPEG``; other wnid folders under the split are ignored.
 
     Labels follow the sorted wnid list (``imagenet100_wnids()``), not the ImageNet-1k index.
@@ -51,18 +49,4 @@ class ImageNet100Dataset(ImageDataset):
             )
         self.class_names = imagenet_clip_names(wnids)
         self.templates = imagenet_templates()
-        self._paths: list[Path] = []
-        self._labels: list[int] = []
-        for label, w in enumerate(wnids):
-            files = list_images(base / w)
-            self._paths += files
-            self._labels += [label] * len(files)
-
-    def __len__(self) -> int:
-        return len(self._paths)
-
-    def record(self, i: int) -> ImageRecord:
-        return ImageRecord(i, self._paths[i].relative_to(self.root).as_posix(), self._labels[i])
-
-    def load_image(self, i: int) -> Image.Image:
-        return open_rgb(self._paths[i])
+        self._index([base / w for w in wnids])

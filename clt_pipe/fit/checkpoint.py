@@ -30,14 +30,18 @@ def write_json_atomic(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def _read_json(path: Path, missing: str) -> dict:
+    if not path.is_file():
+        raise CheckpointError(missing)
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+
+
 def read_run(run_dir: str | Path) -> dict:
     p = Path(run_dir) / RUN_FILE
-    if not p.is_file():
-        raise CheckpointError(f"{run_dir}: no {RUN_FILE}; is this a `clt-pipe fit --out` directory?")
-    try:
-        meta = json.loads(p.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{p}: unreadable ({e})") from None
+    meta = _read_json(p, f"{run_dir}: no {RUN_FILE}; is this a `clt-pipe fit --out` directory?")
     if meta.get("run_format_version") != RUN_FORMAT_VERSION:
         raise CheckpointError(f"{p}: run format v{meta.get('run_format_version')}, this tool reads "
                               f"v{RUN_FORMAT_VERSION}")
@@ -127,13 +131,7 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict, state: dict, 
 
 
 def _validate(path: Path) -> dict:
-    done_path = path / DONE_FILE
-    if not done_path.is_file():
-        raise CheckpointError(f"{path}: incomplete (no {DONE_FILE})")
-    try:
-        done = json.loads(done_path.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {DONE_FILE} unreadable ({e})") from None
+    done = _read_json(path / DONE_FILE, f"{path}: incomplete (no {DONE_FILE})")
     for name, want in done.get("sha256", {}).items():
         if not (path / name).is_file() or _sha256(path / name) != want:
             raise CheckpointError(f"{path}: {name} is missing or corrupt (checksum mismatch)")
