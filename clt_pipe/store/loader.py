@@ -10,8 +10,10 @@ to float32 on the device. A window's last partial batch is dropped, which keeps 
 
 from __future__ import annotations
 
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 import torch
@@ -19,6 +21,20 @@ import torch
 from clt_pipe.store.reader import ActivationStore
 
 HOLDOUT_SALT = 0x5EED  # the held-out chunks do not change with the training seed
+PREFETCH_WINDOWS = 2  # windows being read while the current one is consumed (memory: 3 windows)
+
+
+@dataclass
+class _WindowRead:
+    futures: list
+    x: np.ndarray
+    y: np.ndarray
+    image: np.ndarray
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        for f in self.futures:
+            f.result()
+        return self.x, self.y, self.image
 
 
 def split_chunks(n_chunks: int, holdout: float) -> tuple[np.ndarray, np.ndarray]:
@@ -57,7 +73,8 @@ class ChunkLoader:
         self.chunks = {"train": train, "heldout": held, "all": np.arange(store.layout.n_chunks)}[split]
         if len(self.chunks) == 0:
             raise ValueError(f"no chunks in split {split!r}")
-        self.rows_per_epoch = sum(int(store.token_type_mask(int(c), tokens).sum()) for c in self.chunks)
+        self._valid_rows = {int(c): int(store.token_type_mask(int(c), tokens).sum()) for c in self.chunks}
+        self.rows_per_epoch = sum(self._valid_rows.values())
         if self.rows_per_epoch < batch_size:
             raise ValueError(f"split {split!r} holds {self.rows_per_epoch} {tokens} rows, fewer than one batch "
                              f"of {batch_size}")
@@ -84,24 +101,43 @@ class ChunkLoader:
         wins = [order[i:i + self.shuffle_chunks] for i in range(0, len(order), self.shuffle_chunks)]
         return wins[self.rank::self.world_size]
 
-    def _read(self, chunk: int):
-        x, y = self.store.read_chunk(int(chunk))
+    def _read_into(self, chunk: int, x: np.ndarray, y: np.ndarray, image: np.ndarray, at: int) -> None:
+        """Decode one chunk and copy its valid rows straight into the window's buffers (no concatenation)."""
+        cx, cy = self.store.read_chunk(int(chunk))
         mask = self.store.token_type_mask(int(chunk), self.tokens)
         lay = self.store.layout
         first = lay.chunk_images(int(chunk)).start
-        image = first + np.arange(len(mask)) // lay.tokens_per_image
-        return x[mask], y[mask], image[mask]
+        n = int(mask.sum())
+        rows = first + np.arange(len(mask)) // lay.tokens_per_image
+        if n == len(mask):  # every row wanted: plain copies, no boolean gather
+            x[at:at + n], y[at:at + n], image[at:at + n] = cx, cy, rows
+        else:
+            np.compress(mask, cx, axis=0, out=x[at:at + n])
+            np.compress(mask, cy, axis=0, out=y[at:at + n])
+            image[at:at + n] = rows[mask]
 
-    def _submit(self, window: np.ndarray):
-        return [self.pool.submit(self._read, c) for c in window]
+    def _submit(self, window: np.ndarray) -> "_WindowRead":
+        lay = self.store.layout
+        counts = [self._valid_rows[int(c)] for c in window]
+        total = sum(counts)
+        dtype = self.store.array("mlp_in").dtype
+        x = np.empty((total, lay.n_layers, lay.d_model), dtype)
+        y = np.empty_like(x)
+        image = np.empty(total, np.int64)
+        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
+        futures = [self.pool.submit(self._read_into, c, x, y, image, int(o)) for c, o in zip(window, offsets)]
+        return _WindowRead(futures, x, y, image)
 
-    def _assemble(self, futures, epoch: int, window: int):
-        parts = [f.result() for f in futures]
-        x = np.concatenate([p[0] for p in parts])
-        y = np.concatenate([p[1] for p in parts])
-        image = np.concatenate([p[2] for p in parts])
-        perm = np.random.default_rng([self.seed, epoch, window, 1]).permutation(len(x))
-        return x, y, image, perm
+    def _schedule(self):
+        """(epoch, window, chunks) from the current position on, across epoch boundaries."""
+        epoch, window = self.epoch, self.window
+        while True:
+            wins = self._windows(epoch)
+            if not wins:
+                raise ValueError("this rank has no chunks to read; use fewer ranks or smaller shuffle windows")
+            for w in range(window, len(wins)):
+                yield epoch, w, wins[w]
+            epoch, window = epoch + 1, 0
 
     def _to_device(self, arr: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(arr)
@@ -113,23 +149,22 @@ class ChunkLoader:
 
     def __iter__(self):
         B = self.batch_size
+        schedule = self._schedule()
+        # Reads run PREFETCH_WINDOWS ahead, also across epochs, so the consumer never waits at a boundary.
+        ahead = deque((e, w, self._submit(chunks)) for e, w, chunks in islice(schedule, PREFETCH_WINDOWS))
         while True:
-            wins = self._windows(self.epoch)
-            if not wins:
-                raise ValueError("this rank has no chunks to read; use fewer ranks or smaller shuffle windows")
-            pending = self._submit(wins[self.window]) if self.window < len(wins) else None
-            while self.window < len(wins):
-                futures = pending
-                nxt = self.window + 1
-                pending = self._submit(wins[nxt]) if nxt < len(wins) else None
-                x, y, image, perm = self._assemble(futures, self.epoch, self.window)
-                n_batches = len(perm) // B
-                while self.batch_in_window < n_batches:
-                    sel = np.sort(perm[self.batch_in_window * B:(self.batch_in_window + 1) * B])
-                    self.batch_in_window += 1
-                    yield Batch(self._to_device(x[sel]), self._to_device(y[sel]), image[sel])
-                self.window, self.batch_in_window = nxt, 0
-            self.epoch, self.window = self.epoch + 1, 0
+            epoch, window, read = ahead.popleft()
+            e2, w2, chunks = next(schedule)
+            ahead.append((e2, w2, self._submit(chunks)))
+            x, y, image = read.result()
+            if (epoch, window) != (self.epoch, self.window):
+                self.epoch, self.window, self.batch_in_window = epoch, window, 0
+            perm = np.random.default_rng([self.seed, epoch, window, 1]).permutation(len(x))
+            n_batches = len(perm) // B
+            while self.batch_in_window < n_batches:
+                sel = np.sort(perm[self.batch_in_window * B:(self.batch_in_window + 1) * B])
+                self.batch_in_window += 1
+                yield Batch(self._to_device(x[sel]), self._to_device(y[sel]), image[sel])
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
