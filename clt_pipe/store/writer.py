@@ -281,33 +281,30 @@ class ShardWriter:
             r0 = (img - chunk_imgs.start) * lay.tokens_per_image
             r1 = r0 + take * lay.tokens_per_image
             fill = F.activation_fill(self.store.dtype)
-            for name, src in ((F.MLP_IN, mlp_in), (F.MLP_OUT, mlp_out)):
+            good = ok[pos:pos + take].astype(bool)
+            for (name, side), src in zip(((F.MLP_IN, "in"), (F.MLP_OUT, "out")), (mlp_in, mlp_out)):
                 part = src[pos:pos + take].reshape(-1, lay.n_layers, lay.d_model)
                 self._chunk_bufs[name][r0:r1] = part
-                bad = ~ok[pos:pos + take].astype(bool)
-                if bad.any():  # a skipped image keeps the fill value, so it can never pass for data
+                if not good.all():  # a skipped image keeps the fill value, so it can never pass for data
                     rows = self._chunk_bufs[name][r0:r1].reshape(take, -1, lay.n_layers, lay.d_model)
-                    rows[bad] = fill
+                    rows[~good] = fill
+                # Moments per batch as it arrives, so a chunk's flush is only compression and I/O.
+                valid = src[pos:pos + take][good].reshape(-1, lay.n_layers, lay.d_model)
+                self.moments[side] = self.moments[side].merge(Moments.of(F.decode_activations(valid, self.store.dtype)))
             pos += take
             if img + take == chunk_imgs.stop:
                 self._flush_chunk()
         self.next_image = first_image + b
 
     def _flush_chunk(self) -> None:
-        lay = self.store.layout
-        rows = lay.chunk_rows(self._chunk)
+        rows = self.store.layout.chunk_rows(self._chunk)
         n = len(rows)
-        imgs = lay.chunk_images(self._chunk)
-        ok = self.per_image[F.IMAGE_OK][imgs.start - self.images.start:imgs.stop - self.images.start]
-        valid = np.repeat(ok.astype(bool), lay.tokens_per_image)
         crcs = {}
-        for name, side in ((F.MLP_IN, "in"), (F.MLP_OUT, "out")):
+        for name in F.ACTIVATION_ARRAYS:
             data = self._chunk_bufs[name][:n]
             self.store.group[name][rows.start:rows.stop] = data
             crcs[name] = crc32c(data)
             self.bytes_written += data.nbytes
-            values = F.decode_activations(data[valid], self.store.dtype)
-            self.moments[side] = self.moments[side].merge(Moments.of(values))
         self.chunk_crcs[str(self._chunk)] = crcs
         self._chunk += 1
 
