@@ -25,6 +25,7 @@ from clt_pipe.clt.spec import AUXK_FAMILY, CLTSpec
 from clt_pipe.config import FitConfig
 from clt_pipe.errors import CheckpointError, CltPipeError
 from clt_pipe.fit import checkpoint as ckpt
+from clt_pipe.fit.distributed import Dist, init_distributed
 from clt_pipe.fit.metrics import MetricsLog
 from clt_pipe.store.loader import ChunkLoader
 from clt_pipe.store.reader import ActivationStore
@@ -100,13 +101,15 @@ def run_meta(cfg: FitConfig, store: ActivationStore, spec: CLTSpec) -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg: FitConfig, store: ActivationStore, device: torch.device):
+    def __init__(self, cfg: FitConfig, store: ActivationStore, device: torch.device, dist: Dist | None = None):
         self.cfg, self.store, self.device = cfg, store, device
+        self.dist = dist or Dist()
         torch.manual_seed(cfg.seed)
         self.spec = spec_for(cfg, store)
         self.model = CrossLayerTranscoder(self.spec)
         self.model.set_standardization(*standardization(store))
         self.model.to(device)
+        self.dist.broadcast_params(self.model)
         # Dense zero grads from the start: the sparse decode then adds its B*k rows into them in place.
         self.model.materialize_grads()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -114,7 +117,7 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.loader = ChunkLoader(store, cfg.batch_size, tokens=cfg.tokens, split="train", holdout=cfg.holdout,
                                   seed=cfg.seed, shuffle_chunks=cfg.shuffle_chunks, read_threads=cfg.read_threads,
-                                  device=device)
+                                  device=device, rank=self.dist.rank, world_size=self.dist.world)
         self.loss_cfg = LossConfig.from_fit_config(cfg)
         self.since_fired = torch.zeros(self.spec.n_layers, self.spec.n_features, dtype=torch.long, device=device)
         self.step = 0
@@ -125,13 +128,17 @@ class Trainer:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {"step": self.step, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                "loader": self.loader.state_dict(), "since_fired": self.since_fired.cpu(), "rng": rng}
+                "loader": self.dist.gather(self.loader.state_dict()), "since_fired": self.since_fired.cpu(), "rng": rng}
 
     def load_state(self, weights: dict, state: dict) -> None:
         self.model.load_state_dict(weights)
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
-        self.loader.load_state_dict(state["loader"])
+        loaders = state["loader"] if isinstance(state["loader"], list) else [state["loader"]]
+        if len(loaders) != self.dist.world:
+            raise CheckpointError(f"checkpoint was written by {len(loaders)} rank(s); resume it with as many "
+                                  f"(got {self.dist.world})")
+        self.loader.load_state_dict(loaders[self.dist.rank])
         self.since_fired = state["since_fired"].to(self.device)
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
@@ -153,13 +160,13 @@ class Trainer:
             loss, metrics = clt_loss(self.model, out, batch.y, dead_mask=dead, cfg=self.loss_cfg)
         self.opt.zero_grad(set_to_none=False)
         loss.backward()
+        self.dist.average_grads(self.model.parameters())
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
         self.sched.step()
-        n = batch.x.shape[0]
-        self.since_fired += n
-        self.since_fired[metrics["fired"]] = 0
+        self.since_fired += batch.x.shape[0] * self.dist.world
+        self.since_fired[self.dist.any_rank(metrics["fired"])] = 0
         self.step += 1
         metrics["loss"] = loss.detach()
         metrics["dead_frac"] = (self.since_fired >= self.cfg.dead_tokens).float().mean(-1)
@@ -169,46 +176,66 @@ class Trainer:
 
 def run_fit(cfg: FitConfig, console=None, on_step: Callable[[int], None] | None = None) -> dict:
     store = ActivationStore(cfg.store)  # refuses incomplete stores and unknown format versions
-    prepare_out_dir(cfg, store)
+    dist, device = init_distributed(resolve_device(cfg.device))
+    try:
+        return _fit(cfg, store, dist, device, console if dist.is_main else None, on_step)
+    finally:
+        dist.close()
+
+
+def _fit(cfg: FitConfig, store: ActivationStore, dist: Dist, device: torch.device, console, on_step) -> dict:
+    if dist.is_main:
+        prepare_out_dir(cfg, store)
+    dist.barrier()
     out = Path(cfg.out)
     if (out / ckpt.RUN_FILE).exists() and json.loads((out / ckpt.RUN_FILE).read_text()).get("finished"):
         return {"already_finished": True, "out": str(out)}
     spec_for(cfg, store)  # k >= F and other spec errors before anything is written
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
     try:
-        trainer = Trainer(cfg, store, device)
+        trainer = Trainer(cfg, store, device, dist)
     except ValueError as e:
         raise CltPipeError(f"fit: {e}") from None
-    meta = run_meta(cfg, store, trainer.spec)
-    if cfg.resume:
-        loaded = ckpt.load_latest(out, device, log=(console.print if console else print))
-        if loaded is not None:
-            trainer.load_state(*loaded)
-    else:
+    meta = dict(run_meta(cfg, store, trainer.spec), world_size=dist.world)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    loaded = ckpt.load_latest(out, device, log=(console.print if console else print)) if cfg.resume else None
+    if loaded is not None:
+        trainer.load_state(*loaded)
+    elif dist.is_main:
         ckpt.write_json_atomic(out / ckpt.RUN_FILE, dict(meta, run_format_version=ckpt.RUN_FORMAT_VERSION,
                                                          finished=False))
     log = MetricsLog(out / "metrics.jsonl", trainer.spec.n_layers, console=console, total_steps=cfg.steps,
-                     resume_step=trainer.step)
+                     resume_step=trainer.step) if dist.is_main else None
     t0, start_step = time.perf_counter(), trainer.step
     batches = iter(trainer.loader)
+
+    def checkpoint() -> None:
+        state = trainer.state()  # every rank: it gathers the loader positions
+        if dist.is_main:
+            ckpt.save_checkpoint(out, trainer.step, trainer.model.state_dict(), state, meta)
+
     try:
         while trainer.step < cfg.steps:
             batch = next(batches)
             metrics = trainer.train_step(batch)
-            if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
-                log.write(trainer.step, metrics, lr=trainer.sched.get_last_lr()[0], batch_size=cfg.batch_size)
+            if log and (trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps):
+                log.write(trainer.step, metrics, lr=trainer.sched.get_last_lr()[0],
+                          batch_size=cfg.batch_size * dist.world)
             if trainer.step % cfg.checkpoint_every == 0 and trainer.step < cfg.steps:
-                ckpt.save_checkpoint(out, trainer.step, trainer.model.state_dict(), trainer.state(), meta)
+                checkpoint()
             if on_step is not None:
                 on_step(trainer.step)
     finally:
-        log.close()
+        if log:
+            log.close()
         trainer.loader.close()
-    ckpt.save_checkpoint(out, trainer.step, trainer.model.state_dict(), trainer.state(), meta)
-    ckpt.save_fitted(out, trainer.model.cpu(), meta)
+    checkpoint()
+    if dist.is_main:
+        ckpt.save_fitted(out, trainer.model.cpu(), meta)
+    dist.barrier()
     elapsed = time.perf_counter() - t0
     steps = trainer.step - start_step
-    return {"out": str(out), "steps": trainer.step, "seconds": elapsed,
-            "steps_per_s": steps / max(elapsed, 1e-9), "tokens_per_s": steps * cfg.batch_size / max(elapsed, 1e-9),
-            **log.final_summary()}
+    tokens = steps * cfg.batch_size * dist.world
+    return {"out": str(out), "steps": trainer.step, "ranks": dist.world, "seconds": elapsed,
+            "steps_per_s": steps / max(elapsed, 1e-9), "tokens_per_s": tokens / max(elapsed, 1e-9),
+            **(log.final_summary() if log else {})}
