@@ -27,6 +27,7 @@ from clt_pipe.datasets.registry import open_dataset
 from clt_pipe.errors import CltPipeError, StoreError
 from clt_pipe.progress import NullProgress
 from clt_pipe.store import format as F
+from clt_pipe.store.stats import Moments, tensor_moments
 from clt_pipe.store.writer import ShardWriter, StoreWriter
 
 
@@ -240,6 +241,11 @@ def _run_batches(cfg, writer, dataset, bb, batches, prefetch, wt, shard_writers,
         images = images.to(dev, non_blocking=pin)
         pos_t = torch.from_numpy(positions.astype(np.int64)).to(dev)
         cap = run_capture(bb, images, pos_t, out_dtype, cfg.precision)
+        moments = None  # on CPU the writer thread computes them, overlapping the next forward
+        if dev.type == "cuda":  # statistics of exactly the stored values, on the GPU: free for the CPU
+            good = torch.from_numpy(ok.astype(bool)).to(dev)
+            moments = {side: tensor_moments(t[good].flatten(0, 1)) for side, t in (("in", cap.mlp_in),
+                                                                                  ("out", cap.mlp_out))}
         event = None
         if dev.type == "cuda":
             cap = _copy_to_pinned_host(cap)
@@ -248,7 +254,7 @@ def _run_batches(cfg, writer, dataset, bb, batches, prefetch, wt, shard_writers,
         if shard not in shard_writers:
             shard_writers[shard] = writer.shard(shard)
         sw = shard_writers[shard]
-        wt.put(_write_batch, sw, idx.start, cap, event, labels, positions, ok, errors)
+        wt.put(_write_batch, sw, idx.start, cap, event, labels, positions, ok, errors, moments)
         last_of_shard = idx.stop == layout.shard_images(shard).stop
         if last_of_shard:
             wt.put(_commit, sw, counters)
@@ -283,10 +289,12 @@ def _np_activation(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def _write_batch(sw: ShardWriter, first: int, cap, event, labels, positions, ok, errors):
+def _write_batch(sw: ShardWriter, first: int, cap, event, labels, positions, ok, errors, moments):
     cap = _to_host(cap, event)
+    host = None if moments is None else {side: Moments(n, mean.cpu().numpy(), m2.cpu().numpy())
+                                         for side, (n, mean, m2) in moments.items()}
     sw.add(first, _np_activation(cap.mlp_in), _np_activation(cap.mlp_out), cap.resid_final.numpy(),
-           cap.embedding.numpy(), labels, positions, ok, errors)
+           cap.embedding.numpy(), labels, positions, ok, errors, moments=host)
 
 
 def _commit(sw: ShardWriter, counters: dict):

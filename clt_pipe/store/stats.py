@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 
 @dataclass
@@ -46,3 +47,21 @@ class Moments:
     def var(self) -> np.ndarray:
         """Population variance (ddof=0), like ``numpy.var``'s default."""
         return self.m2 / max(self.count, 1)
+
+
+def tensor_moments(x: torch.Tensor, rows_per_step: int = 4096) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(count, mean, M2) over axis 0 of ``x``, in float64 on ``x``'s device, two passes in row blocks.
+
+    Used by harvest on the capture device, so on a GPU the statistics cost the CPU nothing; blocks keep the
+    float64 temporaries small. Convert with ``Moments(n, mean.cpu().numpy(), m2.cpu().numpy())``.
+    """
+    n = x.shape[0]
+    total = torch.zeros(x.shape[1:], dtype=torch.float64, device=x.device)
+    for a in range(0, n, rows_per_step):
+        total += x[a:a + rows_per_step].double().sum(0)
+    mean = total / max(n, 1)
+    m2 = torch.zeros_like(total)
+    for a in range(0, n, rows_per_step):
+        d = x[a:a + rows_per_step].double() - mean
+        m2 += (d * d).sum(0)
+    return n, mean, m2

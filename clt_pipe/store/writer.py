@@ -258,8 +258,12 @@ class ShardWriter:
 
     def add(self, first_image: int, mlp_in: np.ndarray, mlp_out: np.ndarray, resid_final: np.ndarray,
             embedding: np.ndarray, labels: np.ndarray, token_index: np.ndarray, ok: np.ndarray,
-            errors: dict[int, str] | None = None) -> None:
-        """Append a batch of consecutive images; activations are [b, T, L, d] in the storage dtype."""
+            errors: dict[int, str] | None = None, moments: dict[str, Moments] | None = None) -> None:
+        """Append a batch of consecutive images; activations are [b, T, L, d] in the storage dtype.
+
+        ``moments`` ({"in", "out"}) are the batch's statistics over its valid rows if the caller already has
+        them (harvest on CUDA computes them on the GPU); otherwise they are computed here.
+        """
         if first_image != self.next_image:
             raise RuntimeError(f"shard {self.shard}: expected image {self.next_image}, got {first_image}")
         lay = self.store.layout
@@ -273,6 +277,8 @@ class ShardWriter:
             self.per_image[F.RESID_FINAL][rel:rel + b][bad_images] = np.nan
             self.per_image[F.EMBEDDING][rel:rel + b][bad_images] = np.nan
         self.skipped.update({int(k): v for k, v in (errors or {}).items()})
+        for side, m in (moments or {}).items():
+            self.moments[side] = self.moments[side].merge(m)
         pos = 0
         while pos < b:
             img = first_image + pos
@@ -288,9 +294,10 @@ class ShardWriter:
                 if not good.all():  # a skipped image keeps the fill value, so it can never pass for data
                     rows = self._chunk_bufs[name][r0:r1].reshape(take, -1, lay.n_layers, lay.d_model)
                     rows[~good] = fill
-                # Moments per batch as it arrives, so a chunk's flush is only compression and I/O.
-                valid = src[pos:pos + take][good].reshape(-1, lay.n_layers, lay.d_model)
-                self.moments[side] = self.moments[side].merge(Moments.of(F.decode_activations(valid, self.store.dtype)))
+                if moments is None:  # per batch as it arrives, so a chunk's flush is only compression and I/O
+                    valid = src[pos:pos + take][good].reshape(-1, lay.n_layers, lay.d_model)
+                    values = F.decode_activations(valid, self.store.dtype)
+                    self.moments[side] = self.moments[side].merge(Moments.of(values))
             pos += take
             if img + take == chunk_imgs.stop:
                 self._flush_chunk()
