@@ -299,16 +299,22 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 
 def stage_config(cls: type, section: str, config_file: str | None, overrides: Mapping[str, Any]) -> Any:
-    """The config of one stage: the ``[section]`` table of ``config_file`` (if given), then CLI ``overrides``."""
+    """The config of one stage: the ``[section]`` table of ``config_file`` (if given), then CLI ``overrides``.
+
+    A pipeline file (with ``[harvest]``/``[fit]``/``[analyze]`` tables) is read as ``clt-pipe run`` reads it,
+    with ``${ENV}`` expansion and the wiring between stages (fit.store = harvest.store, ...); a flat file
+    holds one stage's keys.
+    """
     table: dict[str, Any] = {}
     if config_file:
         doc = load_toml(config_file)
-        if section in doc:
-            table = doc[section]
-        elif not any(s in doc for s in (*STAGES, "pipeline")):
-            table = doc  # a flat file holding one stage's keys
-        if not isinstance(table, dict):
-            raise ConfigError(f"{section}: expected a table in {config_file}")
+        if any(s in doc for s in (*STAGES, "harvest_eval", "pipeline")):
+            from clt_pipe.pipeline import parse_pipeline
+
+            staged = getattr(parse_pipeline(config_file), section)
+            table = to_dict(staged) if staged is not None else {}
+        else:
+            table = doc
     return build(cls, table, overrides, section=section)
 
 

@@ -161,3 +161,16 @@ def test_readme_commands_parse(monkeypatch):
         res = CliRunner().invoke(cli.app, args)
         assert res.exit_code == 0, (args, res.output, res.exception)
     assert len(seen) == len(cmds)
+
+
+def test_stage_config_reads_a_pipeline_file_like_run(monkeypatch):
+    """`clt-pipe fit --config pipelines/X.toml` gets the wiring and ${ENV} expansion of `clt-pipe run`."""
+    for k, v in PIPELINE_ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("CLT_PIPE_RUNS", "/scratch/runs")
+    path = str(REPO / "pipelines" / "vit-b32-coco.toml")
+    fit = stage_config(FitConfig, "fit", path, {"steps": "5"})
+    harvest = stage_config(HarvestConfig, "harvest", path, {})
+    analyze = stage_config(AnalyzeConfig, "analyze", path, {})
+    assert fit.store == harvest.store and fit.out == "/scratch/runs/vit-b32-coco/clt" and fit.steps == 5
+    assert harvest.data_root == "/d/coco" and analyze.clt == fit.out and analyze.store.endswith("-val.zarr")
