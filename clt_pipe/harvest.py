@@ -199,71 +199,79 @@ def _to_host(cap, event):
 def harvest_shards(cfg: HarvestConfig, writer: StoreWriter, dataset: ImageDataset, bb: Backbone,
                    shards: list[int], progress=NullProgress()) -> dict:
     """Write (and commit) the given shards. Returns counters."""
-    layout = writer.layout
-    out_dtype = torch.float16 if cfg.dtype == "fp16" else torch.bfloat16
-    img_size = bb.identity["image_size"]
-    hw = tuple(img_size) if isinstance(img_size, list) else (img_size, img_size)
-    image_shape = (3, *hw)
-    prefetch = ImagePrefetcher(dataset, bb.preprocess, cfg.data_workers, cfg.on_bad_image == "skip")
-    wt = WriterThread()
-    counters = {"images": 0, "tokens": 0, "bytes": 0, "shards": 0}
-    batches = [(s, range(b, min(b + cfg.batch_size, layout.shard_images(s).stop)))
-               for s in shards for b in range(layout.shard_images(s).start, layout.shard_images(s).stop,
-                                              cfg.batch_size)]
-    shard_writers: dict[int, ShardWriter] = {}
+    loop = ShardHarvest(cfg, writer, dataset, bb, progress)
     try:
         try:
-            _run_batches(cfg, writer, dataset, bb, batches, prefetch, wt, shard_writers, counters, progress,
-                         image_shape, out_dtype)
-            wt.close()
+            loop.run(shards)
+            loop.writer_thread.close()
         finally:
-            wt.stop()
-            prefetch.close()
+            loop.writer_thread.stop()
+            loop.prefetch.close()
     except OSError as e:
         raise _disk_error(e, writer.loc.url) from None
-    return counters
+    return loop.counters
 
 
-def _run_batches(cfg, writer, dataset, bb, batches, prefetch, wt, shard_writers, counters, progress,
-                 image_shape, out_dtype):
-    layout = writer.layout
-    policy, k = parse_token_policy(cfg.tokens)
-    n_pos = bb.identity["n_positions"]
-    dev = bb.device
-    pin = dev.type == "cuda"
-    pending = prefetch.submit(batches[0][1]) if batches else None
-    for bi, (shard, idx) in enumerate(batches):
-        futures = pending
-        pending = prefetch.submit(batches[bi + 1][1]) if bi + 1 < len(batches) else None
-        images, ok, errors = prefetch.collect(futures, idx, image_shape)
-        positions = np.stack([token_positions(policy, k, n_pos, i, cfg.seed) for i in idx])
-        labels = np.array([dataset.record(i).label for i in idx], np.int32)
-        images = images.to(dev, non_blocking=pin)
+class ShardHarvest:
+    """The batch loop: images -> capture on the device -> (host copy) -> writer thread -> shard commits."""
+
+    def __init__(self, cfg: HarvestConfig, writer: StoreWriter, dataset: ImageDataset, bb: Backbone, progress):
+        self.cfg, self.writer, self.dataset, self.bb, self.progress = cfg, writer, dataset, bb, progress
+        self.layout = writer.layout
+        self.policy, self.k = parse_token_policy(cfg.tokens)
+        self.out_dtype = torch.float16 if cfg.dtype == "fp16" else torch.bfloat16
+        img = bb.identity["image_size"]
+        self.image_shape = (3, *(tuple(img) if isinstance(img, list) else (img, img)))
+        self.prefetch = ImagePrefetcher(dataset, bb.preprocess, cfg.data_workers, cfg.on_bad_image == "skip")
+        self.writer_thread = WriterThread()
+        self.counters = {"images": 0, "tokens": 0, "bytes": 0, "shards": 0}
+
+    def batches(self, shards: list[int]) -> list[tuple[int, range]]:
+        """Fixed by the layout alone, so a rewritten shard is computed in exactly the same batches."""
+        out = []
+        for s in shards:
+            imgs = self.layout.shard_images(s)
+            out += [(s, range(b, min(b + self.cfg.batch_size, imgs.stop))) for b in range(imgs.start, imgs.stop,
+                                                                                          self.cfg.batch_size)]
+        return out
+
+    def run(self, shards: list[int]) -> None:
+        batches = self.batches(shards)
+        pending = self.prefetch.submit(batches[0][1]) if batches else None
+        shard_writer: ShardWriter | None = None
+        for bi, (shard, idx) in enumerate(batches):
+            futures = pending
+            pending = self.prefetch.submit(batches[bi + 1][1]) if bi + 1 < len(batches) else None
+            images, ok, errors = self.prefetch.collect(futures, idx, self.image_shape)
+            if shard_writer is None or shard_writer.shard != shard:
+                shard_writer = self.writer.shard(shard)  # the previous one is committed and released
+            self.step(shard_writer, idx, images, ok, errors)
+            if idx.stop == self.layout.shard_images(shard).stop:
+                self.writer_thread.put(_commit, shard_writer, self.counters)
+
+    def step(self, sw: ShardWriter, idx: range, images: torch.Tensor, ok: np.ndarray, errors: dict) -> None:
+        dev, lay = self.bb.device, self.layout
+        positions = np.stack([token_positions(self.policy, self.k, self.bb.identity["n_positions"], i,
+                                              self.cfg.seed) for i in idx])
+        labels = np.array([self.dataset.record(i).label for i in idx], np.int32)
+        images = images.to(dev, non_blocking=dev.type == "cuda")
         pos_t = torch.from_numpy(positions.astype(np.int64)).to(dev)
-        cap = run_capture(bb, images, pos_t, out_dtype, cfg.precision)
-        moments = None  # on CPU the writer thread computes them, overlapping the next forward
-        if dev.type == "cuda":  # statistics of exactly the stored values, on the GPU: free for the CPU
+        cap = run_capture(self.bb, images, pos_t, self.out_dtype, self.cfg.precision)
+        moments, event = None, None  # on CPU the writer thread computes the moments, overlapping the forward
+        if dev.type == "cuda":
+            # Statistics of exactly the stored values, on the GPU (free for the CPU); then an async host copy.
             good = torch.from_numpy(ok.astype(bool)).to(dev)
             moments = {side: tensor_moments(t[good].flatten(0, 1)) for side, t in (("in", cap.mlp_in),
                                                                                   ("out", cap.mlp_out))}
-        event = None
-        if dev.type == "cuda":
             cap = _copy_to_pinned_host(cap)
             event = torch.cuda.Event()
             event.record()
-        if shard not in shard_writers:
-            shard_writers[shard] = writer.shard(shard)
-        sw = shard_writers[shard]
-        wt.put(_write_batch, sw, idx.start, cap, event, labels, positions, ok, errors, moments)
-        last_of_shard = idx.stop == layout.shard_images(shard).stop
-        if last_of_shard:
-            wt.put(_commit, sw, counters)
-        n_tok = len(idx) * layout.tokens_per_image
-        nbytes = 2 * n_tok * layout.n_layers * layout.d_model * 2
-        counters["images"] += len(idx)
-        counters["tokens"] += n_tok
-        counters["bytes"] += nbytes
-        progress.advance(len(idx), images=len(idx), tokens=n_tok, MB=nbytes / 1e6)
+        self.writer_thread.put(_write_batch, sw, idx.start, cap, event, labels, positions, ok, errors, moments)
+        n_tok = len(idx) * lay.tokens_per_image
+        nbytes = 2 * n_tok * lay.n_layers * lay.d_model * 2
+        for key, v in (("images", len(idx)), ("tokens", n_tok), ("bytes", nbytes)):
+            self.counters[key] += v
+        self.progress.advance(len(idx), images=len(idx), tokens=n_tok, MB=nbytes / 1e6)
 
 
 def _disk_error(e: OSError, url: str) -> StoreError:
