@@ -36,7 +36,7 @@ def _cli_type(tp: Any) -> type:
     return tp
 
 
-def stage_command(cls: type, name: str, help: str, positional: tuple[str, ...] = ()):
+def stage_command(cls: type, name: str, help: str):
     """Register a typer command whose options are the fields of ``cls`` plus ``--config``."""
 
     def decorate(fn: Callable[[Any], None]):

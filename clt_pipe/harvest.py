@@ -34,7 +34,6 @@ from clt_pipe.store.writer import ShardWriter, StoreWriter
 @dataclass
 class HarvestPlan:
     layout: F.StoreLayout
-    tokens_per_image: int
     bytes_uncompressed: int
 
 
@@ -54,7 +53,7 @@ def plan(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone) -> HarvestPlan
     T = len(token_positions(policy, k, n_pos, 0, cfg.seed))
     L, d = bb.identity["n_layers"], bb.identity["d_model"]
     layout = F.StoreLayout.plan(n_images(cfg, dataset), T, L, d, 2, cfg.chunk_mb, cfg.chunks_per_shard)
-    return HarvestPlan(layout, T, 2 * layout.n_tokens * L * d * 2)
+    return HarvestPlan(layout, 2 * layout.n_tokens * L * d * 2)
 
 
 @torch.inference_mode()
@@ -98,7 +97,7 @@ def store_meta(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, hp: Harv
                     "sources_sha256": sources_sha256(dataset, hp.layout.n_images)},
         "templates": {k2: list(v) for k2, v in dataset.templates.items()},
         "tokens": {"policy": policy if policy != "cls+k" else f"cls+{k}", "k": k,
-                   "tokens_per_image": hp.tokens_per_image, "seed": cfg.seed},
+                   "tokens_per_image": hp.layout.tokens_per_image, "seed": cfg.seed},
         "activations": {"dtype": cfg.dtype, "storage_dtype": str(F.storage_dtype(cfg.dtype)),
                         "compressor": cfg.compressor,
                         "mlp_in": "ln_2 output (MLP input)", "mlp_out": "mlp output (before ls_2 and the residual add)"},
@@ -187,13 +186,6 @@ class WriterThread:
         if self.thread.is_alive():
             self.q.put(None)
             self.thread.join()
-
-
-def _to_host(cap, event):
-    """Finish the device->host copy (on CUDA) and hand numpy views to the shard writer."""
-    if event is not None:
-        event.synchronize()
-    return cap
 
 
 def harvest_shards(cfg: HarvestConfig, writer: StoreWriter, dataset: ImageDataset, bb: Backbone,
@@ -298,7 +290,8 @@ def _np_activation(t: torch.Tensor) -> np.ndarray:
 
 
 def _write_batch(sw: ShardWriter, first: int, cap, event, labels, positions, ok, errors, moments):
-    cap = _to_host(cap, event)
+    if event is not None:  # on CUDA: wait for this batch's device->host copy, not for the device
+        event.synchronize()
     host = None if moments is None else {side: Moments(n, mean.cpu().numpy(), m2.cpu().numpy())
                                          for side, (n, mean, m2) in moments.items()}
     sw.add(first, _np_activation(cap.mlp_in), _np_activation(cap.mlp_out), cap.resid_final.numpy(),

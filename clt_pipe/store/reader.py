@@ -119,10 +119,6 @@ class ActivationStore:
         with self.loc.fs.open(self.loc.path(F.IMAGES_PARQUET), "rb") as fh:
             return pq.read_table(fh)
 
-    def slot_positions(self) -> np.ndarray:
-        """[n_images, T]: the ViT position each stored slot holds (0 = CLS)."""
-        return self.token_index
-
     def token_type_mask(self, chunk: int, tokens: str) -> np.ndarray:
         """Boolean mask over a chunk's rows: valid rows of the wanted token type (cls | patches | all)."""
         imgs = self.layout.chunk_images(chunk)

@@ -234,7 +234,6 @@ class ShardWriter:
     shard: int
     chunk_crcs: dict = field(default_factory=dict)
     skipped: dict = field(default_factory=dict)
-    bytes_written: int = 0
 
     def __post_init__(self):
         lay = self.store.layout
@@ -311,7 +310,6 @@ class ShardWriter:
             data = self._chunk_bufs[name][:n]
             self.store.group[name][rows.start:rows.stop] = data
             crcs[name] = crc32c(data)
-            self.bytes_written += data.nbytes
         self.chunk_crcs[str(self._chunk)] = crcs
         self._chunk += 1
 
