@@ -295,7 +295,7 @@ class ShardWriter:
                     rows[~good] = fill
                 if moments is None:  # per batch as it arrives, so a chunk's flush is only compression and I/O
                     valid = src[pos:pos + take][good].reshape(-1, lay.n_layers, lay.d_model)
-                    values = F.decode_activations(valid, self.store.dtype)
+                    values = valid if self.store.dtype == "fp16" else F.decode_activations(valid, "bf16")
                     self.moments[side] = self.moments[side].merge(Moments.of(values))
             pos += take
             if img + take == chunk_imgs.stop:
