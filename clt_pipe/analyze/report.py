@@ -75,6 +75,13 @@ def substitution_rows(results: dict) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------ plots
 
+def _save(fig, path: Path) -> bool:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot_attribution(path: Path, attribution: dict) -> bool:
     kinds = [t for t in ("cls", "patches") if t in attribution] or list(attribution)
     if not kinds:
@@ -143,10 +150,7 @@ def plot_cascade(path: Path, results: dict) -> bool:
             mid = (hi + lo) / 2
             ax.set_ylim(mid - 1.0, mid + 1.0)
     axes[0].legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def plot_fidelity(path: Path, fidelity: dict) -> bool:
@@ -165,10 +169,7 @@ def plot_fidelity(path: Path, fidelity: dict) -> bool:
         ax.grid(alpha=0.3)
         ax.set_xticks(sorted({r["layer"] for r in rows}))
     axes[0].legend(title="tokens")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def plot_ablation(path: Path, ablation: dict) -> bool:
@@ -195,10 +196,7 @@ def plot_ablation(path: Path, ablation: dict) -> bool:
     ax.set_title(f"ablations (rank={ablation['rank']}, non-CLT layers={ablation['mode']})", pad=12)
     ax.legend(title="tokens")
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def plot_retrieval(out: Path, retrieval: dict, class_names: list[str], dataset=None) -> list[Path]:

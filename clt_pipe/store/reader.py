@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import zarr
 
 from clt_pipe.errors import StoreError
+from clt_pipe.store import commits
 from clt_pipe.store import format as F
 from clt_pipe.store.location import StoreLocation
 
@@ -40,18 +41,10 @@ class ActivationStore:
 
     @property
     def is_complete(self) -> bool:
-        if not self.loc.exists(F.COMPLETE_FILE):
-            return False
-        return self.loc.read_json(F.COMPLETE_FILE).get("fingerprint") == self.meta["fingerprint"]
+        return commits.is_complete(self.loc, self.meta["fingerprint"])
 
     def committed_shards(self) -> list[int]:
-        out = []
-        for name in self.loc.listdir(F.COMMITS_DIR):
-            if name.startswith("shard-") and name.endswith(".json"):
-                rec = self.loc.read_json(f"{F.COMMITS_DIR}/{name}")
-                if rec.get("fingerprint") == self.meta["fingerprint"]:
-                    out.append(int(rec["shard"]))
-        return sorted(out)
+        return commits.committed_shards(self.loc, self.meta["fingerprint"])
 
     def commit_record(self, shard: int) -> dict:
         return self.loc.read_json(F.shard_commit_name(shard))

@@ -21,6 +21,7 @@ import zarr
 
 from clt_pipe import __version__
 from clt_pipe.errors import StoreError
+from clt_pipe.store import commits
 from clt_pipe.store import format as F
 from clt_pipe.store.location import StoreLocation
 from clt_pipe.store.stats import Moments
@@ -161,16 +162,10 @@ class StoreWriter:
 
     # ---- commits -------------------------------------------------------------------------------------
     def committed_shards(self) -> set[int]:
-        done = set()
-        for name in self.loc.listdir(F.COMMITS_DIR):
-            if name.startswith("shard-") and name.endswith(".json"):
-                rec = self.loc.read_json(f"{F.COMMITS_DIR}/{name}")
-                if rec.get("fingerprint") == self.fingerprint:
-                    done.add(int(rec["shard"]))
-        return done
+        return set(commits.committed_shards(self.loc, self.fingerprint))
 
     def is_complete(self) -> bool:
-        return self.loc.exists(F.COMPLETE_FILE)
+        return commits.is_complete(self.loc, self.fingerprint)
 
     def shard(self, shard: int) -> "ShardWriter":
         return ShardWriter(self, shard)
