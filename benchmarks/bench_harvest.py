@@ -65,7 +65,7 @@ def full_harvest(cfg: HarvestConfig, dataset, bb, store: Path) -> float:
     shutil.rmtree(store, ignore_errors=True)
     hp = plan(cfg, dataset, bb)
     t0 = time.perf_counter()
-    writer = StoreWriter.open(str(store), store_meta(cfg, dataset, bb, hp))
+    writer = StoreWriter.open(str(store), store_meta(cfg, dataset, bb, hp), write_threads=cfg.write_threads)
     writer.write_constants(head_weights(bb), {"single": np.zeros((len(dataset.class_names), bb.identity["embed_dim"]))})
     harvest_shards(cfg, writer, dataset, bb, list(range(hp.layout.n_shards)))
     writer.finalize([dataset.record(i) for i in range(hp.layout.n_images)], dataset.split)
@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tokens", default="all")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--data-workers", type=int, default=2, help="image decode threads (both sides)")
     ap.add_argument("--write", action="store_true", help="append the result to benchmarks/BENCHMARKS.md")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -91,7 +92,8 @@ def main() -> None:
         make_images(tmp / "data", args.images, 40 if is_tiny else 256)
         cfg = build(HarvestConfig, {"model": args.model, "pretrained": "none", "dataset": "imagefolder",
                                     "data_root": str(tmp / "data"), "store": str(tmp / "s.zarr"),
-                                    "batch_size": args.batch, "tokens": args.tokens, "device": args.device})
+                                    "batch_size": args.batch, "tokens": args.tokens, "device": args.device,
+                                    "data_workers": args.data_workers})
         dataset, bb = open_inputs(cfg)
         bare_forward(cfg, dataset, bb)  # warm-up (allocator, kernels, page cache)
         bare, full = [], []
@@ -100,7 +102,7 @@ def main() -> None:
             full.append(full_harvest(cfg, dataset, bb, tmp / "s.zarr"))
         mb, mf = statistics.median(bare), statistics.median(full)
         line = (f"| harvest / bare forward | {bb.name} ({'random init'}), {args.images} images, batch {args.batch}, "
-                f"tokens {args.tokens}, {bb.device} | bare {mb:.2f} s, harvest {mf:.2f} s | **{mf / mb:.3f}** "
+                f"tokens {args.tokens}, {bb.device}, {args.data_workers} image threads | bare {mb:.2f} s, harvest {mf:.2f} s | **{mf / mb:.3f}** "
                 f"(goal <= 1.05) |")
         print(line)
         print(f"bare runs {['%.2f' % t for t in bare]}, harvest runs {['%.2f' % t for t in full]}")

@@ -78,6 +78,7 @@ class HarvestConfig:
     coco_label_rule: str = opt("largest_area", 'largest_area | most_instances | first_annotation')
     on_bad_image: str = opt("fail", 'fail | skip (skipped images are recorded, their rows stay NaN)')
     data_workers: int = opt(2, 'threads decoding/preprocessing images')
+    write_threads: int = opt(0, 'threads compressing and writing chunks (0 = one per CPU core, at most 8)')
     overwrite: bool = opt(False, 'Replace an existing store/run of different settings')
     dry_run: bool = opt(False, 'Print the planned bytes, shards and time estimate, write nothing')
     workers: int = opt(0, '>0: a dask LocalCluster of this many workers writes disjoint shard ranges')
@@ -142,7 +143,8 @@ class FitConfig:
     seed: int = opt(0, 'Random seed (cls+K patch choice, loader order, initialisation)')
     device: str = opt("auto", 'auto | cpu | cuda | cuda:N')
     precision: str = opt("auto", 'auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16')
-    decode: str = opt("auto", 'auto (sparse for TopK family) | sparse | dense')
+    decode: str = opt("auto", 'auto (TopK family: sparse on CPU, dense bf16 GEMM on CUDA, the faster '
+                               'there) | sparse | dense')
     resume: bool = opt(False, 'Continue from the checkpoint in --out exactly')
     overwrite: bool = opt(False, 'Replace an existing store/run of different settings')
 

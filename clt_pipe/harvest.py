@@ -335,7 +335,7 @@ def run_harvest(cfg: HarvestConfig, progress=NullProgress(), log=print) -> dict:
 
 
 def _write_store(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, meta: dict, progress, log) -> dict:
-    writer = StoreWriter.open(cfg.store, meta, overwrite=cfg.overwrite)
+    writer = StoreWriter.open(cfg.store, meta, overwrite=cfg.overwrite, write_threads=cfg.write_threads)
     lay = writer.layout
     if writer.is_complete():
         return {"already_complete": True, "store": cfg.store, "n_shards": lay.n_shards}

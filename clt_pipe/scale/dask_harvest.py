@@ -38,8 +38,11 @@ def harvest_shard_group(cfg_dict: dict, shards: list[int]) -> dict:
     cfg.device = _worker_device(cfg.device)
     dataset, bb = open_inputs(cfg)
     meta = store_meta(cfg, dataset, bb, plan(cfg, dataset, bb))
-    writer = StoreWriter.open(cfg.store, meta, clean_temp=False)
-    return harvest_shards(cfg, writer, dataset, bb, shards)
+    writer = StoreWriter.open(cfg.store, meta, clean_temp=False, write_threads=cfg.write_threads)
+    try:
+        return harvest_shards(cfg, writer, dataset, bb, shards)
+    finally:
+        writer.close()
 
 
 def harvest_with_dask(cfg: HarvestConfig, todo: list[int], progress=None) -> dict:

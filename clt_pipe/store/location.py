@@ -100,7 +100,7 @@ class StoreLocation:
             try:
                 fd = os.open(self.path(key), os.O_RDONLY)
             except FileNotFoundError:
-                continue  # an all-fill chunk is not written at all
+                continue  # zarr skips an all-fill chunk of the per-image arrays
             try:
                 os.fsync(fd)
             finally:
