@@ -97,15 +97,34 @@ def loader_epoch(store: ActivationStore, args, seed: int) -> tuple[int, float]:
     return n_batches * args.batch, dt_
 
 
+def device_epoch(store: ActivationStore, args) -> None:
+    """Loader alone feeding the fit device (no training): rows/s delivered there, and where the consumer waited."""
+    loader = ChunkLoader(store, args.batch, seed=7, shuffle_chunks=args.shuffle_chunks,
+                         read_threads=args.read_threads, device=args.device)
+    it = iter(loader)
+    next(it)
+    n, t0 = 0, time.perf_counter()
+    while loader.state_dict()["epoch"] == 0:
+        next(it)
+        n += 1
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    dt_ = time.perf_counter() - t0
+    loader.close()
+    print(f"  loader -> {args.device} alone: {n * args.batch / dt_:,.0f} rows/s; waited on window reads "
+          f"{loader.waits['read_s'] / dt_:.0%}, on batch gathers {loader.waits['gather_s'] / dt_:.0%} of the time")
+
+
 def memmap_epoch(store: ActivationStore, npy_in: Path, npy_out: Path, args) -> tuple[int, float]:
     lay, B = store.layout, args.batch
     t0 = time.perf_counter()
     mm_in, mm_out = np.load(npy_in, mmap_mode="r"), np.load(npy_out, mmap_mode="r")
     rows = 0
     chunks = list(range(lay.n_chunks))
-    for w in range(0, len(chunks), args.shuffle_chunks):
+    win = max(args.shuffle_chunks, int(np.ceil(2 * B / lay.rows_per_chunk)))  # the loader widens it the same way
+    for w in range(0, len(chunks), win):
         xs, ys = [], []
-        for c in chunks[w:w + args.shuffle_chunks]:
+        for c in chunks[w:w + win]:
             r = lay.chunk_rows(c)
             xs.append(np.array(mm_in[r.start:r.stop]))
             ys.append(np.array(mm_out[r.start:r.stop]))
@@ -122,27 +141,36 @@ def memmap_epoch(store: ActivationStore, npy_in: Path, npy_out: Path, args) -> t
 def fit_trainers(url: str, args):
     cfg = build(FitConfig, dict(store=url, out="/nonexistent", k=args.k, expansion=args.expansion,
                                 batch_size=args.batch, steps=10**9, warmup_steps=10, shuffle_chunks=args.shuffle_chunks,
-                                read_threads=args.read_threads, device="cpu", seed=0, dead_tokens=10**9))
+                                read_threads=args.read_threads, device=args.device, seed=0, dead_tokens=10**9))
     store = ActivationStore(url)
-    a = Trainer(cfg, store, torch.device("cpu"))
-    b = Trainer(cfg, store, torch.device("cpu"))
+    device = torch.device(args.device)
+    a = Trainer(cfg, store, device)
+    b = Trainer(cfg, store, device)
     b.loader.close()
     train, _ = split_chunks(store.layout.n_chunks, 0.0)
     xs, ys = zip(*(store.read_chunk(int(c)) for c in train))
-    X, Y = torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+    # On a GPU the baseline is the strongest one: every row already in device memory, no host work at all.
+    X, Y = torch.from_numpy(np.concatenate(xs)).to(device), torch.from_numpy(np.concatenate(ys)).to(device)
     tpi = store.layout.tokens_per_image
     gen = torch.Generator().manual_seed(0)
 
     def ram_batches():
         while True:
             idx = torch.randint(len(X), (args.batch,), generator=gen)
-            yield Batch(X[idx].float(), Y[idx].float(), (idx // tpi).numpy())
+            gidx = idx.to(device)
+            yield Batch(X[gidx].float(), Y[gidx].float(), (idx // tpi).numpy())
 
     return a, iter(a.loader), b, ram_batches(), len(X) * (X.element_size() * X[0].numel()) * 2
 
 
+def _sync(trainer: Trainer) -> None:
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize(trainer.device)
+
+
 def time_steps(trainer: Trainer, batches, n: int, waits: list | None = None) -> float:
     """Wall seconds of n steps; ``waits`` gets the part spent in ``next(batches)`` (waiting for / making data)."""
+    _sync(trainer)
     t0 = time.perf_counter()
     wait = 0.0
     for _ in range(n):
@@ -150,6 +178,7 @@ def time_steps(trainer: Trainer, batches, n: int, waits: list | None = None) -> 
         batch = next(batches)
         wait += time.perf_counter() - t1
         trainer.train_step(batch)
+    _sync(trainer)
     total = time.perf_counter() - t0
     if waits is not None:
         waits.append(wait / total)
@@ -174,6 +203,7 @@ def main() -> None:
     ap.add_argument("--fit-steps", type=int, default=15, help="steps per timed block")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch intra-op threads")
     ap.add_argument("--skip-fit", action="store_true")
+    ap.add_argument("--device", default="cpu", help="device of the fit comparison (cpu | cuda)")
     ap.add_argument("--write", action="store_true", help=f"append the result rows to {BENCH_FILE.name}")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -200,6 +230,8 @@ def main() -> None:
     rows = [("loader rows/s (one epoch)", "ChunkLoader", ld_m, "contiguous memmap + same batching", mm_m, 0.9,
              statistics.median(a / b for a, b in zip(ld, mm)), "")]
 
+    if args.device != "cpu":
+        device_epoch(store, args)
     if not args.skip_fit:
         a, a_batches, b, b_batches, _ = fit_trainers(url, args)
         time_steps(a, a_batches, 3)  # warm-up: first window, allocator, AdamW state
@@ -219,6 +251,8 @@ def main() -> None:
 
     stamp = dt.datetime.now().strftime("%Y-%m-%d")
     where = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads"
+    if args.device.startswith("cuda"):
+        where += f"; fit on {torch.cuda.get_device_name(torch.device(args.device))}"
     header = ("| date | device | what | measured | median | baseline | median | ratio of medians | "
               "median of paired ratios | goal |\n|---|---|---|---|---|---|---|---|---|---|")
     lines, notes = [], []

@@ -254,6 +254,22 @@ def test_loader_deterministic_per_seed(id_store):
     assert not all(np.array_equal(a, b) for a, b in zip(runs[0], runs[2]))
 
 
+def test_loader_batches_survive_buffer_reuse(id_store):
+    """Batches are gathered ahead into a small ring of reused buffers: a batch the consumer keeps must not
+    change when later batches are gathered, and every row must still belong to the image it is labelled with."""
+    store = ActivationStore(id_store)
+    loader = ChunkLoader(store, 100, seed=3, shuffle_chunks=3, read_threads=2)
+    kept, copies = [], []
+    for batch in take(loader, 30):  # several windows, many turns of the ring
+        kept.append(batch)
+        copies.append((batch.x.clone(), batch.y.clone()))
+    loader.close()
+    for batch, (x, y) in zip(kept, copies):
+        assert torch.equal(batch.x, x) and torch.equal(batch.y, y)
+        assert np.array_equal(row_ids(batch) // T, batch.image)
+    assert len({tuple(row_ids(b)[:5]) for b in kept}) == 30  # distinct batches, not one buffer seen 30 times
+
+
 def test_loader_epoch_covers_train_split_once(id_store):
     store = ActivationStore(id_store)
     lay = store.layout
