@@ -92,6 +92,14 @@ class CLTOutput:
         return act.any(0)
 
 
+def auto_decode(is_topk: bool, device_type: str) -> str:
+    """The faster decode where it runs. Sparse gathers win where FLOPs are dear (CPU, ViT-B sizes: 4.9-6.9x
+    faster than dense); on a GPU the bf16 GEMM wins (H100, B=1024: dense 13 ms vs sparse 30 ms per decode
+    fwd+bwd, B=4096: 38 vs 116 ms), because reading k rows of (L-s)·d per code costs more memory traffic than
+    tensor cores spend on all F. Figures: benchmarks/BENCHMARKS.md."""
+    return "sparse" if is_topk and device_type != "cuda" else "dense"
+
+
 class CrossLayerTranscoder(nn.Module):
     """Training contract of the sparse decode (TopK family): keep the W_dec gradients allocated and dense —
     call ``materialize_grads()`` once (after moving the model) and ``optimizer.zero_grad(set_to_none=False)``
@@ -248,7 +256,7 @@ class CrossLayerTranscoder(nn.Module):
         if decode not in DECODE_MODES:
             raise ConfigError(f"decode: {decode!r} is not one of {', '.join(DECODE_MODES)}")
         if decode == "auto":
-            return "sparse" if self.spec.is_topk else "dense"
+            return auto_decode(self.spec.is_topk, self.W_enc.device.type)
         if decode == "sparse" and not self.spec.is_topk:
             raise ConfigError(f"decode: sparse needs relu_topk or abs_topk, not {self.spec.sparsifier}")
         return decode
