@@ -122,11 +122,13 @@ def run_cmd(pipeline: str = typer.Argument(..., help="Pipeline TOML with [harves
 @app.command("demo")
 def demo_cmd(workdir: str = typer.Option("runs/demo", help="Where the demo writes its store, CLT and report"),
              seed: int = typer.Option(0, help="Seed for the tiny CLIP, the split and the CLT"),
-             fast: bool = typer.Option(False, help="Fewer CLT steps (for smoke tests)")) -> None:
+             fast: bool = typer.Option(False, help="Fewer CLT steps (for smoke tests)"),
+             device: str = typer.Option("cpu", help="Device of every stage: cpu | cuda | cuda:N (the tiny CLIP "
+                                                   "itself always trains on CPU)")) -> None:
     """Offline end-to-end run: tiny CLIP trained on sklearn digits -> harvest -> fit -> analyze."""
     from clt_pipe.demo.run import run_demo
 
-    run_demo(workdir, seed=seed, fast=fast, console=err_console)
+    run_demo(workdir, seed=seed, fast=fast, device=device, console=err_console)
 
 
 @store_app.command("info")

@@ -174,3 +174,13 @@ def test_stage_config_reads_a_pipeline_file_like_run(monkeypatch):
     analyze = stage_config(AnalyzeConfig, "analyze", path, {})
     assert fit.store == harvest.store and fit.out == "/scratch/runs/vit-b32-coco/clt" and fit.steps == 5
     assert harvest.data_root == "/d/coco" and analyze.clt == fit.out and analyze.store.endswith("-val.zarr")
+
+
+def test_demo_variant_moves_every_stage_to_the_device(tmp_path):
+    from clt_pipe.demo.run import _variant, demo_pipeline_path
+
+    pipe = parse_pipeline(_variant(demo_pipeline_path(), tmp_path, fast=True, device="cuda:1"), env=PIPELINE_ENV)
+    assert {pipe.harvest.device, pipe.harvest_eval.device, pipe.fit.device, pipe.analyze.device} == {"cuda:1"}
+    assert pipe.fit.steps == 150
+    same = parse_pipeline(_variant(demo_pipeline_path(), tmp_path, fast=False, device="cpu"), env=PIPELINE_ENV)
+    assert same.fit.steps == parse_pipeline(demo_pipeline_path(), env=PIPELINE_ENV).fit.steps > 150

@@ -19,7 +19,7 @@ def demo_pipeline_path() -> Path:
     return Path(str(resources.files("clt_pipe.demo").joinpath("assets/demo.toml")))
 
 
-def run_demo(workdir: str, seed: int = 0, fast: bool = False, console=None) -> dict:
+def run_demo(workdir: str, seed: int = 0, fast: bool = False, device: str = "cpu", console=None) -> dict:
     from clt_pipe.demo.tinyclip import ensure_tiny_clip
 
     say = console.print if console else print
@@ -34,8 +34,8 @@ def run_demo(workdir: str, seed: int = 0, fast: bool = False, console=None) -> d
     os.environ.update(env)
     try:
         pipeline = demo_pipeline_path()
-        if fast:
-            pipeline = _fast_copy(pipeline, Path(workdir))
+        if fast or device != "cpu":
+            pipeline = _variant(pipeline, Path(workdir), fast, device)
         results = run_pipeline(pipeline, console=console)
     finally:
         for k, v in old.items():
@@ -53,12 +53,15 @@ def run_demo(workdir: str, seed: int = 0, fast: bool = False, console=None) -> d
     return {"results": results, "headline": headline, "report": str(report_dir / "report.html")}
 
 
-def _fast_copy(pipeline: Path, workdir: Path) -> Path:
-    """The same pipeline with fewer fit steps (smoke tests); written beside the outputs so it is inspectable."""
-    text = pipeline.read_text().replace("steps = 1500", "steps = 150").replace("checkpoint_every = 500",
-                                                                               "checkpoint_every = 100")
+def _variant(pipeline: Path, workdir: Path, fast: bool, device: str) -> Path:
+    """The same pipeline with fewer fit steps (smoke tests) and/or another device; written beside the outputs
+    so it is inspectable."""
+    text = pipeline.read_text()
+    if fast:
+        text = text.replace("steps = 1500", "steps = 150").replace("checkpoint_every = 500", "checkpoint_every = 100")
+    text = text.replace('device = "cpu"', f'device = "{device}"')
     workdir.mkdir(parents=True, exist_ok=True)
-    out = workdir / "demo-fast.toml"
+    out = workdir / "demo-variant.toml"
     out.write_text(text)
     return out
 
