@@ -120,16 +120,17 @@ class ChunkLoader:
         return wins[self.rank::self.world_size]
 
     def _read_into(self, chunk: int, x: np.ndarray, y: np.ndarray, image: np.ndarray, at: int) -> None:
-        """Decode one chunk and copy its valid rows straight into the window's buffers (no concatenation)."""
-        cx, cy = self.store.read_chunk(int(chunk))
+        """Decode one chunk and put its valid rows into the window's buffers (no concatenation)."""
         mask = self.store.token_type_mask(int(chunk), self.tokens)
         lay = self.store.layout
         first = lay.chunk_images(int(chunk)).start
         n = int(mask.sum())
         rows = first + np.arange(len(mask)) // lay.tokens_per_image
-        if n == len(mask):  # every row wanted: plain copies, no boolean gather
-            x[at:at + n], y[at:at + n], image[at:at + n] = cx, cy, rows
+        if n == len(mask):  # every row wanted: zarr decodes straight into the window
+            self.store.read_chunk_into(int(chunk), x[at:at + n], y[at:at + n])
+            image[at:at + n] = rows
         else:
+            cx, cy = self.store.read_chunk(int(chunk))
             np.compress(mask, cx, axis=0, out=x[at:at + n])
             np.compress(mask, cy, axis=0, out=y[at:at + n])
             image[at:at + n] = rows[mask]
