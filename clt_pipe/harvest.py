@@ -248,7 +248,7 @@ class ShardHarvest:
         labels = np.array([self.dataset.record(i).label for i in idx], np.int32)
         images = images.to(dev, non_blocking=dev.type == "cuda")
         pos_t = torch.from_numpy(positions.astype(np.int64)).to(dev)
-        cap = run_capture(self.bb, images, pos_t, self.out_dtype, self.cfg.precision)
+        cap = run_capture(self.bb, images, pos_t, self.out_dtype, self.cfg.precision, all_tokens=self.policy == "all")
         moments, event = None, None  # on CPU the writer thread computes the moments, overlapping the forward
         if dev.type == "cuda":
             # Statistics of exactly the stored values, on the GPU (free for the CPU); then an async host copy.
