@@ -143,8 +143,8 @@ class FitConfig:
     seed: int = opt(0, 'Random seed (cls+K patch choice, loader order, initialisation)')
     device: str = opt("auto", 'auto | cpu | cuda | cuda:N')
     precision: str = opt("auto", 'auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16')
-    decode: str = opt("auto", 'auto (TopK family: sparse on CPU, dense bf16 GEMM on CUDA, the faster '
-                               'there) | sparse | dense')
+    decode: str = opt("auto", 'auto (TopK family: dense GEMM on CUDA under bf16 autocast, sparse gather '
+                               'otherwise: the faster of the two there) | sparse | dense')
     resume: bool = opt(False, 'Continue from the checkpoint in --out exactly')
     overwrite: bool = opt(False, 'Replace an existing store/run of different settings')
 

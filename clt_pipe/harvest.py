@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from clt_pipe.backbone.capture import run_capture, token_positions
+from clt_pipe.backbone.capture import resolve_precision, run_capture, token_positions
 from clt_pipe.backbone.loading import Backbone, load_backbone, resolve_device
 from clt_pipe.config import HarvestConfig, parse_token_policy
 from clt_pipe.datasets.base import BadImageError, ImageDataset
@@ -98,8 +98,10 @@ def store_meta(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, hp: Harv
         "templates": {k2: list(v) for k2, v in dataset.templates.items()},
         "tokens": {"policy": policy if policy != "cls+k" else f"cls+{k}", "k": k,
                    "tokens_per_image": hp.layout.tokens_per_image, "seed": cfg.seed},
+        # The forward's precision is identity: resuming a CPU (fp32) harvest on a GPU (bf16 autocast) would mix
+        # slightly different activations in one store.
         "activations": {"dtype": cfg.dtype, "storage_dtype": str(F.storage_dtype(cfg.dtype)),
-                        "compressor": cfg.compressor,
+                        "compressor": cfg.compressor, "forward_precision": resolve_precision(bb.device, cfg.precision),
                         "mlp_in": "ln_2 output (MLP input)", "mlp_out": "mlp output (before ls_2 and the residual add)"},
         "layout": hp.layout.to_dict(),
     }
@@ -257,7 +259,7 @@ class ShardHarvest:
                                                                                   ("out", cap.mlp_out))}
             cap = _copy_to_pinned_host(cap)
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(dev))  # the copies' stream, also when dev is not current
         self.writer_thread.put(_write_batch, sw, idx.start, cap, event, labels, positions, ok, errors, moments)
         n_tok = len(idx) * lay.tokens_per_image
         nbytes = 2 * n_tok * lay.n_layers * lay.d_model * 2
@@ -336,6 +338,15 @@ def run_harvest(cfg: HarvestConfig, progress=NullProgress(), log=print) -> dict:
 
 def _write_store(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, meta: dict, progress, log) -> dict:
     writer = StoreWriter.open(cfg.store, meta, overwrite=cfg.overwrite, write_threads=cfg.write_threads)
+    try:
+        return _fill_store(cfg, dataset, bb, writer, progress, log)
+    except BaseException:
+        writer.close(cancel=True)
+        raise
+
+
+def _fill_store(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, writer: StoreWriter, progress,
+                log) -> dict:
     lay = writer.layout
     if writer.is_complete():
         return {"already_complete": True, "store": cfg.store, "n_shards": lay.n_shards}

@@ -531,6 +531,51 @@ def test_failed_chunk_write_in_the_pool_blocks_the_commit(tmp_path, folder, ckpt
     assert not (store / "COMPLETE.json").exists()
 
 
+def test_failed_chunk_keeps_failing_its_shard(tmp_path, monkeypatch):
+    """A retried commit after a failed chunk must fail again, not commit a shard with a hole in it."""
+    from synthstore import synthetic_meta
+
+    from clt_pipe.store.writer import ShardWriter, StoreWriter
+
+    T_, L_, D_ = 4, 2, 8
+    meta = synthetic_meta(32, T_, L_, D_, dtype="fp16", compressor="none", chunk_mb=4 * T_ * L_ * D_ * 2 / 2**20,
+                          chunks_per_shard=2)
+    writer = StoreWriter.open(str(tmp_path / "s.zarr"), meta, write_threads=2)
+    real = ShardWriter._write_chunk
+
+    def flaky(self, chunk, bufs):
+        if chunk == 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, chunk, bufs)
+
+    monkeypatch.setattr(ShardWriter, "_write_chunk", flaky)
+    sw = writer.shard(0)
+    n = len(writer.layout.shard_images(0))
+    x = np.ones((n, T_, L_, D_), np.float16)
+    try:
+        sw.add(0, x, x, np.zeros((n, D_), np.float32), np.zeros((n, meta["model"]["embed_dim"]), np.float32),
+               np.zeros(n, np.int32), np.tile(np.arange(T_, dtype=np.int16), (n, 1)), np.ones(n, np.uint8))
+    except OSError:
+        pass  # the failure may already surface at the next chunk's flush, if chunk 0 finished by then
+    for _ in range(2):
+        with pytest.raises(OSError, match="No space"):
+            sw.commit()
+    writer.close()
+    assert not list((tmp_path / "s.zarr" / "commits").glob("*.json"))
+
+
+def test_read_chunk_into_refuses_a_buffer_of_another_dtype(base_store):
+    store = ActivationStore(str(base_store))
+    rows = store.layout.rows_per_chunk
+    shape = (rows, store.layout.n_layers, store.layout.d_model)
+    with pytest.raises(TypeError, match="float16"):
+        store.read_chunk_into(0, np.empty(shape, np.uint16), np.empty(shape, np.uint16))
+    x, y = np.empty(shape, np.float16), np.empty(shape, np.float16)
+    store.read_chunk_into(0, x, y)
+    cx, cy = store.read_chunk(0)
+    assert x.tobytes() == cx.tobytes() and y.tobytes() == cy.tobytes()
+
+
 def assert_same_arrays(store, reference) -> None:
     """Every array of two stores bit for bit (NaN fill included)."""
     a, b = all_arrays(zarr.open_group(str(store), mode="r")), all_arrays(zarr.open_group(str(reference), mode="r"))
@@ -699,7 +744,7 @@ def test_random_init_is_seeded_and_identified():
     assert a.identity["weights_sha256"].startswith("random-init")
 
 
-@pytest.mark.parametrize("change", ["model", "dataset", "tokens"])
+@pytest.mark.parametrize("change", ["model", "dataset", "tokens", "activations"])  # activations: forward precision
 def test_existing_store_with_other_settings_is_refused(tmp_path, base_store, folder, ckpt, capsys, monkeypatch,
                                                        change):
     store = tmp_path / "s.zarr"
@@ -716,8 +761,10 @@ def test_existing_store_with_other_settings_is_refused(tmp_path, base_store, fol
     elif change == "dataset":
         other = make_fake_imagefolder(tmp_path / "other", classes=("ant", "bee"), per_class=6)
         args[args.index(str(folder["root"]))] = str(other["root"])
-    else:
+    elif change == "tokens":
         args += ["--tokens", "cls"]
+    else:  # a bf16-autocast forward (a GPU's default) must not resume an fp32 one
+        args += ["--precision", "bf16"]
     code, _, err = run_cli(capsys, monkeypatch, args)
     assert_one_line_error(code, err, "different harvest", f"{change}.", "--overwrite")
     assert snapshot(store) == before

@@ -92,12 +92,13 @@ class CLTOutput:
         return act.any(0)
 
 
-def auto_decode(is_topk: bool, device_type: str) -> str:
+def auto_decode(is_topk: bool, device_type: str, low_precision: bool) -> str:
     """The faster decode where it runs. Sparse gathers win where FLOPs are dear (CPU, ViT-B sizes: 4.9-6.9x
-    faster than dense); on a GPU the bf16 GEMM wins (H100, B=1024: dense 13 ms vs sparse 30 ms per decode
-    fwd+bwd, B=4096: 38 vs 116 ms), because reading k rows of (L-s)·d per code costs more memory traffic than
-    tensor cores spend on all F. Figures: benchmarks/BENCHMARKS.md."""
-    return "sparse" if is_topk and device_type != "cuda" else "dense"
+    faster than dense; a CUDA fp32 GEMM: sparse 32 vs dense 53 ms); on a GPU under bf16/fp16 autocast the
+    GEMM wins (H100, B=1024: dense 13 ms vs sparse 30 ms per decode fwd+bwd, B=4096: 38 vs 116 ms), because
+    reading k rows of (L-s)·d per code costs more memory traffic than tensor cores spend on all F. The dense
+    path holds [B, L, F] codes (B=4096, ViT-B x8: 1.2 GB). Figures: benchmarks/BENCHMARKS.md."""
+    return "sparse" if is_topk and not (device_type == "cuda" and low_precision) else "dense"
 
 
 class CrossLayerTranscoder(nn.Module):
@@ -256,7 +257,9 @@ class CrossLayerTranscoder(nn.Module):
         if decode not in DECODE_MODES:
             raise ConfigError(f"decode: {decode!r} is not one of {', '.join(DECODE_MODES)}")
         if decode == "auto":
-            return auto_decode(self.spec.is_topk, self.W_enc.device.type)
+            dev = self.W_enc.device.type
+            low = dev == "cuda" and torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) != torch.float32
+            return auto_decode(self.spec.is_topk, dev, low)
         if decode == "sparse" and not self.spec.is_topk:
             raise ConfigError(f"decode: sparse needs relu_topk or abs_topk, not {self.spec.sparsifier}")
         return decode

@@ -40,9 +40,12 @@ def harvest_shard_group(cfg_dict: dict, shards: list[int]) -> dict:
     meta = store_meta(cfg, dataset, bb, plan(cfg, dataset, bb))
     writer = StoreWriter.open(cfg.store, meta, clean_temp=False, write_threads=cfg.write_threads)
     try:
-        return harvest_shards(cfg, writer, dataset, bb, shards)
-    finally:
-        writer.close()
+        counters = harvest_shards(cfg, writer, dataset, bb, shards)
+    except BaseException:
+        writer.close(cancel=True)
+        raise
+    writer.close()
+    return counters
 
 
 def harvest_with_dask(cfg: HarvestConfig, todo: list[int], progress=None) -> dict:

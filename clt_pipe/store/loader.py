@@ -168,7 +168,7 @@ class ChunkLoader:
             out.append(t.to(self.device, non_blocking=self._pin).float())
         if self._pin:  # the non-blocking copies still read the pinned buffers
             slot.ready = torch.cuda.Event()
-            slot.ready.record()
+            slot.ready.record(torch.cuda.current_stream(self.device))  # the copies' stream, not the current device's
         return out[0], out[1]
 
     def _gather(self, slot: _Slot, x: np.ndarray, y: np.ndarray, sel: np.ndarray) -> _Slot:

@@ -82,7 +82,10 @@ class ActivationStore:
         rows = self.layout.chunk_rows(chunk)
         sel = (slice(rows.start, rows.stop),)
         for name, out in ((F.MLP_IN, x), (F.MLP_OUT, y)):
-            self.group[name].get_basic_selection(sel, out=NDBuffer.from_numpy_array(out))
+            arr = self.group[name]
+            if out.dtype != arr.dtype:  # zarr would convert values silently (uint16 bf16 bits into float16)
+                raise TypeError(f"read_chunk_into: {name} is {arr.dtype}, the buffer {out.dtype}")
+            arr.get_basic_selection(sel, out=NDBuffer.from_numpy_array(out))
 
     def decode(self, arr: np.ndarray) -> np.ndarray:
         return F.decode_activations(arr, self.dtype)

@@ -100,9 +100,11 @@ class StoreWriter:
         fut.add_done_callback(lambda _: self._in_flight.release())
         return fut
 
-    def close(self) -> None:
+    def close(self, cancel: bool = False) -> None:
+        """Wait for the writer pool to finish; ``cancel`` drops chunks not yet started (after a failure, so
+        no write of this harvest lands after it has returned)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown(wait=True, cancel_futures=cancel)
             self._pool = None
 
     # ---- opening -------------------------------------------------------------------------------------
@@ -271,6 +273,7 @@ class ShardWriter:
     chunk_crcs: dict = field(default_factory=dict)
     skipped: dict = field(default_factory=dict)
     _pending: list = field(default_factory=list)
+    _error: BaseException | None = None  # the first failed chunk: this shard can never be committed
 
     def __post_init__(self):
         lay = self.store.layout
@@ -345,6 +348,7 @@ class ShardWriter:
 
     def _flush_chunk(self) -> None:
         """Hand the full chunk to the writer pool and start a fresh buffer (the pool owns the old one)."""
+        self._raise_failed_chunks()  # e.g. disk full: stop now, not at the end of the shard
         self._pending.append(self.store.submit_chunk(self._write_chunk, self._chunk, self._chunk_bufs))
         self._chunk_bufs = self._new_chunk_bufs()
         self._chunk += 1
@@ -360,16 +364,28 @@ class ShardWriter:
         self.store.loc.fsync_files([self._chunk_key(name, chunk) for name in F.ACTIVATION_ARRAYS])
         return chunk, crcs
 
+    def _raise_failed_chunks(self) -> None:
+        if self._error is None:
+            self._error = next((f.exception() for f in self._pending if f.done() and not f.cancelled()
+                                and f.exception() is not None), None)
+        if self._error is not None:
+            raise self._error
+
     def _wait_chunks(self) -> None:
-        """Every chunk of this shard written (or the first failure raised): before anything is committed."""
-        pending, self._pending = self._pending, []
+        """Every chunk of this shard written, or the first failure raised - then and on every later call."""
         try:
-            for fut in pending:
+            for fut in self._pending:
                 chunk, crcs = fut.result()
                 self.chunk_crcs[str(chunk)] = crcs
-        finally:
-            for fut in pending:
+        except BaseException as e:
+            self._error = self._error or e
+            for fut in self._pending:
                 fut.cancel()
+        self._raise_failed_chunks()
+        expected = {str(c) for c in self.store.layout.shard_chunks(self.shard)}
+        if set(self.chunk_crcs) != expected:
+            raise RuntimeError(f"shard {self.shard}: chunks {sorted(expected - set(self.chunk_crcs))} were never "
+                               f"written; not committing it")
 
     def _chunk_key(self, name: str, chunk: int) -> str:
         """A chunk's file (zarr v3 default key encoding: ``name/c/i/j/...``)."""
@@ -388,6 +404,7 @@ class ShardWriter:
 
     def commit(self) -> dict:
         lay = self.store.layout
+        self._raise_failed_chunks()
         if self.next_image != self.images.stop:
             raise RuntimeError(f"shard {self.shard}: commit before all images were added")
         self._wait_chunks()
