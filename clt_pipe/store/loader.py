@@ -28,8 +28,13 @@ GATHER_AHEAD = 2  # batches gathered into (pinned) buffers while the current one
 
 @dataclass
 class _Slot:
-    """Reusable host buffers of one batch (pinned on CUDA); ``ready`` marks the end of their last H2D copy."""
-    x: np.ndarray
+    """Reusable host buffers of one batch (pinned on CUDA); ``ready`` marks the end of their last H2D copy.
+
+    The copies read the torch tensors themselves (not tensors rebuilt from the numpy views), so torch's
+    pinned-memory cache also knows about them and cannot hand the memory out while a copy is in flight."""
+    tx: torch.Tensor
+    ty: torch.Tensor
+    x: np.ndarray  # numpy views of tx, ty in the store's dtype (gathers write here)
     y: np.ndarray
     ready: "torch.cuda.Event | None" = None
 
@@ -161,8 +166,7 @@ class ChunkLoader:
     def _to_device(self, slot: _Slot) -> tuple[torch.Tensor, torch.Tensor]:
         """Widened copies on the device; the slot's buffers are free again once ``slot.ready`` is set."""
         out = []
-        for buf in (slot.x, slot.y):
-            t = torch.from_numpy(buf)
+        for t in (slot.tx, slot.ty):
             if self.store.dtype == "bf16":
                 t = t.view(torch.bfloat16)
             out.append(t.to(self.device, non_blocking=self._pin).float())
@@ -186,8 +190,8 @@ class ChunkLoader:
         shape = (self.batch_size, lay.n_layers, lay.d_model)
         ndt = self.store.array("mlp_in").dtype  # float16, or uint16 holding bf16 bits
         tdt = torch.float16 if ndt == np.float16 else torch.int16
-        x, y = (torch.empty(shape, dtype=tdt, pin_memory=self._pin).numpy().view(ndt) for _ in range(2))
-        return _Slot(x, y)
+        tx, ty = (torch.empty(shape, dtype=tdt, pin_memory=self._pin) for _ in range(2))
+        return _Slot(tx, ty, tx.numpy().view(ndt), ty.numpy().view(ndt))
 
     def __iter__(self):
         B = self.batch_size
