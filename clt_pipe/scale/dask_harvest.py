@@ -12,6 +12,7 @@ import dataclasses
 import logging
 
 from clt_pipe.config import HarvestConfig, build
+from clt_pipe.store.writer import default_write_threads
 
 
 def _worker_device(device: str) -> str:
@@ -53,6 +54,8 @@ def harvest_with_dask(cfg: HarvestConfig, todo: list[int], progress=None) -> dic
 
     cfg_dict = dataclasses.asdict(cfg)
     cfg_dict.update(workers=0, scheduler="", overwrite=False)  # workers write into the store the client made
+    if cfg.workers and not cfg.write_threads:  # local workers share this node's cores (and memory bound)
+        cfg_dict["write_threads"] = max(1, default_write_threads() // cfg.workers)
     if cfg.scheduler:
         client, cluster = Client(cfg.scheduler), None
     else:
