@@ -124,21 +124,28 @@ class ChunkLoader:
         wins = [order[i:i + self.shuffle_chunks] for i in range(0, len(order), self.shuffle_chunks)]
         return wins[self.rank::self.world_size]
 
-    def _read_into(self, chunk: int, x: np.ndarray, y: np.ndarray, image: np.ndarray, at: int) -> None:
-        """Decode one chunk and put its valid rows into the window's buffers (no concatenation)."""
-        mask = self.store.token_type_mask(int(chunk), self.tokens)
+    def _chunk_images(self, chunk: int) -> np.ndarray:
+        """The image index of every row of a chunk."""
         lay = self.store.layout
-        first = lay.chunk_images(int(chunk)).start
+        return lay.chunk_images(chunk).start + np.arange(len(lay.chunk_rows(chunk))) // lay.tokens_per_image
+
+    def _read_whole(self, chunks: list[tuple[int, int]], x: np.ndarray, y: np.ndarray, image: np.ndarray) -> None:
+        """Chunks whose every row is wanted, decoded by zarr straight into the window (one call for all)."""
+        pieces = []
+        for chunk, at in chunks:
+            n = self._valid_rows[chunk]
+            pieces.append((chunk, x[at:at + n], y[at:at + n]))
+            image[at:at + n] = self._chunk_images(chunk)
+        self.store.read_chunks_into(pieces)
+
+    def _read_masked(self, chunk: int, x: np.ndarray, y: np.ndarray, image: np.ndarray, at: int) -> None:
+        """A chunk of which only some rows are wanted (a token filter): decode, then keep those rows."""
+        mask = self.store.token_type_mask(chunk, self.tokens)
         n = int(mask.sum())
-        rows = first + np.arange(len(mask)) // lay.tokens_per_image
-        if n == len(mask):  # every row wanted: zarr decodes straight into the window
-            self.store.read_chunk_into(int(chunk), x[at:at + n], y[at:at + n])
-            image[at:at + n] = rows
-        else:
-            cx, cy = self.store.read_chunk(int(chunk))
-            np.compress(mask, cx, axis=0, out=x[at:at + n])
-            np.compress(mask, cy, axis=0, out=y[at:at + n])
-            image[at:at + n] = rows[mask]
+        cx, cy = self.store.read_chunk(chunk)
+        np.compress(mask, cx, axis=0, out=x[at:at + n])
+        np.compress(mask, cy, axis=0, out=y[at:at + n])
+        image[at:at + n] = self._chunk_images(chunk)[mask]
 
     def _submit(self, window: np.ndarray) -> "_WindowRead":
         lay = self.store.layout
@@ -149,7 +156,11 @@ class ChunkLoader:
         y = np.empty_like(x)
         image = np.empty(total, np.int64)
         offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
-        futures = [self.pool.submit(self._read_into, c, x, y, image, int(o)) for c, o in zip(window, offsets)]
+        is_whole = [n == len(lay.chunk_rows(int(c))) for c, n in zip(window, counts)]
+        whole = [(int(c), int(o)) for c, o, w in zip(window, offsets, is_whole) if w]
+        futures = [self.pool.submit(self._read_whole, whole, x, y, image)] if whole else []
+        futures += [self.pool.submit(self._read_masked, int(c), x, y, image, int(o))
+                    for c, o, w in zip(window, offsets, is_whole) if not w]
         return _WindowRead(futures, x, y, image)
 
     def _schedule(self):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from functools import cached_property
 
 import numpy as np
@@ -9,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 from zarr.core.buffer.cpu import NDBuffer
+from zarr.core.sync import sync
 
 from clt_pipe.errors import StoreError
 from clt_pipe.store import commits
@@ -77,15 +79,29 @@ class ActivationStore:
         return (self.group[F.MLP_IN][rows.start:rows.stop], self.group[F.MLP_OUT][rows.start:rows.stop])
 
     def read_chunk_into(self, chunk: int, x: np.ndarray, y: np.ndarray) -> None:
-        """``read_chunk`` decoded straight into caller-owned contiguous buffers (no intermediate copy: ~20 %
-        faster per chunk, and the copy it saves ran on the loader's read threads)."""
-        rows = self.layout.chunk_rows(chunk)
-        sel = (slice(rows.start, rows.stop),)
-        for name, out in ((F.MLP_IN, x), (F.MLP_OUT, y)):
-            arr = self.group[name]
+        """``read_chunk`` decoded straight into caller-owned buffers (no intermediate copy)."""
+        self.read_chunks_into([(chunk, x, y)])
+
+    def read_chunks_into(self, pieces: list[tuple[int, np.ndarray, np.ndarray]]) -> None:
+        """Several chunks' ``mlp_in``/``mlp_out`` rows decoded straight into caller-owned buffers, in one zarr
+        call: zarr decodes them concurrently on its own threads. Measured on 2 cores, 1.57 GB/s against
+        1.14-1.29 GB/s for one synchronous call per chunk from a thread pool (each such call round-trips through
+        zarr's single event-loop thread), and no intermediate copy (~20 % per chunk)."""
+        arrays = [self.group[F.MLP_IN], self.group[F.MLP_OUT]]
+        for arr, out in zip(arrays, pieces[0][1:] if pieces else ()):
             if out.dtype != arr.dtype:  # zarr would convert values silently (uint16 bf16 bits into float16)
-                raise TypeError(f"read_chunk_into: {name} is {arr.dtype}, the buffer {out.dtype}")
-            arr.get_basic_selection(sel, out=NDBuffer.from_numpy_array(out))
+                raise TypeError(f"read_chunks_into: {arr.basename} is {arr.dtype}, the buffer {out.dtype}")
+
+        async def read_all():
+            reads = []
+            for chunk, x, y in pieces:
+                rows = self.layout.chunk_rows(int(chunk))
+                for arr, out in zip(arrays, (x, y)):
+                    reads.append(arr._async_array.get_orthogonal_selection(
+                        (slice(rows.start, rows.stop),), out=NDBuffer.from_numpy_array(out)))
+            await asyncio.gather(*reads)
+
+        sync(read_all())
 
     def decode(self, arr: np.ndarray) -> np.ndarray:
         return F.decode_activations(arr, self.dtype)
