@@ -78,8 +78,8 @@ class HarvestConfig:
     coco_label_rule: str = opt("largest_area", 'largest_area | most_instances | first_annotation')
     on_bad_image: str = opt("fail", 'fail | skip (skipped images are recorded, their rows stay NaN)')
     data_workers: int = opt(2, 'threads decoding/preprocessing images')
-    write_threads: int = opt(0, 'threads compressing and writing chunks (0 = one per CPU core, at most 8); '
-                                'up to 2 chunks per thread wait in memory, per writer process')
+    write_threads: int = opt(0, 'chunks compressed and written concurrently (0 = one per CPU core, at most 8); '
+                                'up to twice that many full chunks wait in memory, per writer process')
     overwrite: bool = opt(False, 'Replace an existing store/run of different settings')
     dry_run: bool = opt(False, 'Print the planned bytes, shards and time estimate, write nothing')
     workers: int = opt(0, '>0: a dask LocalCluster of this many workers writes disjoint shard ranges')

@@ -516,14 +516,14 @@ def test_failed_chunk_write_in_the_pool_blocks_the_commit(tmp_path, folder, ckpt
     """An error inside a pool thread (not an OSError) must surface and leave its shard uncommitted."""
     from clt_pipe.store.writer import ShardWriter
 
-    real = ShardWriter._write_chunk
+    real = ShardWriter._write_chunks
 
-    def flaky(self, chunk, bufs):
-        if chunk == 5:  # shard 2's second chunk
+    def flaky(self, group):
+        if 5 in [c for c, _ in group]:  # shard 2's second chunk
             raise RuntimeError("codec exploded")
-        return real(self, chunk, bufs)
+        return real(self, group)
 
-    monkeypatch.setattr(ShardWriter, "_write_chunk", flaky)
+    monkeypatch.setattr(ShardWriter, "_write_chunks", flaky)
     store = tmp_path / "s.zarr"
     with pytest.raises(RuntimeError, match="codec exploded"):
         harvest(store, folder["root"], ckpt, write_threads=3)
@@ -541,14 +541,14 @@ def test_failed_chunk_keeps_failing_its_shard(tmp_path, monkeypatch):
     meta = synthetic_meta(32, T_, L_, D_, dtype="fp16", compressor="none", chunk_mb=4 * T_ * L_ * D_ * 2 / 2**20,
                           chunks_per_shard=2)
     writer = StoreWriter.open(str(tmp_path / "s.zarr"), meta, write_threads=2)
-    real = ShardWriter._write_chunk
+    real = ShardWriter._write_chunks
 
-    def flaky(self, chunk, bufs):
-        if chunk == 0:
+    def flaky(self, group):
+        if 0 in [c for c, _ in group]:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, chunk, bufs)
+        return real(self, group)
 
-    monkeypatch.setattr(ShardWriter, "_write_chunk", flaky)
+    monkeypatch.setattr(ShardWriter, "_write_chunks", flaky)
     sw = writer.shard(0)
     n = len(writer.layout.shard_images(0))
     x = np.ones((n, T_, L_, D_), np.float16)

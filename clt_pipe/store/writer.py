@@ -8,6 +8,7 @@ the merged statistics and ``images.parquet``. Until then no reader treats the st
 
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
 import hashlib
 import json
@@ -21,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
+from zarr.core.sync import sync
 
 from clt_pipe import __version__
 from clt_pipe.errors import StoreError
@@ -59,6 +61,9 @@ def _describe_difference(old: dict, new: dict) -> str:
     return "; ".join(diffs) or "its settings differ"
 
 
+WRITE_GROUPS_IN_FLIGHT = 2  # at most 2 x write_threads full chunks wait in memory
+
+
 def default_write_threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
@@ -77,20 +82,20 @@ class StoreWriter:
         # all-fill, so the scan buys nothing. (Runtime config, not stored: set on every open, resume included.)
         self._act = {}
         self._pool: ThreadPoolExecutor | None = None
-        # Chunks compressing/being written at once: bounds the memory held by full chunk buffers.
-        self._in_flight = threading.BoundedSemaphore(2 * self.write_threads)
+        # Groups of up to write_threads chunks being written at once: bounds the memory held by full chunks.
+        self._in_flight = threading.BoundedSemaphore(WRITE_GROUPS_IN_FLIGHT)
 
     def activation_array(self, name: str) -> zarr.Array:
         if name not in self._act:
             self._act[name] = self.group[name].with_config({"write_empty_chunks": True})
         return self._act[name]
 
-    def submit_chunk(self, fn, *args) -> Future:
-        """Run a chunk's compression + write + checksum on the writer pool (blosc, crc32c and file I/O all
-        release the GIL, so chunks compress in parallel; one thread wrote ~135-330 MB/s, far below what a
-        GPU harvest produces). Blocks while 2 x write_threads chunks are already in flight."""
+    def submit_write(self, fn, *args) -> Future:
+        """Run a group of chunks' compression + write + checksums off the caller's thread (one thread writing
+        chunk by chunk managed ~135-330 MB/s, far below what a GPU harvest produces). Blocks while
+        WRITE_GROUPS_IN_FLIGHT groups are already in flight."""
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.write_threads, thread_name_prefix="clt-chunk")
+            self._pool = ThreadPoolExecutor(WRITE_GROUPS_IN_FLIGHT, thread_name_prefix="clt-chunks")
         self._in_flight.acquire()
         try:
             fut = self._pool.submit(fn, *args)
@@ -272,6 +277,7 @@ class ShardWriter:
     shard: int
     chunk_crcs: dict = field(default_factory=dict)
     skipped: dict = field(default_factory=dict)
+    _full: list = field(default_factory=list)  # full chunks not yet handed to a write
     _pending: list = field(default_factory=list)
     _error: BaseException | None = None  # the first failed chunk: this shard can never be committed
 
@@ -338,6 +344,7 @@ class ShardWriter:
             if img + take == chunk_imgs.stop:
                 self._flush_chunk()
         self.next_image = first_image + b
+        self._submit_full()  # this batch's full chunks are written while the next batch computes
 
     def _new_chunk_bufs(self) -> dict[str, np.ndarray]:
         # Uninitialised: add() writes every row of a chunk (skipped images get the fill value) before the
@@ -347,22 +354,37 @@ class ShardWriter:
                 for n in F.ACTIVATION_ARRAYS}
 
     def _flush_chunk(self) -> None:
-        """Hand the full chunk to the writer pool and start a fresh buffer (the pool owns the old one)."""
+        """Queue the full chunk for writing and start a fresh buffer (the write owns the old one)."""
         self._raise_failed_chunks()  # e.g. disk full: stop now, not at the end of the shard
-        self._pending.append(self.store.submit_chunk(self._write_chunk, self._chunk, self._chunk_bufs))
+        self._full.append((self._chunk, self._chunk_bufs))
         self._chunk_bufs = self._new_chunk_bufs()
         self._chunk += 1
+        if len(self._full) >= self.store.write_threads:
+            self._submit_full()
 
-    def _write_chunk(self, chunk: int, bufs: dict[str, np.ndarray]) -> tuple[int, dict]:
-        rows = self.store.layout.chunk_rows(chunk)
-        crcs = {}
-        for name in F.ACTIVATION_ARRAYS:
-            data = bufs[name][:len(rows)]
-            self.store.activation_array(name)[rows.start:rows.stop] = data
-            crcs[name] = crc32c(data)
-        # Flushed here, in parallel; commit()'s fsync of the same files then finds nothing left to write.
-        self.store.loc.fsync_files([self._chunk_key(name, chunk) for name in F.ACTIVATION_ARRAYS])
-        return chunk, crcs
+    def _submit_full(self) -> None:
+        if self._full:
+            group, self._full = self._full, []
+            self._pending.append(self.store.submit_write(self._write_chunks, group))
+
+    def _write_chunks(self, group: list[tuple[int, dict[str, np.ndarray]]]) -> list[tuple[int, dict]]:
+        """One zarr call for the whole group: zarr compresses and writes its chunks concurrently on its own
+        threads. On 2 cores 1.2-1.5 GB/s, against ~1.05 GB/s for one synchronous call per chunk from a thread
+        pool (every such call round-trips through zarr's single event-loop thread)."""
+        lay = self.store.layout
+        arrays = [(name, self.store.activation_array(name)._async_array) for name in F.ACTIVATION_ARRAYS]
+
+        async def write_all():
+            await asyncio.gather(*(arr.setitem(slice(lay.chunk_rows(c).start, lay.chunk_rows(c).stop),
+                                               bufs[name][:len(lay.chunk_rows(c))])
+                                   for c, bufs in group for name, arr in arrays))
+
+        sync(write_all())
+        out = [(c, {name: crc32c(bufs[name][:len(lay.chunk_rows(c))]) for name in F.ACTIVATION_ARRAYS})
+               for c, bufs in group]
+        # Flushed here, off the writer thread; commit()'s fsync of the same files then finds nothing to write.
+        self.store.loc.fsync_files([self._chunk_key(name, c) for c, _ in group for name in F.ACTIVATION_ARRAYS])
+        return out
 
     def _raise_failed_chunks(self) -> None:
         if self._error is None:
@@ -373,10 +395,11 @@ class ShardWriter:
 
     def _wait_chunks(self) -> None:
         """Every chunk of this shard written, or the first failure raised - then and on every later call."""
+        self._submit_full()
         try:
             for fut in self._pending:
-                chunk, crcs = fut.result()
-                self.chunk_crcs[str(chunk)] = crcs
+                for chunk, crcs in fut.result():
+                    self.chunk_crcs[str(chunk)] = crcs
         except BaseException as e:
             self._error = self._error or e
             for fut in self._pending:
