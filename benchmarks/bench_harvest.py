@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from clt_pipe.config import HarvestConfig, build  # noqa: E402
 from clt_pipe.harvest import (ImagePrefetcher, harvest_shards, head_weights, open_inputs, plan,  # noqa: E402
                               store_meta)
+from clt_pipe.store.targets import mlp_weights  # noqa: E402
 from clt_pipe.store.writer import StoreWriter  # noqa: E402
 
 
@@ -66,7 +67,8 @@ def full_harvest(cfg: HarvestConfig, dataset, bb, store: Path) -> float:
     hp = plan(cfg, dataset, bb)
     t0 = time.perf_counter()
     writer = StoreWriter.open(str(store), store_meta(cfg, dataset, bb, hp), write_threads=cfg.write_threads)
-    writer.write_constants(head_weights(bb), {"single": np.zeros((len(dataset.class_names), bb.identity["embed_dim"]))})
+    writer.write_constants(head_weights(bb), {"single": np.zeros((len(dataset.class_names), bb.identity["embed_dim"]))},
+                           mlp_weights(bb.blocks) if cfg.targets == "recompute" else None)
     harvest_shards(cfg, writer, dataset, bb, list(range(hp.layout.n_shards)))
     writer.finalize([dataset.record(i) for i in range(hp.layout.n_images)], dataset.split)
     if bb.device.type == "cuda":
@@ -83,6 +85,7 @@ def main() -> None:
     ap.add_argument("--tokens", default="all")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--data-workers", type=int, default=2, help="image decode threads (both sides)")
+    ap.add_argument("--targets", default="stored", choices=("stored", "recompute"))
     ap.add_argument("--write", action="store_true", help="append the result to benchmarks/BENCHMARKS.md")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -93,7 +96,7 @@ def main() -> None:
         cfg = build(HarvestConfig, {"model": args.model, "pretrained": "none", "dataset": "imagefolder",
                                     "data_root": str(tmp / "data"), "store": str(tmp / "s.zarr"),
                                     "batch_size": args.batch, "tokens": args.tokens, "device": args.device,
-                                    "data_workers": args.data_workers})
+                                    "data_workers": args.data_workers, "targets": args.targets})
         dataset, bb = open_inputs(cfg)
         bare_forward(cfg, dataset, bb)  # warm-up (allocator, kernels, page cache)
         bare, full = [], []
@@ -102,7 +105,7 @@ def main() -> None:
             full.append(full_harvest(cfg, dataset, bb, tmp / "s.zarr"))
         mb, mf = statistics.median(bare), statistics.median(full)
         line = (f"| harvest / bare forward | {bb.name} ({'random init'}), {args.images} images, batch {args.batch}, "
-                f"tokens {args.tokens}, {bb.device}, {args.data_workers} image threads | bare {mb:.2f} s, harvest {mf:.2f} s | **{mf / mb:.3f}** "
+                f"tokens {args.tokens}, targets {args.targets}, {bb.device}, {args.data_workers} image threads | bare {mb:.2f} s, harvest {mf:.2f} s | **{mf / mb:.3f}** "
                 f"(goal <= 1.05) |")
         print(line)
         print(f"bare runs {['%.2f' % t for t in bare]}, harvest runs {['%.2f' % t for t in full]}")

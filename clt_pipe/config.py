@@ -78,6 +78,8 @@ class HarvestConfig:
     coco_label_rule: str = opt("largest_area", 'largest_area | most_instances | first_annotation')
     on_bad_image: str = opt("fail", 'fail | skip (skipped images are recorded, their rows stay NaN)')
     data_workers: int = opt(2, 'threads decoding/preprocessing images')
+    targets: str = opt("stored", 'stored | recompute: keep mlp_out, or keep every MLP\'s weights and recompute '
+                                 'mlp_out from mlp_in when reading (half the bytes; store format v2)')
     write_threads: int = opt(0, 'chunks compressed and written concurrently (0 = one per CPU core, at most 8); '
                                 'up to twice that many full chunks wait in memory, per writer process')
     overwrite: bool = opt(False, 'Replace an existing store/run of different settings')
@@ -94,6 +96,7 @@ class HarvestConfig:
             ("none", "blosc-lz4-bitshuffle", "blosc-lz4-shuffle", "blosc-zstd-bitshuffle"),
         )
         _check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _check_choice("targets", self.targets, ("stored", "recompute"))
         _check_choice("on_bad_image", self.on_bad_image, ("fail", "skip"))
         _check_choice("coco_label_rule", self.coco_label_rule, ("largest_area", "most_instances", "first_annotation"))
         _check_choice("dataset", self.dataset, ("cifar100", "imagenet100", "coco", "imagefolder", "digits"))

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from clt_pipe.backbone.capture import resolve_precision, run_capture, token_positions
+from clt_pipe.store.targets import mlp_activation, mlp_weights
 from clt_pipe.backbone.loading import Backbone, load_backbone, resolve_device
 from clt_pipe.config import HarvestConfig, parse_token_policy
 from clt_pipe.datasets.base import BadImageError, ImageDataset
@@ -102,6 +103,8 @@ def store_meta(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, hp: Harv
         # slightly different activations in one store.
         "activations": {"dtype": cfg.dtype, "storage_dtype": str(F.storage_dtype(cfg.dtype)),
                         "compressor": cfg.compressor, "forward_precision": resolve_precision(bb.device, cfg.precision),
+                        "targets": cfg.targets,
+                        **({"mlp_activation": mlp_activation(bb.blocks)} if cfg.targets == "recompute" else {}),
                         "mlp_in": "ln_2 output (MLP input)", "mlp_out": "mlp output (before ls_2 and the residual add)"},
         "layout": hp.layout.to_dict(),
     }
@@ -352,7 +355,8 @@ def _fill_store(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, writer:
         return {"already_complete": True, "store": cfg.store, "n_shards": lay.n_shards}
     if writer.missing_constants(cfg.template_sets):
         classifiers = text_classifiers(bb, dataset.class_names, dataset.templates, cfg.template_sets)
-        writer.write_constants(head_weights(bb), classifiers)
+        writer.write_constants(head_weights(bb), classifiers,
+                               mlp_weights(bb.blocks) if cfg.targets == "recompute" else None)
     todo = sorted(set(range(lay.n_shards)) - writer.committed_shards())
     resumed = lay.n_shards - len(todo)
     if resumed:

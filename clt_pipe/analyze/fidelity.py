@@ -64,7 +64,7 @@ def iter_chunks(store, device: torch.device, max_rows: int = 0, read_threads: in
 
     def load(c: int):
         xin, yout = store.read_chunk(c)
-        return c, store.decode(xin), store.decode(yout)
+        return c, store.decode(xin), None if yout is None else store.decode(yout)
 
     budget = max_rows if max_rows > 0 else None
     pool = ThreadPoolExecutor(max(1, read_threads), thread_name_prefix="clt-analyze-read")
@@ -85,10 +85,12 @@ def iter_chunks(store, device: torch.device, max_rows: int = 0, read_threads: in
                 if budget <= 0:
                     break
                 r = min(budget, x.shape[0])
-                x, y, pos, image, valid = x[:r], y[:r], pos[:r], image[:r], valid[:r]
+                x, pos, image, valid = x[:r], pos[:r], image[:r], valid[:r]
+                y = None if y is None else y[:r]
                 budget -= r
-            yield ChunkBatch(c, torch.from_numpy(np.ascontiguousarray(x)).to(device),
-                             torch.from_numpy(np.ascontiguousarray(y)).to(device), pos, image, valid)
+            xt = torch.from_numpy(np.ascontiguousarray(x)).to(device)
+            yt = store.targets_on(device)(xt) if y is None else torch.from_numpy(np.ascontiguousarray(y)).to(device)
+            yield ChunkBatch(c, xt, yt, pos, image, valid)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 

@@ -1,4 +1,4 @@
-"""Store format v1: names, layout arithmetic, dtypes and codecs.
+"""Store format v1 (and v2 = v1 with recomputed targets): names, layout arithmetic, dtypes and codecs.
 
 Everything here is mirrored in storage/FORMAT.md; a change to what is written bumps FORMAT_VERSION.
 """
@@ -11,12 +11,26 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from zarr.codecs import BloscCodec, BloscShuffle
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # targets stored (mlp_out written)
+FORMAT_VERSION_RECOMPUTE = 2  # v1 + targets recomputed from mlp_in and stored MLP weights (no mlp_out array)
+KNOWN_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_RECOMPUTE)
 ATTRS_KEY = "clt_pipe_store"  # root attribute holding the whole store description
 
 MLP_IN = "mlp_in"
 MLP_OUT = "mlp_out"
 ACTIVATION_ARRAYS = (MLP_IN, MLP_OUT)
+MLP_GROUP = "mlp_weights"  # v2: fc_weight [L, H, d], fc_bias [L, H], proj_weight [L, d, H], proj_bias [L, d]
+MLP_OUT_CHECK = "mlp_out_check"  # v2: [n_shards, tokens_per_image, L, d] true mlp_out of each shard's first image
+MLP_ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+
+
+def version_for(targets: str) -> int:
+    return FORMAT_VERSION_RECOMPUTE if targets == "recompute" else FORMAT_VERSION
+
+
+def stored_activation_arrays(meta: dict) -> tuple[str, ...]:
+    """The activation arrays a store holds: both, or only mlp_in when its targets are recomputed."""
+    return (MLP_IN,) if meta["activations"].get("targets", "stored") == "recompute" else ACTIVATION_ARRAYS
 RESID_FINAL = "resid_final"
 EMBEDDING = "embedding"
 LABELS = "labels"

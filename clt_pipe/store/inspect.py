@@ -15,7 +15,7 @@ from clt_pipe.store.writer import crc32c
 
 def _stored_bytes(store: ActivationStore) -> int:
     total = 0
-    for name in F.ACTIVATION_ARRAYS:
+    for name in F.stored_activation_arrays(store.meta):
         try:
             total += int(store.group[name].nbytes_stored())
         except Exception:  # noqa: BLE001 - some fsspec backends cannot list sizes cheaply
@@ -27,7 +27,8 @@ def store_info(url: str) -> dict:
     s = ActivationStore(url, require_complete=False)
     lay, m = s.layout, s.meta
     committed = s.committed_shards()
-    raw = 2 * lay.n_tokens * lay.n_layers * lay.d_model * 2
+    n_arrays = len(F.stored_activation_arrays(m))
+    raw = n_arrays * lay.n_tokens * lay.n_layers * lay.d_model * 2
     stored = _stored_bytes(s)
     info = {
         "format_version": m["format_version"],
@@ -43,7 +44,8 @@ def store_info(url: str) -> dict:
         "token rows": lay.n_tokens,
         "chunk": f"{lay.rows_per_chunk} rows ({lay.images_per_chunk} images)",
         "dtype / codec": f"{m['activations']['dtype']} / {m['activations']['compressor']}",
-        "GB uncompressed (mlp_in+mlp_out)": round(raw / 1e9, 4),
+        "targets": ("recomputed from mlp_in and the stored MLP weights" if s.recompute else "stored (mlp_out)"),
+        f"GB uncompressed ({'+'.join(F.stored_activation_arrays(m))})": round(raw / 1e9, 4),
         "GB stored": round(stored / 1e9, 4) if stored >= 0 else "n/a",
         "compression ratio": round(raw * len(committed) / max(lay.n_shards, 1) / stored, 3) if stored > 0 else "n/a",
         "created": m.get("created", ""),
@@ -74,13 +76,43 @@ def _check_shard(s: ActivationStore, shard: int) -> list[str]:
         except Exception as e:  # noqa: BLE001 - a corrupt chunk fails to decode
             problems.append(f"chunk {chunk}: unreadable ({type(e).__name__}: {e})")
             continue
-        for name, arr in zip(F.ACTIVATION_ARRAYS, arrays):
+        for name, arr in zip(F.stored_activation_arrays(s.meta), arrays):
             if crc32c(arr) != want[name]:
                 problems.append(f"chunk {chunk} of {name}: checksum mismatch")
+    if s.recompute:
+        problems += _check_recomputed_targets(s, shard, rec)
     for name, want in rec.get("per_image_crc32c", {}).items():
         if crc32c(s.group[name][imgs.start:imgs.stop]) != want:
             problems.append(f"{name} rows {imgs.start}-{imgs.stop}: checksum mismatch")
     return problems
+
+
+# Recomputing from fp16/bf16-rounded inputs moves the targets by about the inputs' rounding error; far above
+# this means the stored weights or activation do not belong to the stored activations.
+RECOMPUTE_TOLERANCE = {"fp16": 2e-2, "bf16": 5e-2}
+
+
+def _check_recomputed_targets(s: ActivationStore, shard: int, rec: dict) -> list[str]:
+    """The shard's first image: stored true mlp_out (mlp_out_check) vs recomputed from its stored mlp_in."""
+    import torch
+
+    check = s.group[F.MLP_OUT_CHECK][shard]
+    if rec.get("mlp_out_check_crc32c") is None:
+        return []  # the shard's first image was skipped: nothing to compare
+    if crc32c(check) != rec["mlp_out_check_crc32c"]:
+        return [f"{F.MLP_OUT_CHECK}: checksum mismatch"]
+    T = s.layout.tokens_per_image
+    r0 = s.layout.shard_images(shard).start * T
+    x = torch.from_numpy(s.decode(s.group[F.MLP_IN][r0:r0 + T]))
+    got = s.targets_on("cpu")(x).numpy()
+    want = s.decode(check)
+    rel = np.sqrt(((got - want) ** 2).mean(axis=(0, 2)) / np.maximum((want ** 2).mean(axis=(0, 2)), 1e-30))
+    tol = RECOMPUTE_TOLERANCE[s.dtype]
+    if not np.all(rel <= tol):
+        worst = int(np.argmax(rel))
+        return [f"recomputed targets differ from the stored sample (layer {worst}: relative RMS {rel[worst]:.3g} "
+                f"> {tol}): the MLP weights do not match the activations"]
+    return []
 
 
 def verify_store(url: str, threads: int = 4) -> dict:

@@ -33,9 +33,9 @@ class _Slot:
     The copies read the torch tensors themselves (not tensors rebuilt from the numpy views), so torch's
     pinned-memory cache also knows about them and cannot hand the memory out while a copy is in flight."""
     tx: torch.Tensor
-    ty: torch.Tensor
+    ty: torch.Tensor | None  # None when the store recomputes its targets
     x: np.ndarray  # numpy views of tx, ty in the store's dtype (gathers write here)
-    y: np.ndarray
+    y: np.ndarray | None
     ready: "torch.cuda.Event | None" = None
 
 
@@ -43,7 +43,7 @@ class _Slot:
 class _WindowRead:
     futures: list
     x: np.ndarray
-    y: np.ndarray
+    y: np.ndarray | None
     image: np.ndarray
 
     def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -105,6 +105,7 @@ class ChunkLoader:
         self.gather_pool = ThreadPoolExecutor(gather_threads, thread_name_prefix="clt-gather") if gather_threads else None
         self.epoch, self.window, self.batch_in_window = 0, 0, 0
         self._pin = self.device.type == "cuda"
+        self._targets = store.targets_on(self.device) if store.recompute else None
         # Seconds the consumer waited on window reads / batch gathers: where a slow input pipeline shows up.
         self.waits = {"read_s": 0.0, "gather_s": 0.0}
 
@@ -134,7 +135,7 @@ class ChunkLoader:
         pieces = []
         for chunk, at in chunks:
             n = self._valid_rows[chunk]
-            pieces.append((chunk, x[at:at + n], y[at:at + n]))
+            pieces.append((chunk, x[at:at + n], None if y is None else y[at:at + n]))
             image[at:at + n] = self._chunk_images(chunk)
         self.store.read_chunks_into(pieces)
 
@@ -144,7 +145,8 @@ class ChunkLoader:
         n = int(mask.sum())
         cx, cy = self.store.read_chunk(chunk)
         np.compress(mask, cx, axis=0, out=x[at:at + n])
-        np.compress(mask, cy, axis=0, out=y[at:at + n])
+        if cy is not None:
+            np.compress(mask, cy, axis=0, out=y[at:at + n])
         image[at:at + n] = self._chunk_images(chunk)[mask]
 
     def _submit(self, window: np.ndarray) -> "_WindowRead":
@@ -153,7 +155,7 @@ class ChunkLoader:
         total = sum(counts)
         dtype = self.store.array("mlp_in").dtype
         x = np.empty((total, lay.n_layers, lay.d_model), dtype)
-        y = np.empty_like(x)
+        y = None if self.store.recompute else np.empty_like(x)
         image = np.empty(total, np.int64)
         offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
         is_whole = [n == len(lay.chunk_rows(int(c))) for c, n in zip(window, counts)]
@@ -178,6 +180,9 @@ class ChunkLoader:
         """Widened copies on the device; the slot's buffers are free again once ``slot.ready`` is set."""
         out = []
         for t in (slot.tx, slot.ty):
+            if t is None:  # targets recomputed from the inputs, on the device
+                out.append(self._targets(out[0]))
+                continue
             if self.store.dtype == "bf16":
                 t = t.view(torch.bfloat16)
             out.append(t.to(self.device, non_blocking=self._pin).float())
@@ -193,7 +198,8 @@ class ChunkLoader:
         # mode="clip": with the default "raise", numpy gathers into a hidden temporary and copies it to ``out``
         # (1.9 vs 7 GB/s measured); ``sel`` always holds valid rows.
         np.take(x, sel, axis=0, out=slot.x, mode="clip")
-        np.take(y, sel, axis=0, out=slot.y, mode="clip")
+        if y is not None:
+            np.take(y, sel, axis=0, out=slot.y, mode="clip")
         return slot
 
     def _new_slot(self) -> _Slot:
@@ -201,8 +207,9 @@ class ChunkLoader:
         shape = (self.batch_size, lay.n_layers, lay.d_model)
         ndt = self.store.array("mlp_in").dtype  # float16, or uint16 holding bf16 bits
         tdt = torch.float16 if ndt == np.float16 else torch.int16
-        tx, ty = (torch.empty(shape, dtype=tdt, pin_memory=self._pin) for _ in range(2))
-        return _Slot(tx, ty, tx.numpy().view(ndt), ty.numpy().view(ndt))
+        tx = torch.empty(shape, dtype=tdt, pin_memory=self._pin)
+        ty = None if self.store.recompute else torch.empty(shape, dtype=tdt, pin_memory=self._pin)
+        return _Slot(tx, ty, tx.numpy().view(ndt), None if ty is None else ty.numpy().view(ndt))
 
     def __iter__(self):
         B = self.batch_size

@@ -8,6 +8,7 @@ from functools import cached_property
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 import zarr
 from zarr.core.buffer.cpu import NDBuffer
 from zarr.core.sync import sync
@@ -16,6 +17,7 @@ from clt_pipe.errors import StoreError
 from clt_pipe.store import commits
 from clt_pipe.store import format as F
 from clt_pipe.store.location import StoreLocation
+from clt_pipe.store.targets import RecomputedTargets
 
 
 class ActivationStore:
@@ -32,9 +34,12 @@ class ActivationStore:
         if meta is None:
             raise StoreError(f"{url!r} is a Zarr group but not a clt-pipe store")
         version = meta.get("format_version")
-        if version != F.FORMAT_VERSION:
-            raise StoreError(f"{url!r} is store format v{version}; this tool reads v{F.FORMAT_VERSION}")
+        if version not in F.KNOWN_VERSIONS:
+            raise StoreError(f"{url!r} is store format v{version}; this tool reads "
+                             f"{', '.join(f'v{v}' for v in F.KNOWN_VERSIONS)}")
         self.meta = meta
+        self.recompute = F.stored_activation_arrays(meta) == (F.MLP_IN,)
+        self._targets: dict[str, RecomputedTargets] = {}
         self.layout = F.StoreLayout(**meta["layout"])
         self.dtype = meta["activations"]["dtype"]
         if require_complete and not self.is_complete:
@@ -73,21 +78,34 @@ class ActivationStore:
     def array(self, name: str) -> zarr.Array:
         return self.group[name]
 
-    def read_chunk(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-        """Stored (undecoded) ``mlp_in``, ``mlp_out`` rows of one chunk: [rows, L, d]."""
+    def read_chunk(self, chunk: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Stored (undecoded) ``mlp_in``, ``mlp_out`` rows of one chunk: [rows, L, d]; ``mlp_out`` is None when
+        the store recomputes its targets (``targets_on``)."""
         rows = self.layout.chunk_rows(chunk)
-        return (self.group[F.MLP_IN][rows.start:rows.stop], self.group[F.MLP_OUT][rows.start:rows.stop])
+        y = None if self.recompute else self.group[F.MLP_OUT][rows.start:rows.stop]
+        return self.group[F.MLP_IN][rows.start:rows.stop], y
 
-    def read_chunk_into(self, chunk: int, x: np.ndarray, y: np.ndarray) -> None:
+    def targets_on(self, device: torch.device | str) -> RecomputedTargets:
+        """The MLPs that turn decoded ``mlp_in`` rows into targets, on ``device`` (format v2 stores only)."""
+        if not self.recompute:
+            raise StoreError(f"{self.loc.url}: targets are stored in mlp_out, not recomputed")
+        key = str(torch.device(device))
+        if key not in self._targets:
+            self._targets[key] = RecomputedTargets(self.group[F.MLP_GROUP], self.meta["activations"]["mlp_activation"],
+                                                   torch.device(device))
+        return self._targets[key]
+
+    def read_chunk_into(self, chunk: int, x: np.ndarray, y: np.ndarray | None) -> None:
         """``read_chunk`` decoded straight into caller-owned buffers (no intermediate copy)."""
         self.read_chunks_into([(chunk, x, y)])
 
-    def read_chunks_into(self, pieces: list[tuple[int, np.ndarray, np.ndarray]]) -> None:
+    def read_chunks_into(self, pieces: list[tuple[int, np.ndarray, np.ndarray | None]]) -> None:
         """Several chunks' ``mlp_in``/``mlp_out`` rows decoded straight into caller-owned buffers, in one zarr
         call: zarr decodes them concurrently on its own threads. Measured on 2 cores, 1.57 GB/s against
         1.14-1.29 GB/s for one synchronous call per chunk from a thread pool (each such call round-trips through
-        zarr's single event-loop thread), and no intermediate copy (~20 % per chunk)."""
-        arrays = [self.group[F.MLP_IN], self.group[F.MLP_OUT]]
+        zarr's single event-loop thread), and no intermediate copy (~20 % per chunk). ``y`` is None (and
+        nothing is read for it) when targets are recomputed."""
+        arrays = [self.group[name] for name in F.stored_activation_arrays(self.meta)]
         for arr, out in zip(arrays, pieces[0][1:] if pieces else ()):
             if out.dtype != arr.dtype:  # zarr would convert values silently (uint16 bf16 bits into float16)
                 raise TypeError(f"read_chunks_into: {arr.basename} is {arr.dtype}, the buffer {out.dtype}")

@@ -77,6 +77,8 @@ class StoreWriter:
         self.dtype = meta["activations"]["dtype"]
         self.fingerprint = meta["fingerprint"]
         self.write_threads = write_threads or default_write_threads()
+        self.act_names = F.stored_activation_arrays(meta)
+        self.recompute = self.act_names == (F.MLP_IN,)
         # zarr's default scans every chunk for all-fill values (NaN-aware) on its one event-loop thread before
         # writing it: measured 214 -> 861 MB/s single-threaded without the scan. Activation chunks are never
         # all-fill, so the scan buys nothing. (Runtime config, not stored: set on every open, resume included.)
@@ -121,7 +123,8 @@ class StoreWriter:
         ``clean_temp=False`` for the extra writers of a multi-writer harvest: only the coordinating process
         may remove stray temp files, or one worker could delete another's in-flight commit.
         """
-        meta = dict(meta, format_version=F.FORMAT_VERSION, fingerprint=fingerprint(meta))
+        version = F.version_for(meta["activations"].get("targets", "stored"))
+        meta = dict(meta, format_version=version, fingerprint=fingerprint(meta))
         loc = StoreLocation(url, storage_options)
         if loc.exists("zarr.json"):
             try:
@@ -134,9 +137,9 @@ class StoreWriter:
                 if old is None:
                     raise StoreError(f"{url} exists and is not a clt-pipe store"
                                      f"{f' ({err})' if err else ''}; pass --overwrite to replace it")
-                if old.get("format_version") != F.FORMAT_VERSION:
-                    raise StoreError(f"{url} is store format v{old.get('format_version')}, this tool writes "
-                                     f"v{F.FORMAT_VERSION}; pass --overwrite to replace it")
+                if old.get("format_version") != version:
+                    raise StoreError(f"{url} is store format v{old.get('format_version')}, this harvest writes "
+                                     f"v{version}; pass --overwrite to replace it")
                 if old.get("fingerprint") != meta["fingerprint"]:
                     raise StoreError(f"{url} holds a different harvest ({_describe_difference(old, meta)}); "
                                      f"pass --overwrite to replace it or choose another --store")
@@ -168,13 +171,16 @@ class StoreWriter:
         lay, g = self.layout, self.group
         act = self.meta["activations"]
         n_img, ipc = lay.n_images, lay.images_per_chunk
-        for name in F.ACTIVATION_ARRAYS:
+        for name in self.act_names:
             g.create_array(name, shape=(lay.n_tokens, lay.n_layers, lay.d_model),
                            chunks=(lay.rows_per_chunk, lay.n_layers, lay.d_model),
                            dtype=F.storage_dtype(self.dtype), fill_value=F.activation_fill(self.dtype),
                            compressors=F.compressors_for(act["compressor"]),
                            dimension_names=("token", "layer", "dim"))
         d, e, T = lay.d_model, self.meta["model"]["embed_dim"], lay.tokens_per_image
+        if self.recompute:  # one chunk per shard, like the moments
+            g.create_array(F.MLP_OUT_CHECK, shape=(lay.n_shards, T, lay.n_layers, d), chunks=(1, T, lay.n_layers, d),
+                           dtype=F.storage_dtype(self.dtype), fill_value=F.activation_fill(self.dtype))
         specs = {
             F.RESID_FINAL: ((n_img, d), (ipc, d), "float32", float("nan")),
             F.EMBEDDING: ((n_img, e), (ipc, e), "float32", float("nan")),
@@ -196,10 +202,20 @@ class StoreWriter:
         if F.HEAD_GROUP not in g or F.TEXT_GROUP not in g:
             return True
         have_head = set(g[F.HEAD_GROUP].array_keys()) >= {"ln_post_weight", "ln_post_bias", "proj"}
+        if self.recompute and F.MLP_GROUP not in g:
+            return True
         return not have_head or not set(template_sets) <= set(g[F.TEXT_GROUP].array_keys())
 
-    def write_constants(self, head: dict[str, np.ndarray], text: dict[str, np.ndarray]) -> None:
-        """Model pieces that open-loop analysis needs without the model: ln_post, proj, zero-shot classifier."""
+    def write_constants(self, head: dict[str, np.ndarray], text: dict[str, np.ndarray],
+                        mlp: dict[str, np.ndarray] | None = None) -> None:
+        """Model pieces that analysis needs without the model: ln_post, proj, zero-shot classifier; and, when
+        targets are recomputed, every layer's MLP weights (``mlp``; written before any shard is committed)."""
+        if self.recompute:
+            if mlp is None:
+                raise ValueError("a store with recomputed targets needs the MLP weights")
+            mg = self.group.require_group(F.MLP_GROUP)
+            for name, arr in mlp.items():  # uncompressed: float32 weights do not compress, and this is quicker
+                mg.create_array(name, data=np.asarray(arr, np.float32), overwrite=True, compressors=None)
         hg = self.group.require_group(F.HEAD_GROUP)
         for name, arr in head.items():
             hg.create_array(name, data=np.asarray(arr, np.float32), overwrite=True)
@@ -296,6 +312,7 @@ class ShardWriter:
             F.IMAGE_OK: np.zeros((n,), np.uint8),
         }
         self.moments = {s: Moments.empty((lay.n_layers, lay.d_model)) for s in ("in", "out")}
+        self.check: np.ndarray | None = None  # recompute: the shard's first image's true mlp_out
         self._chunk = lay.shard_chunks(self.shard).start
 
     def add(self, first_image: int, mlp_in: np.ndarray, mlp_out: np.ndarray, resid_final: np.ndarray,
@@ -319,6 +336,8 @@ class ShardWriter:
             self.per_image[F.RESID_FINAL][rel:rel + b][bad_images] = np.nan
             self.per_image[F.EMBEDDING][rel:rel + b][bad_images] = np.nan
         self.skipped.update({int(k): v for k, v in (errors or {}).items()})
+        if self.store.recompute and rel == 0:
+            self.check = mlp_out[0].copy() if ok[0] else None  # a skipped first image leaves the fill value
         for side, m in (moments or {}).items():
             self.moments[side] = self.moments[side].merge(m)
         pos = 0
@@ -331,11 +350,11 @@ class ShardWriter:
             fill = F.activation_fill(self.store.dtype)
             good = ok[pos:pos + take].astype(bool)
             for (name, side), src in zip(((F.MLP_IN, "in"), (F.MLP_OUT, "out")), (mlp_in, mlp_out)):
-                part = src[pos:pos + take].reshape(-1, lay.n_layers, lay.d_model)
-                self._chunk_bufs[name][r0:r1] = part
-                if not good.all():  # a skipped image keeps the fill value, so it can never pass for data
-                    rows = self._chunk_bufs[name][r0:r1].reshape(take, -1, lay.n_layers, lay.d_model)
-                    rows[~good] = fill
+                if name in self._chunk_bufs:  # mlp_out is not stored when targets are recomputed
+                    self._chunk_bufs[name][r0:r1] = src[pos:pos + take].reshape(-1, lay.n_layers, lay.d_model)
+                    if not good.all():  # a skipped image keeps the fill value, so it can never pass for data
+                        rows = self._chunk_bufs[name][r0:r1].reshape(take, -1, lay.n_layers, lay.d_model)
+                        rows[~good] = fill
                 if moments is None:  # per batch as it arrives, so a chunk's flush is only compression and I/O
                     valid = src[pos:pos + take][good].reshape(-1, lay.n_layers, lay.d_model)
                     values = valid if self.store.dtype == "fp16" else F.decode_activations(valid, "bf16")
@@ -351,7 +370,7 @@ class ShardWriter:
         # chunk is flushed, and only the chunk's own rows are written out.
         lay = self.store.layout
         return {n: np.empty((lay.rows_per_chunk, lay.n_layers, lay.d_model), F.storage_dtype(self.store.dtype))
-                for n in F.ACTIVATION_ARRAYS}
+                for n in self.store.act_names}
 
     def _flush_chunk(self) -> None:
         """Queue the full chunk for writing and start a fresh buffer (the write owns the old one)."""
@@ -372,7 +391,7 @@ class ShardWriter:
         threads. On 2 cores 1.2-1.5 GB/s, against ~1.05 GB/s for one synchronous call per chunk from a thread
         pool (every such call round-trips through zarr's single event-loop thread)."""
         lay = self.store.layout
-        arrays = [(name, self.store.activation_array(name)._async_array) for name in F.ACTIVATION_ARRAYS]
+        arrays = [(name, self.store.activation_array(name)._async_array) for name in self.store.act_names]
 
         async def write_all():
             await asyncio.gather(*(arr.setitem(slice(lay.chunk_rows(c).start, lay.chunk_rows(c).stop),
@@ -380,10 +399,10 @@ class ShardWriter:
                                    for c, bufs in group for name, arr in arrays))
 
         sync(write_all())
-        out = [(c, {name: crc32c(bufs[name][:len(lay.chunk_rows(c))]) for name in F.ACTIVATION_ARRAYS})
+        out = [(c, {name: crc32c(bufs[name][:len(lay.chunk_rows(c))]) for name in self.store.act_names})
                for c, bufs in group]
         # Flushed here, off the writer thread; commit()'s fsync of the same files then finds nothing to write.
-        self.store.loc.fsync_files([self._chunk_key(name, c) for c, _ in group for name in F.ACTIVATION_ARRAYS])
+        self.store.loc.fsync_files([self._chunk_key(name, c) for c, _ in group for name in self.store.act_names])
         return out
 
     def _raise_failed_chunks(self) -> None:
@@ -418,8 +437,10 @@ class ShardWriter:
         """Every chunk file this shard wrote."""
         keys = []
         for c in self.store.layout.shard_chunks(self.shard):
-            for name in (*F.ACTIVATION_ARRAYS, *F.PER_IMAGE_ARRAYS):
+            for name in (*self.store.act_names, *F.PER_IMAGE_ARRAYS):
                 keys.append(self._chunk_key(name, c))
+        if self.store.recompute:
+            keys.append(f"{F.MLP_OUT_CHECK}/c/{self.shard}/0/0/0")
         for side in ("in", "out"):
             keys.append(f"{F.STATS_GROUP}/shard_moments_{side}/c/{self.shard}/0/0/0")
         keys.append(f"{F.STATS_GROUP}/shard_count/c/{self.shard}")
@@ -442,6 +463,10 @@ class ShardWriter:
             m = self.moments[side]
             stats[f"shard_moments_{side}"][self.shard] = np.stack([m.mean, m.m2])
         stats["shard_count"][self.shard] = self.moments["in"].count
+        check_crc = None
+        if self.check is not None:
+            g[F.MLP_OUT_CHECK][self.shard] = self.check
+            check_crc = crc32c(self.check)
         self.store.loc.fsync_files(self._chunk_keys())
         record = {
             "shard": self.shard, "fingerprint": self.store.fingerprint,
@@ -451,5 +476,7 @@ class ShardWriter:
             "valid_tokens": self.moments["in"].count, "skipped": {str(k): v for k, v in self.skipped.items()},
             "committed": now(),
         }
+        if self.store.recompute:
+            record["mlp_out_check_crc32c"] = check_crc
         self.store.loc.write_json_atomic(F.shard_commit_name(self.shard), record)
         return record

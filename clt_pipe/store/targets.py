@@ -1,0 +1,84 @@
+"""Targets recomputed from stored MLP inputs (store format v2, ``--targets recompute``).
+
+A v2 store keeps ``mlp_in`` and every layer's MLP weights instead of ``mlp_out``: half the bytes to write, keep
+and stream. ``mlp_out[l] = c_proj(act(c_fc(mlp_in[l])))``, computed here on the device that trains or
+analyses, in float32. The values differ from the model's own outputs by the storage dtype's rounding of the
+inputs; each shard keeps its first image's true outputs (``mlp_out_check``) so ``store verify`` can bound it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F_
+
+from clt_pipe.errors import ConfigError
+from clt_pipe.store import format as F
+
+# Rows per matmul block: bounds the [L, rows, H] hidden activations (ViT-B: 12 x 4096 x 3072 fp32 = 600 MB).
+BLOCK_ROWS = 4096
+
+
+def mlp_activation(blocks) -> str:
+    """The activation of every block's MLP. Only the plain ``c_fc -> GELU/QuickGELU -> c_proj`` MLP of
+    open_clip's ViTs can be recomputed from stored weights; anything else is refused."""
+    from open_clip.transformer import QuickGELU
+
+    acts = set()
+    for i, block in enumerate(blocks):
+        names = [n for n, _ in block.mlp.named_children()]
+        act = getattr(block.mlp, "gelu", None)
+        if names != ["c_fc", "gelu", "c_proj"]:
+            raise ConfigError(f"targets=recompute: block {i}'s MLP is {names}, not c_fc -> gelu -> c_proj; "
+                              f"use --targets stored")
+        if isinstance(act, QuickGELU):
+            acts.add("quick_gelu")
+        elif isinstance(act, torch.nn.GELU):
+            acts.add("gelu" if act.approximate == "none" else "gelu_tanh")
+        else:
+            raise ConfigError(f"targets=recompute: unsupported MLP activation {type(act).__name__}; "
+                              f"use --targets stored")
+    if len(acts) != 1:
+        raise ConfigError(f"targets=recompute: the blocks use different activations {sorted(acts)}")
+    return acts.pop()
+
+
+def mlp_weights(blocks) -> dict[str, np.ndarray]:
+    """Every block's MLP weights stacked over layers (float32), as the store's ``mlp_weights/`` group."""
+    mlp_activation(blocks)
+
+    def stack(attr: str, param: str) -> np.ndarray:
+        return torch.stack([getattr(getattr(b.mlp, attr), param).detach().float().cpu() for b in blocks]).numpy()
+
+    return {"fc_weight": stack("c_fc", "weight"), "fc_bias": stack("c_fc", "bias"),
+            "proj_weight": stack("c_proj", "weight"), "proj_bias": stack("c_proj", "bias")}
+
+
+class RecomputedTargets:
+    """Maps decoded MLP inputs [N, L, d] (any float dtype, on ``device``) to float32 MLP outputs [N, L, d]."""
+
+    def __init__(self, group, activation: str, device: torch.device):
+        if activation not in F.MLP_ACTIVATIONS:
+            raise ValueError(f"unknown MLP activation {activation!r}")
+        self.activation = activation
+        w = {k: torch.from_numpy(np.asarray(group[k][:], np.float32)).to(device)
+             for k in ("fc_weight", "fc_bias", "proj_weight", "proj_bias")}
+        self.fc_wt = w["fc_weight"].transpose(1, 2).contiguous()  # [L, d, H]
+        self.fc_b = w["fc_bias"][:, None, :]  # [L, 1, H]
+        self.proj_wt = w["proj_weight"].transpose(1, 2).contiguous()  # [L, H, d]
+        self.proj_b = w["proj_bias"][:, None, :]  # [L, 1, d]
+
+    def _act(self, h: torch.Tensor) -> torch.Tensor:
+        if self.activation == "quick_gelu":
+            return h * torch.sigmoid(1.702 * h)
+        return F_.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        with torch.autocast(x.device.type, enabled=False):
+            for a in range(0, x.shape[0], BLOCK_ROWS):
+                xl = x[a:a + BLOCK_ROWS].float().transpose(0, 1)  # [L, n, d]
+                h = self._act(torch.baddbmm(self.fc_b, xl, self.fc_wt))
+                out[a:a + BLOCK_ROWS] = torch.baddbmm(self.proj_b, h, self.proj_wt).transpose(0, 1)
+        return out
