@@ -8,6 +8,7 @@ uncommitted shard reproduces bit for bit what an uninterrupted run writes.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import queue
@@ -54,7 +55,8 @@ def plan(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone) -> HarvestPlan
     T = len(token_positions(policy, k, n_pos, 0, cfg.seed))
     L, d = bb.identity["n_layers"], bb.identity["d_model"]
     layout = F.StoreLayout.plan(n_images(cfg, dataset), T, L, d, 2, cfg.chunk_mb, cfg.chunks_per_shard)
-    return HarvestPlan(layout, 2 * layout.n_tokens * L * d * 2)
+    n_arrays = 1 if cfg.targets == "recompute" else 2
+    return HarvestPlan(layout, n_arrays * layout.n_tokens * L * d * 2)
 
 
 @torch.inference_mode()
@@ -103,8 +105,9 @@ def store_meta(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, hp: Harv
         # slightly different activations in one store.
         "activations": {"dtype": cfg.dtype, "storage_dtype": str(F.storage_dtype(cfg.dtype)),
                         "compressor": cfg.compressor, "forward_precision": resolve_precision(bb.device, cfg.precision),
-                        "targets": cfg.targets,
-                        **({"mlp_activation": mlp_activation(bb.blocks)} if cfg.targets == "recompute" else {}),
+                        # Only a recompute store names its targets, so stored-target identities stay as they were.
+                        **({"targets": "recompute", "mlp_activation": mlp_activation(bb.blocks)}
+                           if cfg.targets == "recompute" else {}),
                         "mlp_in": "ln_2 output (MLP input)", "mlp_out": "mlp output (before ls_2 and the residual add)"},
         "layout": hp.layout.to_dict(),
     }
@@ -260,12 +263,14 @@ class ShardHarvest:
             good = torch.from_numpy(ok.astype(bool)).to(dev)
             moments = {side: tensor_moments(t[good].flatten(0, 1)) for side, t in (("in", cap.mlp_in),
                                                                                   ("out", cap.mlp_out))}
+            if self.writer.recompute:  # only the batch's first image's outputs are kept (the shard's check)
+                cap = dataclasses.replace(cap, mlp_out=cap.mlp_out[:1])
             cap = _copy_to_pinned_host(cap)
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(dev))  # the copies' stream, also when dev is not current
         self.writer_thread.put(_write_batch, sw, idx.start, cap, event, labels, positions, ok, errors, moments)
         n_tok = len(idx) * lay.tokens_per_image
-        nbytes = 2 * n_tok * lay.n_layers * lay.d_model * 2
+        nbytes = len(self.writer.act_names) * n_tok * lay.n_layers * lay.d_model * 2
         for key, v in (("images", len(idx)), ("tokens", n_tok), ("bytes", nbytes)):
             self.counters[key] += v
         self.progress.advance(len(idx), images=len(idx), tokens=n_tok, MB=nbytes / 1e6)

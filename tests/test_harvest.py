@@ -776,6 +776,31 @@ def test_existing_store_with_other_settings_is_refused(tmp_path, base_store, fol
     ActivationStore(str(store))
 
 
+def test_store_from_before_an_identity_field_is_still_the_same_harvest(tmp_path, base_store, folder, ckpt):
+    """Stores written before ``activations.forward_precision`` existed keep resuming and re-running."""
+    from clt_pipe.store.writer import fingerprint
+
+    store = tmp_path / "old.zarr"
+    shutil.copytree(base_store, store)
+    g = zarr.open_group(str(store), mode="r+")
+    meta = dict(g.attrs["clt_pipe_store"])
+    meta["activations"] = {k: v for k, v in meta["activations"].items() if k != "forward_precision"}
+    meta["fingerprint"] = fingerprint(meta)  # what the older writer computed
+    g.attrs["clt_pipe_store"] = meta
+    for rec_path in [*(store / "commits").glob("*.json"), store / "COMPLETE.json"]:
+        rec = json.loads(rec_path.read_text())
+        rec["fingerprint"] = meta["fingerprint"]
+        rec_path.write_text(json.dumps(rec))
+    (store / "COMPLETE.json").unlink()
+    (store / "commits" / "shard-000002.json").unlink()
+    summary = harvest(store, folder["root"], ckpt)
+    assert summary["resumed_shards"] == 2 and summary["fingerprint"] == meta["fingerprint"]
+    assert harvest(store, folder["root"], ckpt)["already_complete"]
+    assert_same_arrays(store, base_store)
+    with pytest.raises(StoreError, match="different harvest"):  # a real difference is still refused
+        harvest(store, folder["root"], ckpt, tokens="cls")
+
+
 def test_same_settings_complete_store_is_left_alone(tmp_path, base_store, folder, ckpt, capsys, monkeypatch):
     store = tmp_path / "s.zarr"
     shutil.copytree(base_store, store)

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import crc32c
 import numpy as np
 import pytest
 import torch
@@ -15,7 +16,7 @@ from scipy.special import erf
 
 from clt_pipe.analyze.run import run_analyze
 from clt_pipe.config import AnalyzeConfig, FitConfig, HarvestConfig, build
-from clt_pipe.errors import ConfigError
+from clt_pipe.errors import ConfigError, StoreError
 from clt_pipe.fit.trainer import run_fit
 from clt_pipe.harvest import run_harvest
 from clt_pipe.store.inspect import store_info, verify_store
@@ -126,9 +127,23 @@ def test_verify_catches_weights_that_do_not_belong(stores, tmp_path):
     shutil.copytree(stores["recompute"], bad)
     g = zarr.open_group(str(bad), mode="r+")
     g["mlp_weights/fc_bias"][:] = g["mlp_weights/fc_bias"][:] + 1.0
+    report = verify_store(str(bad))  # the checksum of the weights catches it first
+    assert report["bad_shards"] == [-1] and "fc_bias: missing or damaged" in report["problems"][0][1]
+    # Intact (checksummed) weights of another model: the stored samples catch that.
+    g["mlp_weights"].attrs["crc32c"] = {**g["mlp_weights"].attrs["crc32c"],
+                                        "fc_bias": crc32c.crc32c(np.ascontiguousarray(g["mlp_weights/fc_bias"][:]).data)}
     report = verify_store(str(bad))
     assert sorted(report["bad_shards"]) == list(range(ActivationStore(str(bad)).layout.n_shards))
     assert all("MLP weights do not match" in p for _, p in report["problems"])
+
+
+def test_lost_weight_file_is_an_error_not_zeros(stores, tmp_path):
+    bad = tmp_path / "lost.zarr"
+    shutil.copytree(stores["recompute"], bad)
+    (bad / "mlp_weights" / "proj_weight" / "c" / "0" / "0" / "0").unlink()  # one chunk per weight array
+    store = ActivationStore(str(bad))
+    with pytest.raises(StoreError, match="proj_weight: missing or damaged"):
+        ChunkLoader(store, 64, seed=0)
 
 
 def test_recompute_refuses_an_mlp_it_cannot_rebuild():

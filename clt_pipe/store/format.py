@@ -22,6 +22,7 @@ ACTIVATION_ARRAYS = (MLP_IN, MLP_OUT)
 MLP_GROUP = "mlp_weights"  # v2: fc_weight [L, H, d], fc_bias [L, H], proj_weight [L, d, H], proj_bias [L, d]
 MLP_OUT_CHECK = "mlp_out_check"  # v2: [n_shards, tokens_per_image, L, d] true mlp_out of each shard's first image
 MLP_ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+MLP_WEIGHTS = ("fc_weight", "fc_bias", "proj_weight", "proj_bias")
 
 
 def version_for(targets: str) -> int:

@@ -8,15 +8,13 @@ inputs; each shard keeps its first image's true outputs (``mlp_out_check``) so `
 
 from __future__ import annotations
 
+import crc32c as _crc32c
 import numpy as np
 import torch
 import torch.nn.functional as F_
 
-from clt_pipe.errors import ConfigError
+from clt_pipe.errors import ConfigError, StoreError
 from clt_pipe.store import format as F
-
-# Rows per matmul block: bounds the [L, rows, H] hidden activations (ViT-B: 12 x 4096 x 3072 fp32 = 600 MB).
-BLOCK_ROWS = 4096
 
 
 def mlp_activation(blocks) -> str:
@@ -59,10 +57,18 @@ class RecomputedTargets:
 
     def __init__(self, group, activation: str, device: torch.device):
         if activation not in F.MLP_ACTIVATIONS:
-            raise ValueError(f"unknown MLP activation {activation!r}")
+            raise StoreError(f"unknown MLP activation {activation!r}")
         self.activation = activation
-        w = {k: torch.from_numpy(np.asarray(group[k][:], np.float32)).to(device)
-             for k in ("fc_weight", "fc_bias", "proj_weight", "proj_bias")}
+        arrays = {k: np.asarray(group[k][:], np.float32) for k in F.MLP_WEIGHTS}
+        want = group.attrs.get("crc32c", {})
+        bad = [k for k, a in arrays.items() if want.get(k) != _crc32c.crc32c(np.ascontiguousarray(a).data)]
+        if bad:
+            raise StoreError(f"{F.MLP_GROUP}/{', '.join(bad)}: missing or damaged (checksum), so the targets "
+                             f"cannot be recomputed; re-run the harvest with --overwrite")
+        w = {k: torch.from_numpy(a).to(device) for k, a in arrays.items()}
+        L, H = w["fc_bias"].shape
+        # Rows per block: the two [L, rows, H] float32 hidden tensors stay around 512 MB whatever the model.
+        self.block_rows = max(256, (256 << 20) // (L * H * 4))
         self.fc_wt = w["fc_weight"].transpose(1, 2).contiguous()  # [L, d, H]
         self.fc_b = w["fc_bias"][:, None, :]  # [L, 1, H]
         self.proj_wt = w["proj_weight"].transpose(1, 2).contiguous()  # [L, H, d]
@@ -77,8 +83,8 @@ class RecomputedTargets:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         with torch.autocast(x.device.type, enabled=False):
-            for a in range(0, x.shape[0], BLOCK_ROWS):
-                xl = x[a:a + BLOCK_ROWS].float().transpose(0, 1)  # [L, n, d]
+            for a in range(0, x.shape[0], self.block_rows):
+                xl = x[a:a + self.block_rows].float().transpose(0, 1)  # [L, n, d]
                 h = self._act(torch.baddbmm(self.fc_b, xl, self.fc_wt))
-                out[a:a + BLOCK_ROWS] = torch.baddbmm(self.proj_b, h, self.proj_wt).transpose(0, 1)
+                out[a:a + self.block_rows] = torch.baddbmm(self.proj_b, h, self.proj_wt).transpose(0, 1)
         return out

@@ -42,6 +42,21 @@ def fingerprint(meta: dict) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# Identity fields added after stores were already written; a store that lacks them was written before.
+LATER_IDENTITY_FIELDS = {"activations": ("forward_precision",)}
+
+
+def _as_written_before(meta: dict, old: dict) -> dict:
+    """``meta`` without the identity fields ``old`` (an existing store's description) predates, so that a
+    store from an older writer is still recognised as the same harvest (resume, re-run of a pipeline)."""
+    out = dict(meta)
+    for key, fields in LATER_IDENTITY_FIELDS.items():
+        missing = [f for f in fields if f not in (old.get(key) or {})]
+        if missing:
+            out[key] = {k: v for k, v in meta[key].items() if k not in missing}
+    return out
+
+
 def crc32c(arr: np.ndarray) -> int:
     return _crc32c.crc32c(np.ascontiguousarray(arr).data)
 
@@ -140,6 +155,9 @@ class StoreWriter:
                 if old.get("format_version") != version:
                     raise StoreError(f"{url} is store format v{old.get('format_version')}, this harvest writes "
                                      f"v{version}; pass --overwrite to replace it")
+                if old.get("fingerprint") != meta["fingerprint"] and old.get("fingerprint") == fingerprint(
+                        _as_written_before(meta, old)):
+                    meta = dict(meta, fingerprint=old["fingerprint"])  # same harvest, from an older writer
                 if old.get("fingerprint") != meta["fingerprint"]:
                     raise StoreError(f"{url} holds a different harvest ({_describe_difference(old, meta)}); "
                                      f"pass --overwrite to replace it or choose another --store")
@@ -202,7 +220,7 @@ class StoreWriter:
         if F.HEAD_GROUP not in g or F.TEXT_GROUP not in g:
             return True
         have_head = set(g[F.HEAD_GROUP].array_keys()) >= {"ln_post_weight", "ln_post_bias", "proj"}
-        if self.recompute and F.MLP_GROUP not in g:
+        if self.recompute and (F.MLP_GROUP not in g or set(g[F.MLP_GROUP].attrs.get("crc32c", {})) != set(F.MLP_WEIGHTS)):
             return True
         return not have_head or not set(template_sets) <= set(g[F.TEXT_GROUP].array_keys())
 
@@ -214,8 +232,15 @@ class StoreWriter:
             if mlp is None:
                 raise ValueError("a store with recomputed targets needs the MLP weights")
             mg = self.group.require_group(F.MLP_GROUP)
-            for name, arr in mlp.items():  # uncompressed: float32 weights do not compress, and this is quicker
-                mg.create_array(name, data=np.asarray(arr, np.float32), overwrite=True, compressors=None)
+            crcs = {}
+            for name, arr in mlp.items():  # one uncompressed chunk each: float32 weights do not compress
+                arr = np.ascontiguousarray(arr, np.float32)
+                mg.create_array(name, data=arr, chunks=arr.shape, overwrite=True, compressors=None)
+                crcs[name] = crc32c(arr)
+            # Checksums last: readers refuse weights without them or not matching them (a lost chunk file
+            # would otherwise read back as zeros and silently give wrong targets).
+            self.loc.fsync_files([f"{F.MLP_GROUP}/{name}/c/" + "/".join("0" * np.ndim(a)) for name, a in mlp.items()])
+            mg.attrs["crc32c"] = crcs
         hg = self.group.require_group(F.HEAD_GROUP)
         for name, arr in head.items():
             hg.create_array(name, data=np.asarray(arr, np.float32), overwrite=True)
