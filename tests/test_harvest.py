@@ -592,6 +592,8 @@ def test_resume_rewrites_only_uncommitted_shards(tmp_path, base_store, folder, c
     (store / "commits" / "shard-000002.json.0123abcd.tmp").write_text("{torn")
     chunk4 = store / "mlp_in" / "c" / "4" / "0" / "0"  # shard 2's first chunk: a torn write from the crash
     chunk4.write_bytes(b"torn")
+    partial = store / "mlp_out" / "c" / "5" / "0" / "0.9f8e7d6c5b4a.partial"  # zarr's temp file of a killed write
+    partial.write_bytes(b"half a chunk")
     before = snapshot(store)
     summary = harvest(store, folder["root"], ckpt)
     assert summary["resumed_shards"] == 2
@@ -599,7 +601,7 @@ def test_resume_rewrites_only_uncommitted_shards(tmp_path, base_store, folder, c
     for key in ("commits/shard-000000.json", "commits/shard-000001.json", "mlp_in/c/0/0/0", "mlp_out/c/3/0/0"):
         assert after[key] == before[key], key  # committed shards are not rewritten
     assert after["mlp_in/c/4/0/0"] != before["mlp_in/c/4/0/0"]
-    assert not list((store / "commits").glob("*.tmp"))
+    assert not list((store / "commits").glob("*.tmp")) and not list(store.rglob("*.partial"))
     assert_same_arrays(store, base_store)
 
 

@@ -92,6 +92,20 @@ class StoreLocation:
                 n += 1
         return n
 
+    def clean_partial_chunk_files(self) -> int:
+        """Drop ``*.partial`` files that zarr's local store leaves when a chunk write is killed (it writes
+        ``<chunk>.<uuid>.partial`` and renames). Never read, but they pile up across crashes. Local stores only:
+        object stores have no partial objects."""
+        if not self.is_local:
+            return 0
+        n = 0
+        for dirpath, _dirs, files in os.walk(self.path("")):
+            for name in files:
+                if name.endswith(".partial"):
+                    os.remove(os.path.join(dirpath, name))
+                    n += 1
+        return n
+
     def fsync_files(self, keys: list[str]) -> None:
         """Flush chunk files to disk before their commit record exists (power-loss safety on local disks)."""
         if not self.is_local:

@@ -167,6 +167,7 @@ class StoreWriter:
                     if clean_temp:
                         loc.clean_temp_files(F.COMMITS_DIR)
                         loc.clean_temp_files("")
+                        loc.clean_partial_chunk_files()
                     return writer
                 # Killed while creating the arrays: nothing can be committed yet, so start afresh.
             loc.remove("")
