@@ -18,6 +18,13 @@ Ratios measured side by side in one run (interleaved repeats, medians). Each lin
 """
 
 
+def sync(device: torch.device | str) -> None:
+    """Wait for queued GPU work, so a wall-clock interval covers it (no-op on CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def machine() -> str:
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()} threads"
     return f"{platform.machine()}, {dev}"

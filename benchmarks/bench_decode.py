@@ -28,29 +28,24 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_common import append_result  # noqa: E402
+from bench_common import append_result, sync  # noqa: E402
 from clt_pipe.clt import sparsifiers as sp  # noqa: E402
 from clt_pipe.clt.model import CrossLayerTranscoder  # noqa: E402
 from clt_pipe.clt.spec import CLTSpec  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def interleaved(fns: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, float]:
     """Median wall seconds of each fn; one warm-up call each, then ``repeats`` rounds calling each in turn."""
     for fn in fns.values():
         fn()
-    _sync(device)
+    sync(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             fn()
-            _sync(device)
+            sync(device)
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
 

@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from bench_common import sync  # noqa: E402
 from clt_pipe.config import FitConfig, build  # noqa: E402
 from clt_pipe.fit.trainer import Trainer  # noqa: E402
 from clt_pipe.store import format as F  # noqa: E402
@@ -107,8 +108,7 @@ def device_epoch(store: ActivationStore, args) -> None:
     while loader.state_dict()["epoch"] == 0:
         next(it)
         n += 1
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
+    sync(args.device)
     dt_ = time.perf_counter() - t0
     loader.close()
     print(f"  loader -> {args.device} alone: {n * args.batch / dt_:,.0f} rows/s; waited on window reads "
@@ -163,14 +163,9 @@ def fit_trainers(url: str, args):
     return a, iter(a.loader), b, ram_batches(), len(X) * (X.element_size() * X[0].numel()) * 2
 
 
-def _sync(trainer: Trainer) -> None:
-    if trainer.device.type == "cuda":
-        torch.cuda.synchronize(trainer.device)
-
-
 def time_steps(trainer: Trainer, batches, n: int, waits: list | None = None) -> float:
     """Wall seconds of n steps; ``waits`` gets the part spent in ``next(batches)`` (waiting for / making data)."""
-    _sync(trainer)
+    sync(trainer.device)
     t0 = time.perf_counter()
     wait = 0.0
     for _ in range(n):
@@ -178,7 +173,7 @@ def time_steps(trainer: Trainer, batches, n: int, waits: list | None = None) -> 
         batch = next(batches)
         wait += time.perf_counter() - t1
         trainer.train_step(batch)
-    _sync(trainer)
+    sync(trainer.device)
     total = time.perf_counter() - t0
     if waits is not None:
         waits.append(wait / total)

@@ -20,16 +20,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from clt_pipe.backbone.capture import resolve_precision, run_capture, token_positions
-from clt_pipe.store.targets import mlp_activation, mlp_weights
+from clt_pipe.backbone.capture import run_capture, token_positions
 from clt_pipe.backbone.loading import Backbone, load_backbone, resolve_device
 from clt_pipe.config import HarvestConfig, parse_token_policy
 from clt_pipe.datasets.base import BadImageError, ImageDataset
 from clt_pipe.datasets.registry import open_dataset
 from clt_pipe.errors import CltPipeError, StoreError
+from clt_pipe.precision import resolve_precision
 from clt_pipe.progress import NullProgress
 from clt_pipe.store import format as F
 from clt_pipe.store.stats import Moments, tensor_moments
+from clt_pipe.store.targets import mlp_activation, mlp_weights
 from clt_pipe.store.writer import ShardWriter, StoreWriter
 
 

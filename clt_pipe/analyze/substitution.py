@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from clt_pipe.analyze.zeroshot import accuracy, classify, cross_entropy, topk_hits
-from clt_pipe.backbone.capture import autocast_context
+from clt_pipe.precision import autocast_context
 from clt_pipe.errors import CltPipeError
 
 

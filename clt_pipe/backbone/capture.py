@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from clt_pipe.backbone.loading import Backbone
+from clt_pipe.precision import autocast_context
 
 
 @dataclass
@@ -88,21 +89,6 @@ def capture_hooks(bb: Backbone, positions: torch.Tensor, out_dtype: torch.dtype,
     finally:
         for h in handles:
             h.remove()
-
-
-def resolve_precision(device: torch.device, precision: str) -> str:
-    """bf16 autocast on CUDA by default; full fp32 on CPU (CPU autocast is slower than fp32 there)."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
-
-
-def autocast_context(device: torch.device, precision: str):
-    precision = resolve_precision(device, precision)
-    if precision == "fp32":
-        return torch.autocast(device_type=device.type, enabled=False)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @torch.inference_mode()

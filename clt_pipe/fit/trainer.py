@@ -27,6 +27,7 @@ from clt_pipe.errors import CheckpointError, CltPipeError
 from clt_pipe.fit import checkpoint as ckpt
 from clt_pipe.fit.distributed import Dist, init_distributed
 from clt_pipe.fit.metrics import MetricsLog
+from clt_pipe.precision import autocast_context
 from clt_pipe.store.loader import ChunkLoader
 from clt_pipe.store.reader import ActivationStore
 
@@ -147,10 +148,7 @@ class Trainer:
 
     # ---- one update ----------------------------------------------------------------------------------
     def amp(self):
-        precision = self.cfg.precision
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        return autocast_context(self.device, self.cfg.precision)
 
     def train_step(self, batch) -> dict:
         self.model.train()

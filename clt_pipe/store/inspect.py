@@ -56,7 +56,7 @@ def store_info(url: str) -> dict:
     return info
 
 
-def _check_shard(s: ActivationStore, shard: int) -> list[str]:
+def _check_shard(s: ActivationStore, shard: int, weights_ok: bool) -> list[str]:
     problems = []
     try:
         rec = s.commit_record(shard)
@@ -79,7 +79,7 @@ def _check_shard(s: ActivationStore, shard: int) -> list[str]:
         for name, arr in zip(F.stored_activation_arrays(s.meta), arrays):
             if crc32c(arr) != want[name]:
                 problems.append(f"chunk {chunk} of {name}: checksum mismatch")
-    if s.recompute and _weights_ok(s):
+    if s.recompute and weights_ok:
         problems += _check_recomputed_targets(s, shard, rec)
     for name, want in rec.get("per_image_crc32c", {}).items():
         if crc32c(s.group[name][imgs.start:imgs.stop]) != want:
@@ -90,14 +90,6 @@ def _check_shard(s: ActivationStore, shard: int) -> list[str]:
 # Recomputing from fp16/bf16-rounded inputs moves the targets by about the inputs' rounding error; far above
 # this means the stored weights or activation do not belong to the stored activations.
 RECOMPUTE_TOLERANCE = {"fp16": 2e-2, "bf16": 5e-2}
-
-
-def _weights_ok(s: ActivationStore) -> bool:
-    try:
-        s.targets_on("cpu")
-    except StoreError:
-        return False  # reported once for the whole store by verify_store
-    return True
 
 
 def _check_recomputed_targets(s: ActivationStore, shard: int, rec: dict) -> list[str]:
@@ -126,16 +118,19 @@ def _check_recomputed_targets(s: ActivationStore, shard: int, rec: dict) -> list
 def verify_store(url: str, threads: int = 4) -> dict:
     s = ActivationStore(url, require_complete=False)
     shards = s.committed_shards()
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        results = list(pool.map(lambda sh: (sh, _check_shard(s, sh)), shards))
-    problems = [(sh, p) for sh, ps in results for p in ps]
-    bad = sorted({sh for sh, _ in problems})
-    if s.recompute and not _weights_ok(s):
+    weights_problem = None
+    if s.recompute:  # checked (checksums of every weight array) once for the store, not per shard
         try:
             s.targets_on("cpu")
         except StoreError as e:
-            problems.append((-1, str(e)))
-            bad.append(-1)
+            weights_problem = str(e)
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        results = list(pool.map(lambda sh: (sh, _check_shard(s, sh, weights_problem is None)), shards))
+    problems = [(sh, p) for sh, ps in results for p in ps]
+    bad = sorted({sh for sh, _ in problems})
+    if weights_problem is not None:
+        problems.append((-1, weights_problem))
+        bad.append(-1)
     if s.is_complete and len(shards) != s.layout.n_shards:
         problems.append((-1, f"COMPLETE.json present but only {len(shards)}/{s.layout.n_shards} shards committed"))
         bad.append(-1)

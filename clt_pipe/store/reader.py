@@ -38,7 +38,7 @@ class ActivationStore:
             raise StoreError(f"{url!r} is store format v{version}; this tool reads "
                              f"{', '.join(f'v{v}' for v in F.KNOWN_VERSIONS)}")
         self.meta = meta
-        self.recompute = F.stored_activation_arrays(meta) == (F.MLP_IN,)
+        self.recompute = F.targets_recomputed(meta)
         self._targets: dict[str, RecomputedTargets] = {}
         self.layout = F.StoreLayout(**meta["layout"])
         self.dtype = meta["activations"]["dtype"]

@@ -93,7 +93,7 @@ class StoreWriter:
         self.fingerprint = meta["fingerprint"]
         self.write_threads = write_threads or default_write_threads()
         self.act_names = F.stored_activation_arrays(meta)
-        self.recompute = self.act_names == (F.MLP_IN,)
+        self.recompute = F.targets_recomputed(meta)
         # zarr's default scans every chunk for all-fill values (NaN-aware) on its one event-loop thread before
         # writing it: measured 214 -> 861 MB/s single-threaded without the scan. Activation chunks are never
         # all-fill, so the scan buys nothing. (Runtime config, not stored: set on every open, resume included.)
