@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from clt_pipe.config import HarvestConfig, build  # noqa: E402
-from clt_pipe.harvest import (ImagePrefetcher, harvest_shards, head_weights, open_inputs, plan,  # noqa: E402
-                              store_meta)
-from clt_pipe.store.targets import mlp_weights  # noqa: E402
+from clt_pipe.harvest.loop import ImagePrefetcher, harvest_shards  # noqa: E402
+from clt_pipe.harvest.plan import head_weights, open_inputs, plan, store_meta  # noqa: E402
+from clt_pipe.backbone.mlp import mlp_weights  # noqa: E402
 from clt_pipe.store.writer import StoreWriter  # noqa: E402
 
 

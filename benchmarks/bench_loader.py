@@ -2,7 +2,7 @@
 
     python benchmarks/bench_loader.py [--images 1400] [--repeats 5] [--fit-steps 15] [--write]
 
-One synthetic store (tests/synthstore.py, Gaussian fp16 rows, the default blosc-lz4-bitshuffle codec, no ViT) of
+One synthetic store (clt_pipe/testing/synthstore.py, Gaussian fp16 rows, the default blosc-lz4-bitshuffle codec, no ViT) of
 ``images x tokens`` rows of ``L x d`` (defaults: 1400 x 50 rows, L 6, d 128: ~215 MB of mlp_in + mlp_out,
 chunks of --chunk-mb) is written to --dir once (reused when it already has these settings).
 Everything is read from a warm page cache (the files were just written; nothing drops caches).
@@ -41,7 +41,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from bench_common import sync  # noqa: E402
 from clt_pipe.config import FitConfig, build  # noqa: E402
@@ -49,7 +48,7 @@ from clt_pipe.fit.trainer import Trainer  # noqa: E402
 from clt_pipe.store import format as F  # noqa: E402
 from clt_pipe.store.loader import Batch, ChunkLoader, split_chunks  # noqa: E402
 from clt_pipe.store.reader import ActivationStore  # noqa: E402
-from synthstore import RandomRows, write_store  # noqa: E402
+from clt_pipe.testing.synthstore import RandomRows, write_store  # noqa: E402
 
 BENCH_FILE = Path(__file__).resolve().parent / "BENCHMARKS.md"
 

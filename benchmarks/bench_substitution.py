@@ -39,9 +39,9 @@ from clt_pipe.clt.model import CrossLayerTranscoder  # noqa: E402
 from clt_pipe.clt.spec import CLTSpec  # noqa: E402
 from clt_pipe.config import HarvestConfig, build  # noqa: E402
 from clt_pipe.datasets.registry import open_dataset  # noqa: E402
-from clt_pipe.harvest import run_harvest  # noqa: E402
+from clt_pipe.harvest.run import run_harvest  # noqa: E402
 from clt_pipe.store.reader import ActivationStore  # noqa: E402
-from tests.fakedata import make_fake_imagefolder  # noqa: E402
+from clt_pipe.testing.fakedata import make_fake_imagefolder  # noqa: E402
 
 TINY = ROOT / "clt_pipe" / "demo" / "assets" / "tiny-clip.json"
 

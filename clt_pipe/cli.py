@@ -19,7 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from clt_pipe import __version__
-from clt_pipe.config import AnalyzeConfig, FitConfig, HarvestConfig, stage_config
+from clt_pipe.config import AnalyzeConfig, FitConfig, HarvestConfig
+from clt_pipe.pipeline import stage_config
 from clt_pipe.errors import CltPipeError
 
 app = typer.Typer(help="Cross-Layer Transcoders for CLIP Vision Transformers: harvest -> fit -> analyze.",
@@ -80,7 +81,7 @@ def _print_summary(title: str, summary: dict) -> None:
 
 @stage_command(HarvestConfig, "harvest", "Run a CLIP ViT over a dataset and write the activation store.")
 def harvest_cmd(cfg: HarvestConfig) -> None:
-    from clt_pipe.harvest import run_harvest
+    from clt_pipe.harvest.run import run_harvest
     from clt_pipe.progress import RichProgress
 
     summary = run_harvest(cfg, RichProgress(err_console), log=err_console.print)
@@ -177,7 +178,7 @@ def store_ls(root: str = typer.Argument("storage/stores", help="Folder or URL pr
 def export_cmd(clt: str = typer.Argument(..., help="Fitted CLT directory (fit --out)"),
                out: str = typer.Argument(..., help="Destination directory")) -> None:
     """Export a fitted CLT with standardisation folded in (raw activations in, raw activations out)."""
-    from clt_pipe.fit.checkpoint import export_run
+    from clt_pipe.clt.rundir import export_run
 
     path = export_run(clt, out)
     console.print(f"exported to {path}")

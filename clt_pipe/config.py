@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
+from clt_pipe.clt.spec import SPARSIFIERS
 from clt_pipe.errors import ConfigError
 
 DEFAULT_STORE_ROOT = "storage/stores"
 TOKEN_POLICY_RE = re.compile(r"^(cls|patches|all|cls\+(\d+))$")
-SPARSIFIERS = ("relu_topk", "abs_topk", "jumprelu", "batchtopk")
 ANALYZE_PARTS = ("fidelity", "attribution", "zeroshot", "openloop", "closedloop", "ablation", "retrieval")
 
 
@@ -291,37 +289,6 @@ def build(cls: type, *layers: Mapping[str, Any] | None, section: str = "") -> An
     except ConfigError as e:
         raise ConfigError(f"{prefix}{e}") from None
     return obj
-
-
-def load_toml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config: file {str(p)!r} not found")
-    try:
-        with p.open("rb") as fh:
-            return tomllib.load(fh)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config: {p}: {e}") from None
-
-
-def stage_config(cls: type, section: str, config_file: str | None, overrides: Mapping[str, Any]) -> Any:
-    """The config of one stage: the ``[section]`` table of ``config_file`` (if given), then CLI ``overrides``.
-
-    A pipeline file (with ``[harvest]``/``[fit]``/``[analyze]`` tables) is read as ``clt-pipe run`` reads it,
-    with ``${ENV}`` expansion and the wiring between stages (fit.store = harvest.store, ...); a flat file
-    holds one stage's keys.
-    """
-    table: dict[str, Any] = {}
-    if config_file:
-        doc = load_toml(config_file)
-        if any(s in doc for s in (*STAGES, "harvest_eval", "pipeline")):
-            from clt_pipe.pipeline import parse_pipeline
-
-            staged = getattr(parse_pipeline(config_file), section)
-            table = to_dict(staged) if staged is not None else {}
-        else:
-            table = doc
-    return build(cls, table, overrides, section=section)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
-from clt_pipe.config import AnalyzeConfig, FitConfig, HarvestConfig, build, load_toml
+from clt_pipe.config import STAGES, AnalyzeConfig, FitConfig, HarvestConfig, build, to_dict
 from clt_pipe.errors import ConfigError
 
 STAGE_ORDER = ("harvest", "harvest_eval", "fit", "analyze")
@@ -86,6 +87,35 @@ def parse_pipeline(path: str | Path, env: dict[str, str] | None = None) -> Pipel
     return Pipeline(meta.get("name", Path(path).stem), harvest, harvest_eval, fit, analyze)
 
 
+def load_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config: file {str(p)!r} not found")
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config: {p}: {e}") from None
+
+
+def stage_config(cls: type, section: str, config_file: str | None, overrides: Mapping[str, Any]) -> Any:
+    """The config of one stage: the ``[section]`` table of ``config_file`` (if given), then CLI ``overrides``.
+
+    A pipeline file (with ``[harvest]``/``[fit]``/``[analyze]`` tables) is read as ``clt-pipe run`` reads it,
+    with ``${ENV}`` expansion and the wiring between stages (fit.store = harvest.store, ...); a flat file
+    holds one stage's keys.
+    """
+    table: dict[str, Any] = {}
+    if config_file:
+        doc = load_toml(config_file)
+        if any(s in doc for s in (*STAGES, "harvest_eval", "pipeline")):
+            staged = getattr(parse_pipeline(config_file), section)
+            table = to_dict(staged) if staged is not None else {}
+        else:
+            table = doc
+    return build(cls, table, overrides, section=section)
+
+
 def _analysis_done(cfg: AnalyzeConfig) -> bool:
     report = Path(cfg.out) / "report.json"
     if not report.is_file():
@@ -97,7 +127,7 @@ def _analysis_done(cfg: AnalyzeConfig) -> bool:
 
 
 def run_pipeline(path: str | Path, *, only: list[str] | None = None, force: bool = False, console=None) -> dict:
-    from clt_pipe.harvest import run_harvest
+    from clt_pipe.harvest.run import run_harvest
     from clt_pipe.progress import NullProgress, RichProgress
 
     pipe = parse_pipeline(path)

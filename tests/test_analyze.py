@@ -20,11 +20,11 @@ from clt_pipe.clt.model import CrossLayerTranscoder
 from clt_pipe.clt.spec import CLTSpec
 from clt_pipe.config import AnalyzeConfig, HarvestConfig, build
 from clt_pipe.errors import CltPipeError, ConfigError, StoreError
-from clt_pipe.fit.checkpoint import load_fitted, save_fitted
-from clt_pipe.harvest import run_harvest
+from clt_pipe.clt.rundir import load_fitted, save_fitted
+from clt_pipe.harvest.run import run_harvest
 from clt_pipe.store.reader import ActivationStore
 from tests.conftest import TINY_MODEL
-from tests.fakedata import make_fake_imagefolder
+from clt_pipe.testing.fakedata import make_fake_imagefolder
 
 N_FEATURES = 128
 
@@ -144,7 +144,7 @@ def test_openloop_exact_clt_equals_baseline(env):
     stub = TrueOutputStub(store)
     windows = ZS.parse_windows(["0-11", "3-11", "7-11", "10-11"], store.n_layers)
     acc = ZS.OpenLoopAccumulator(store, stub, windows, "single", False, torch.device("cpu"))
-    from clt_pipe.analyze.fidelity import iter_chunks
+    from clt_pipe.analyze.stream import iter_chunks
 
     for b in iter_chunks(store, torch.device("cpu"), read_threads=1):
         acc.update(b)

@@ -12,7 +12,8 @@ from clt_pipe.clt.export import fold_standardization, load_clt, save_clt
 from clt_pipe.clt.losses import LossConfig, clt_loss
 from clt_pipe.clt.model import CrossLayerTranscoder, auto_decode
 from clt_pipe.clt.spec import CLTSpec
-from clt_pipe.config import SPARSIFIERS, FitConfig
+from clt_pipe.clt.spec import SPARSIFIERS
+from clt_pipe.config import FitConfig
 from clt_pipe.errors import CheckpointError
 
 L, D, F, K, B = 4, 12, 48, 5, 16

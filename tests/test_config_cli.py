@@ -13,7 +13,8 @@ import typer.main
 from typer.testing import CliRunner
 
 from clt_pipe import cli
-from clt_pipe.config import AnalyzeConfig, FitConfig, HarvestConfig, build, stage_config
+from clt_pipe.config import AnalyzeConfig, FitConfig, HarvestConfig, build
+from clt_pipe.pipeline import stage_config
 from clt_pipe.errors import ConfigError
 from clt_pipe.pipeline import parse_pipeline
 
@@ -145,7 +146,7 @@ def test_readme_commands_parse(monkeypatch):
     exists and each value validates. The commands that run for real (install, test, demo) run in CI.
     """
     seen = []
-    monkeypatch.setattr("clt_pipe.harvest.run_harvest", lambda cfg, *a, **k: seen.append(cfg) or {"dry_run": 1,
+    monkeypatch.setattr("clt_pipe.harvest.run.run_harvest", lambda cfg, *a, **k: seen.append(cfg) or {"dry_run": 1,
                         "bytes_uncompressed": 0})
     monkeypatch.setattr("clt_pipe.fit.trainer.run_fit", lambda cfg, **k: seen.append(cfg) or {})
     monkeypatch.setattr("clt_pipe.analyze.run.run_analyze", lambda cfg, **k: seen.append(cfg) or {})

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from fakedata import make_fake_cifar100, make_fake_coco, make_fake_imagefolder, make_fake_imagenet100
+from clt_pipe.testing.fakedata import make_fake_cifar100, make_fake_coco, make_fake_imagefolder, make_fake_imagenet100
 from PIL import Image
 
 from clt_pipe.datasets.base import BadImageError, DatasetError, ImageDataset, shared_zeroshot_data

@@ -1,4 +1,4 @@
-"""Fit and loader on synthetic stores (tests/synthstore.py): recovery of a known cross-layer dictionary,
+"""Fit and loader on synthetic stores (clt_pipe/testing/synthstore.py): recovery of a known cross-layer dictionary,
 exact resume, export round trip, loader order/coverage/splits, and clean errors on bad input."""
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ from clt_pipe.clt.spec import CLTSpec
 from clt_pipe.config import FitConfig, build
 from clt_pipe.errors import CheckpointError, CltPipeError, ConfigError, StoreError
 from clt_pipe.fit import checkpoint as ckpt
-from clt_pipe.fit.checkpoint import load_fitted
+from clt_pipe.clt import rundir
+from clt_pipe.clt.rundir import load_fitted
 from clt_pipe.fit.trainer import Trainer, run_fit
 from clt_pipe.store import format as F
 from clt_pipe.store.loader import ChunkLoader, split_chunks
 from clt_pipe.store.reader import ActivationStore
 
-from synthstore import CrossLayerData, RandomRows, write_store
+from clt_pipe.testing.synthstore import CrossLayerData, RandomRows, write_store
 
 L, D, T = 4, 32, 8
 TIMING_FIELDS = ("time", "steps_per_s", "tokens_per_s")
@@ -198,7 +199,7 @@ def test_exact_resume(small_store, straight_run, tmp_path):
     with pytest.raises(Interrupt):
         run_fit(fit_cfg(small_store, out, checkpoint_every=10), on_step=interrupt_at(10))
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-00000010"]
-    assert not json.loads((out / ckpt.RUN_FILE).read_text())["finished"]
+    assert not json.loads((out / rundir.RUN_FILE).read_text())["finished"]
     result = run_fit(fit_cfg(small_store, out, checkpoint_every=10, resume=True))
     assert result["steps"] == 20
     assert_same_weights(final_weights(out), final_weights(straight_run))
@@ -220,7 +221,7 @@ def test_exported_clt_reproduces_training_reconstructions(small_store, straight_
     store = ActivationStore(small_store)
     x16, y16 = store.read_chunk(0)
     x = torch.from_numpy(x16[:200]).float()
-    meta = json.loads((straight_run / ckpt.RUN_FILE).read_text())
+    meta = json.loads((straight_run / rundir.RUN_FILE).read_text())
     spec = CLTSpec.from_dict(meta["spec"])
     trained = CrossLayerTranscoder(spec)
     trained.load_state_dict(final_weights(straight_run))  # training parametrisation + standardisation buffers
@@ -368,7 +369,7 @@ def test_missing_store(tmp_path):
     with pytest.raises(StoreError) as e:
         run_fit(fit_cfg(str(tmp_path / "nope.zarr"), tmp_path / "out"))
     assert "not found" in one_line(e)
-    assert not (tmp_path / "out" / ckpt.RUN_FILE).exists()
+    assert not (tmp_path / "out" / rundir.RUN_FILE).exists()
 
 
 def test_incomplete_store(tmp_path):
@@ -452,7 +453,7 @@ def test_corrupt_latest_checkpoint_falls_back(small_store, straight_run, tmp_pat
     result = run_fit(fit_cfg(small_store, out, checkpoint_every=5, resume=True), on_step=watch)
     assert "skipping checkpoint step-00000015" in capsys.readouterr().out
     assert seen == {"step": 11, "prev_kept": True, "corrupt_kept": True}
-    assert result["steps"] == 20 and json.loads((out / ckpt.RUN_FILE).read_text())["finished"]
+    assert result["steps"] == 20 and json.loads((out / rundir.RUN_FILE).read_text())["finished"]
     assert_same_weights(final_weights(out), final_weights(straight_run))  # resumed exactly from step 10
     assert metrics_lines(out) == metrics_lines(straight_run)
 

@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import torch
-from synthstore import RandomRows, write_store
+from clt_pipe.testing.synthstore import RandomRows, write_store
 
 from clt_pipe.fit import checkpoint as ckpt
-from clt_pipe.fit.checkpoint import load_fitted
+from clt_pipe.clt.rundir import load_fitted
 from clt_pipe.store.loader import ChunkLoader
 from clt_pipe.store.reader import ActivationStore
 

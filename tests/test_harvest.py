@@ -22,12 +22,12 @@ import open_clip
 import pytest
 import torch
 import zarr
-from fakedata import make_fake_cifar100, make_fake_imagefolder
+from clt_pipe.testing.fakedata import make_fake_cifar100, make_fake_imagefolder
 from PIL import Image
 
 from clt_pipe.config import HarvestConfig, build
 from clt_pipe.errors import ConfigError, StoreError
-from clt_pipe.harvest import run_harvest
+from clt_pipe.harvest.run import run_harvest
 from clt_pipe.store.reader import ActivationStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -533,7 +533,7 @@ def test_failed_chunk_write_in_the_pool_blocks_the_commit(tmp_path, folder, ckpt
 
 def test_failed_chunk_keeps_failing_its_shard(tmp_path, monkeypatch):
     """A retried commit after a failed chunk must fail again, not commit a shard with a hole in it."""
-    from synthstore import synthetic_meta
+    from clt_pipe.testing.synthstore import synthetic_meta
 
     from clt_pipe.store.writer import ShardWriter, StoreWriter
 

@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 import zarr
-from fakedata import make_fake_imagefolder
+from clt_pipe.testing.fakedata import make_fake_imagefolder
 
 from clt_pipe.config import HarvestConfig, build
-from clt_pipe.harvest import run_harvest
+from clt_pipe.harvest.run import run_harvest
 from clt_pipe.pipeline import run_pipeline
 from clt_pipe.store.inspect import verify_store
 from clt_pipe.store.reader import ActivationStore

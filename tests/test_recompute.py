@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from fakedata import make_fake_imagefolder
+from clt_pipe.testing.fakedata import make_fake_imagefolder
 from scipy.special import erf
 
 from clt_pipe.analyze.run import run_analyze
 from clt_pipe.config import AnalyzeConfig, FitConfig, HarvestConfig, build
 from clt_pipe.errors import ConfigError, StoreError
 from clt_pipe.fit.trainer import run_fit
-from clt_pipe.harvest import run_harvest
+from clt_pipe.harvest.run import run_harvest
 from clt_pipe.store.inspect import store_info, verify_store
 from clt_pipe.store.loader import ChunkLoader
 from clt_pipe.store.reader import ActivationStore
@@ -147,7 +147,7 @@ def test_lost_weight_file_is_an_error_not_zeros(stores, tmp_path):
 
 
 def test_recompute_refuses_an_mlp_it_cannot_rebuild():
-    from clt_pipe.store.targets import mlp_activation, mlp_weights
+    from clt_pipe.backbone.mlp import mlp_activation, mlp_weights
 
     block = torch.nn.Module()
     block.mlp = torch.nn.Sequential()

@@ -6,10 +6,10 @@ import logging
 
 import numpy as np
 import pytest
-from fakedata import make_fake_imagefolder
+from clt_pipe.testing.fakedata import make_fake_imagefolder
 
 from clt_pipe.config import HarvestConfig, build
-from clt_pipe.harvest import run_harvest
+from clt_pipe.harvest.run import run_harvest
 from clt_pipe.store.inspect import verify_store
 from clt_pipe.store.loader import ChunkLoader
 from clt_pipe.store.reader import ActivationStore

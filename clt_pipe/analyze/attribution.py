@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from clt_pipe.analyze.fidelity import TOKEN_TYPES, ChunkBatch, iter_chunks, row_batches
+from clt_pipe.analyze.stream import TOKEN_TYPES, ChunkBatch, iter_chunks, row_batches
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from clt_pipe.analyze.fidelity import ChunkBatch, iter_chunks
+from clt_pipe.analyze.stream import ChunkBatch, iter_chunks
 
 
 def cls_images(store) -> np.ndarray:

@@ -18,11 +18,12 @@ from clt_pipe.analyze import report as R
 from clt_pipe.analyze import retrieval as RT
 from clt_pipe.analyze import substitution as SU
 from clt_pipe.analyze import zeroshot as ZS
-from clt_pipe.analyze.fidelity import FidelityAccumulator, iter_chunks
+from clt_pipe.analyze.fidelity import FidelityAccumulator
+from clt_pipe.analyze.stream import iter_chunks
 from clt_pipe.backbone.loading import load_backbone, resolve_device
 from clt_pipe.config import AnalyzeConfig, to_dict
 from clt_pipe.errors import CltPipeError
-from clt_pipe.fit.checkpoint import load_fitted
+from clt_pipe.clt.rundir import load_fitted
 from clt_pipe.progress import NullProgress, RichProgress
 from clt_pipe.store.reader import ActivationStore
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clt_pipe.analyze.fidelity import ChunkBatch, iter_chunks
+from clt_pipe.analyze.stream import ChunkBatch, iter_chunks
 from clt_pipe.errors import CltPipeError
 
 DEFAULT_LN_EPS = 1e-5

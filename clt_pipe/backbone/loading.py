@@ -6,6 +6,7 @@ fails in seconds with a message saying how to pass a local checkpoint, instead o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -18,6 +19,8 @@ from urllib.parse import urlparse
 import open_clip
 import torch
 
+from clt_pipe.checksums import file_sha256
+from clt_pipe.device import resolve_device
 from clt_pipe.errors import CltPipeError
 
 
@@ -45,21 +48,27 @@ class Backbone:
         return self.model.visual.transformer.resblocks
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CltPipeError(f"device: {device!r} requested but CUDA is not available on this machine")
-    return dev
+class _OpenClipNoise(logging.Filter):
+    """Drops open_clip's info/warning records (e.g. the random-init warning); everything else passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or not record.pathname.startswith(_OPEN_CLIP_DIR)
 
 
-def file_sha256(path: str | Path, block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            h.update(chunk)
-    return h.hexdigest()
+_OPEN_CLIP_DIR = os.path.dirname(open_clip.__file__)
+
+
+@contextlib.contextmanager
+def _quiet_open_clip():
+    """open_clip logs through the root logger (``logging.warning``), so its records are filtered there, and only
+    while a model is built: other libraries' and the user's logging keep their levels."""
+    flt = _OpenClipNoise()
+    root = logging.getLogger()
+    root.addFilter(flt)
+    try:
+        yield
+    finally:
+        root.removeFilter(flt)
 
 
 def state_sha256(module: torch.nn.Module) -> str:
@@ -141,10 +150,9 @@ def load_backbone(model: str, pretrained: str, device: str | torch.device = "cpu
         for key in ("mean", "std", "interpolation", "resize_mode"):
             if key in cfg:
                 kwargs[f"image_{key}"] = cfg[key]
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # open_clip warns on random init
     try:
         # Random init is seeded, so "--pretrained none" names one model: resumes and dask workers agree.
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _quiet_open_clip():
             torch.manual_seed(0)
             clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=dev,
                                                                         **kwargs)

@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
+from clt_pipe.atomic import write_bytes_atomic, write_json_atomic
 from clt_pipe.clt.model import CrossLayerTranscoder
 from clt_pipe.clt.spec import CLTSpec
 from clt_pipe.errors import CheckpointError
@@ -69,9 +69,7 @@ def fold_standardization(model: CrossLayerTranscoder) -> CrossLayerTranscoder:
 
 
 def _atomic_save(tensors: dict[str, Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    write_bytes_atomic(path, save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}))
 
 
 @torch.no_grad()
@@ -120,9 +118,7 @@ def save_clt(
     }
     if spec.sparsifier == "batchtopk":
         meta["batchtopk_updates"] = int(model.bt_updates.item())
-    tmp = out / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, out / META_FILE)
+    write_json_atomic(out / META_FILE, meta, indent=2)
     return out
 
 

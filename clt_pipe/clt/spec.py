@@ -6,9 +6,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from clt_pipe.config import SPARSIFIERS
 from clt_pipe.errors import CheckpointError, ConfigError
 
+SPARSIFIERS = ("relu_topk", "abs_topk", "jumprelu", "batchtopk")
 TOPK_FAMILY = ("relu_topk", "abs_topk")  # per-token TopK: exactly k (index, value) pairs per token and layer
 AUXK_FAMILY = ("relu_topk", "abs_topk", "batchtopk")  # sparsifiers that get the AuxK dead-latent loss
 

@@ -27,7 +27,6 @@ directory, built in a temporary sibling directory and renamed into place only wh
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -44,6 +43,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clt_pipe.atomic import write_json_atomic
+from clt_pipe.checksums import file_sha256
 from clt_pipe.datasets.digits import (
     CLASS_NAMES,
     ENSEMBLE_TEMPLATES,
@@ -86,14 +87,6 @@ class TinyClipArtifacts:
 def asset_config_path() -> Path:
     """The shipped ``tiny-clip.json`` (an open_clip model config)."""
     return Path(str(resources.files("clt_pipe.demo").joinpath(f"assets/{CONFIG_FILE}")))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def default_cache_dir(seed: int = 0) -> Path:
@@ -337,15 +330,13 @@ def train_tiny_clip(out_dir: Path, seed: int = 0, epochs: int = DEFAULT_EPOCHS,
         "zero_shot_top1_test": acc,
         "zero_shot_top1_test_ensemble": acc_ens,
         "final_loss": float(np.mean(losses)) if epochs > 0 else None,
-        "checkpoint_sha256": sha256_file(ckpt_out),
-        "config_sha256": sha256_file(cfg_out),
+        "checkpoint_sha256": file_sha256(ckpt_out),
+        "config_sha256": file_sha256(cfg_out),
         "torch_version": torch.__version__,
         "open_clip_version": getattr(open_clip, "__version__", "unknown"),
         "wall_time_s": round(time.perf_counter() - t_start, 3),
     }
-    tmp_meta = meta_out.with_suffix(".json.tmp")
-    tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp_meta, meta_out)
+    write_json_atomic(meta_out, meta, indent=2)
     log.info("tiny-clip trained in %.1fs: zero-shot test top-1 %.3f", meta["wall_time_s"], acc)
     return TinyClipArtifacts(config_path=cfg_out, checkpoint_path=ckpt_out, meta=meta)
 
@@ -364,10 +355,10 @@ def read_valid_cache(cache_dir: Path, seed: int = 0, config_path: Path | None = 
         return None
     src_config = Path(config_path) if config_path is not None else asset_config_path()
     expected = {"seed": int(seed), "epochs": int(epochs), "recipe_version": RECIPE_VERSION,
-                "config_sha256": sha256_file(src_config)}
+                "config_sha256": file_sha256(src_config)}
     if not isinstance(meta, dict) or any(meta.get(k) != v for k, v in expected.items()):
         return None
-    if sha256_file(cfg) != meta["config_sha256"] or sha256_file(ckpt) != meta.get("checkpoint_sha256"):
+    if file_sha256(cfg) != meta["config_sha256"] or file_sha256(ckpt) != meta.get("checkpoint_sha256"):
         return None
     return TinyClipArtifacts(config_path=cfg, checkpoint_path=ckpt, meta=meta)
 

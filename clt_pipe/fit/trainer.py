@@ -8,7 +8,6 @@ N/2 produce the same weights bit for bit on CPU.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import shutil
 import time
@@ -18,11 +17,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from clt_pipe.backbone.loading import resolve_device
+from clt_pipe.clt import rundir
 from clt_pipe.clt.losses import LossConfig, clt_loss
 from clt_pipe.clt.model import CrossLayerTranscoder
 from clt_pipe.clt.spec import AUXK_FAMILY, CLTSpec
 from clt_pipe.config import FitConfig
+from clt_pipe.device import resolve_device
 from clt_pipe.errors import CheckpointError, CltPipeError
 from clt_pipe.fit import checkpoint as ckpt
 from clt_pipe.fit.distributed import Dist, init_distributed
@@ -71,14 +71,14 @@ def _comparable(cfg: dict) -> dict:
 
 def prepare_out_dir(cfg: FitConfig, store: ActivationStore) -> None:
     out = Path(cfg.out)
-    run_file = out / ckpt.RUN_FILE
+    run_file = out / rundir.RUN_FILE
     has_state = run_file.exists() or ckpt.list_checkpoints(out)
     if not has_state:
         return
     if cfg.overwrite:
         shutil.rmtree(out)
         return
-    old = json.loads(run_file.read_text()) if run_file.exists() else ckpt.latest_config(out)
+    old = rundir.read_json(run_file, "") if run_file.exists() else ckpt.latest_config(out)
     old_cfg = (old or {}).get("config", {})
     if _comparable(old_cfg) != _comparable(dataclasses.asdict(cfg)):
         diff = sorted(k for k in _comparable(dataclasses.asdict(cfg))
@@ -186,7 +186,7 @@ def _fit(cfg: FitConfig, store: ActivationStore, dist: Dist, device: torch.devic
         prepare_out_dir(cfg, store)
     dist.barrier()
     out = Path(cfg.out)
-    if (out / ckpt.RUN_FILE).exists() and json.loads((out / ckpt.RUN_FILE).read_text()).get("finished"):
+    if (out / rundir.RUN_FILE).exists() and rundir.read_json(out / rundir.RUN_FILE, "").get("finished"):
         return {"already_finished": True, "out": str(out)}
     spec_for(cfg, store)  # k >= F and other spec errors before anything is written
     try:
@@ -200,8 +200,7 @@ def _fit(cfg: FitConfig, store: ActivationStore, dist: Dist, device: torch.devic
     if loaded is not None:
         trainer.load_state(*loaded)
     elif dist.is_main:
-        ckpt.write_json_atomic(out / ckpt.RUN_FILE, dict(meta, run_format_version=ckpt.RUN_FORMAT_VERSION,
-                                                         finished=False))
+        rundir.write_run(out, meta, finished=False)
     log = MetricsLog(out / "metrics.jsonl", trainer.spec.n_layers, console=console, total_steps=cfg.steps,
                      resume_step=trainer.step) if dist.is_main else None
     t0, start_step = time.perf_counter(), trainer.step
@@ -229,7 +228,7 @@ def _fit(cfg: FitConfig, store: ActivationStore, dist: Dist, device: torch.devic
         trainer.loader.close()
     checkpoint()
     if dist.is_main:
-        ckpt.save_fitted(out, trainer.model.cpu(), meta)
+        rundir.save_fitted(out, trainer.model.cpu(), meta)
     dist.barrier()
     elapsed = time.perf_counter() - t0
     steps = trainer.step - start_step

@@ -6,11 +6,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from clt_pipe.checksums import crc32c
 from clt_pipe.errors import StoreError
 from clt_pipe.store import format as F
 from clt_pipe.store.location import StoreLocation
 from clt_pipe.store.reader import ActivationStore
-from clt_pipe.store.writer import crc32c
 
 
 def _stored_bytes(store: ActivationStore) -> int:

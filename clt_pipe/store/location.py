@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
-from pathlib import Path
 from typing import Any
 
 import fsspec
 import zarr
 import zarr.storage
 
+from clt_pipe.atomic import fsync_file, json_bytes, write_bytes_atomic
 from clt_pipe.errors import StoreError
 
 
@@ -53,20 +52,12 @@ class StoreLocation:
 
     def write_json_atomic(self, key: str, obj: dict) -> None:
         """Readers see the old file or the whole new one, never a torn one."""
-        data = json.dumps(obj, indent=1, sort_keys=True).encode()
-        self.write_bytes_atomic(key, data)
+        self.write_bytes_atomic(key, json_bytes(obj))
 
     def write_bytes_atomic(self, key: str, data: bytes) -> None:
         target = self.path(key)
         if self.is_local:
-            Path(target).parent.mkdir(parents=True, exist_ok=True)
-            tmp = f"{target}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-            _fsync_dir(os.path.dirname(target))
+            write_bytes_atomic(target, data)
         else:
             # One PUT: object stores make a single-part upload visible atomically.
             self.fs.pipe_file(target, data)
@@ -111,24 +102,5 @@ class StoreLocation:
         if not self.is_local:
             return
         for key in keys:
-            try:
-                fd = os.open(self.path(key), os.O_RDONLY)
-            except FileNotFoundError:
-                continue  # zarr skips an all-fill chunk of the per-image arrays
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(self.path(key))  # False for an all-fill per-image chunk, which zarr does not write
 
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from functools import cached_property
 
 import numpy as np
@@ -10,14 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import zarr
-from zarr.core.buffer.cpu import NDBuffer
-from zarr.core.sync import sync
 
 from clt_pipe.errors import StoreError
 from clt_pipe.store import commits
 from clt_pipe.store import format as F
 from clt_pipe.store.location import StoreLocation
 from clt_pipe.store.targets import RecomputedTargets
+from clt_pipe.store.zarrio import read_rows_into
 
 
 class ActivationStore:
@@ -106,20 +104,11 @@ class ActivationStore:
         zarr's single event-loop thread), and no intermediate copy (~20 % per chunk). ``y`` is None (and
         nothing is read for it) when targets are recomputed."""
         arrays = [self.group[name] for name in F.stored_activation_arrays(self.meta)]
-        for arr, out in zip(arrays, pieces[0][1:] if pieces else ()):
-            if out.dtype != arr.dtype:  # zarr would convert values silently (uint16 bf16 bits into float16)
-                raise TypeError(f"read_chunks_into: {arr.basename} is {arr.dtype}, the buffer {out.dtype}")
-
-        async def read_all():
-            reads = []
-            for chunk, x, y in pieces:
-                rows = self.layout.chunk_rows(int(chunk))
-                for arr, out in zip(arrays, (x, y)):
-                    reads.append(arr._async_array.get_orthogonal_selection(
-                        (slice(rows.start, rows.stop),), out=NDBuffer.from_numpy_array(out)))
-            await asyncio.gather(*reads)
-
-        sync(read_all())
+        blocks = []
+        for chunk, x, y in pieces:
+            rows = self.layout.chunk_rows(int(chunk))
+            blocks += [(arr, slice(rows.start, rows.stop), out) for arr, out in zip(arrays, (x, y))]
+        read_rows_into(blocks)
 
     def decode(self, arr: np.ndarray) -> np.ndarray:
         return F.decode_activations(arr, self.dtype)

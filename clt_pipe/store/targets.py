@@ -8,48 +8,13 @@ inputs; each shard keeps its first image's true outputs (``mlp_out_check``) so `
 
 from __future__ import annotations
 
-import crc32c as _crc32c
 import numpy as np
 import torch
 import torch.nn.functional as F_
 
-from clt_pipe.errors import ConfigError, StoreError
+from clt_pipe.checksums import crc32c
+from clt_pipe.errors import StoreError
 from clt_pipe.store import format as F
-
-
-def mlp_activation(blocks) -> str:
-    """The activation of every block's MLP. Only the plain ``c_fc -> GELU/QuickGELU -> c_proj`` MLP of
-    open_clip's ViTs can be recomputed from stored weights; anything else is refused."""
-    from open_clip.transformer import QuickGELU
-
-    acts = set()
-    for i, block in enumerate(blocks):
-        names = [n for n, _ in block.mlp.named_children()]
-        act = getattr(block.mlp, "gelu", None)
-        if names != ["c_fc", "gelu", "c_proj"]:
-            raise ConfigError(f"targets=recompute: block {i}'s MLP is {names}, not c_fc -> gelu -> c_proj; "
-                              f"use --targets stored")
-        if isinstance(act, QuickGELU):
-            acts.add("quick_gelu")
-        elif isinstance(act, torch.nn.GELU):
-            acts.add("gelu" if act.approximate == "none" else "gelu_tanh")
-        else:
-            raise ConfigError(f"targets=recompute: unsupported MLP activation {type(act).__name__}; "
-                              f"use --targets stored")
-    if len(acts) != 1:
-        raise ConfigError(f"targets=recompute: the blocks use different activations {sorted(acts)}")
-    return acts.pop()
-
-
-def mlp_weights(blocks) -> dict[str, np.ndarray]:
-    """Every block's MLP weights stacked over layers (float32), as the store's ``mlp_weights/`` group."""
-    mlp_activation(blocks)
-
-    def stack(attr: str, param: str) -> np.ndarray:
-        return torch.stack([getattr(getattr(b.mlp, attr), param).detach().float().cpu() for b in blocks]).numpy()
-
-    return {"fc_weight": stack("c_fc", "weight"), "fc_bias": stack("c_fc", "bias"),
-            "proj_weight": stack("c_proj", "weight"), "proj_bias": stack("c_proj", "bias")}
 
 
 class RecomputedTargets:
@@ -61,7 +26,7 @@ class RecomputedTargets:
         self.activation = activation
         arrays = {k: np.asarray(group[k][:], np.float32) for k in F.MLP_WEIGHTS}
         want = group.attrs.get("crc32c", {})
-        bad = [k for k, a in arrays.items() if want.get(k) != _crc32c.crc32c(np.ascontiguousarray(a).data)]
+        bad = [k for k, a in arrays.items() if want.get(k) != crc32c(a)]
         if bad:
             raise StoreError(f"{F.MLP_GROUP}/{', '.join(bad)}: missing or damaged (checksum), so the targets "
                              f"cannot be recomputed; re-run the harvest with --overwrite")

@@ -8,7 +8,6 @@ the merged statistics and ``images.parquet``. Until then no reader treats the st
 
 from __future__ import annotations
 
-import asyncio
 import datetime as _dt
 import hashlib
 import json
@@ -17,19 +16,19 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import crc32c as _crc32c
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
-from zarr.core.sync import sync
 
 from clt_pipe import __version__
+from clt_pipe.checksums import crc32c
 from clt_pipe.errors import StoreError
 from clt_pipe.store import commits
 from clt_pipe.store import format as F
 from clt_pipe.store.location import StoreLocation
 from clt_pipe.store.stats import Moments
+from clt_pipe.store.zarrio import chunk_key, write_rows
 
 # Root-attribute keys whose change makes an existing store a different store (refuse unless --overwrite).
 IDENTITY_KEYS = ("model", "dataset", "tokens", "activations", "layout", "preprocess")
@@ -55,10 +54,6 @@ def _as_written_before(meta: dict, old: dict) -> dict:
         if missing:
             out[key] = {k: v for k, v in meta[key].items() if k not in missing}
     return out
-
-
-def crc32c(arr: np.ndarray) -> int:
-    return _crc32c.crc32c(np.ascontiguousarray(arr).data)
 
 
 def now() -> str:
@@ -97,14 +92,21 @@ class StoreWriter:
         # zarr's default scans every chunk for all-fill values (NaN-aware) on its one event-loop thread before
         # writing it: measured 214 -> 861 MB/s single-threaded without the scan. Activation chunks are never
         # all-fill, so the scan buys nothing. (Runtime config, not stored: set on every open, resume included.)
-        self._act = {}
+        self._act: dict[str, zarr.Array] = {}
+        self._arrays: dict[str, zarr.Array] = {}
         self._pool: ThreadPoolExecutor | None = None
         # Groups of up to write_threads chunks being written at once: bounds the memory held by full chunks.
         self._in_flight = threading.BoundedSemaphore(WRITE_GROUPS_IN_FLIGHT)
 
+    def array(self, name: str) -> zarr.Array:
+        """An array of the group, opened once (each open reads its metadata from the store)."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
     def activation_array(self, name: str) -> zarr.Array:
         if name not in self._act:
-            self._act[name] = self.group[name].with_config({"write_empty_chunks": True})
+            self._act[name] = self.array(name).with_config({"write_empty_chunks": True})
         return self._act[name]
 
     def submit_write(self, fn, *args) -> Future:
@@ -240,7 +242,7 @@ class StoreWriter:
                 crcs[name] = crc32c(arr)
             # Checksums last: readers refuse weights without them or not matching them (a lost chunk file
             # would otherwise read back as zeros and silently give wrong targets).
-            self.loc.fsync_files([f"{F.MLP_GROUP}/{name}/c/" + "/".join("0" * np.ndim(a)) for name, a in mlp.items()])
+            self.loc.fsync_files([chunk_key(mg[name], 0) for name in mlp])
             mg.attrs["crc32c"] = crcs
         hg = self.group.require_group(F.HEAD_GROUP)
         for name, arr in head.items():
@@ -417,14 +419,8 @@ class ShardWriter:
         threads. On 2 cores 1.2-1.5 GB/s, against ~1.05 GB/s for one synchronous call per chunk from a thread
         pool (every such call round-trips through zarr's single event-loop thread)."""
         lay = self.store.layout
-        arrays = [(name, self.store.activation_array(name)._async_array) for name in self.store.act_names]
-
-        async def write_all():
-            await asyncio.gather(*(arr.setitem(slice(lay.chunk_rows(c).start, lay.chunk_rows(c).stop),
-                                               bufs[name][:len(lay.chunk_rows(c))])
-                                   for c, bufs in group for name, arr in arrays))
-
-        sync(write_all())
+        write_rows([(self.store.activation_array(name), slice(lay.chunk_rows(c).start, lay.chunk_rows(c).stop),
+                     bufs[name][:len(lay.chunk_rows(c))]) for c, bufs in group for name in self.store.act_names])
         out = [(c, {name: crc32c(bufs[name][:len(lay.chunk_rows(c))]) for name in self.store.act_names})
                for c, bufs in group]
         # Flushed here, off the writer thread; commit()'s fsync of the same files then finds nothing to write.
@@ -456,8 +452,7 @@ class ShardWriter:
                                f"written; not committing it")
 
     def _chunk_key(self, name: str, chunk: int) -> str:
-        """A chunk's file (zarr v3 default key encoding: ``name/c/i/j/...``)."""
-        return f"{name}/c/{chunk}" + "/0" * (self.store.group[name].ndim - 1)
+        return chunk_key(self.store.array(name), chunk)
 
     def _chunk_keys(self) -> list[str]:
         """Every chunk file this shard wrote."""
@@ -465,11 +460,9 @@ class ShardWriter:
         for c in self.store.layout.shard_chunks(self.shard):
             for name in (*self.store.act_names, *F.PER_IMAGE_ARRAYS):
                 keys.append(self._chunk_key(name, c))
-        if self.store.recompute:
-            keys.append(f"{F.MLP_OUT_CHECK}/c/{self.shard}/0/0/0")
-        for side in ("in", "out"):
-            keys.append(f"{F.STATS_GROUP}/shard_moments_{side}/c/{self.shard}/0/0/0")
-        keys.append(f"{F.STATS_GROUP}/shard_count/c/{self.shard}")
+        per_shard = [f"{F.STATS_GROUP}/shard_moments_in", f"{F.STATS_GROUP}/shard_moments_out",
+                     f"{F.STATS_GROUP}/shard_count"] + ([F.MLP_OUT_CHECK] if self.store.recompute else [])
+        keys += [self._chunk_key(name, self.shard) for name in per_shard]
         return keys
 
     def commit(self) -> dict:

@@ -1,124 +1,30 @@
-"""`clt-pipe harvest`: images -> CLIP ViT -> activation store.
+"""The harvest batch loop: images -> capture on the device -> (host copy) -> writer thread -> shard commits.
 
-The forward pass runs on the device while a writer thread compresses and writes the previous batch
-(bounded queue), and a thread pool decodes and preprocesses the next images: with the GPU the three overlap.
-Shards are the unit of work, commit and resume: a shard's batches are fixed by the layout, so rewriting an
-uncommitted shard reproduces bit for bit what an uninterrupted run writes.
+The forward pass runs on the device while a writer thread compresses and writes the previous batch (bounded
+queue), and a thread pool decodes and preprocesses the next images: with a GPU the three overlap. Shards are the
+unit of work, commit and resume: a shard's batches are fixed by the layout, so rewriting an uncommitted shard
+reproduces bit for bit what an uninterrupted run writes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
 import queue
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from clt_pipe.backbone.capture import run_capture, token_positions
-from clt_pipe.backbone.loading import Backbone, load_backbone, resolve_device
+from clt_pipe.backbone.capture import Captured, run_capture, token_positions
+from clt_pipe.backbone.loading import Backbone
 from clt_pipe.config import HarvestConfig, parse_token_policy
 from clt_pipe.datasets.base import BadImageError, ImageDataset
-from clt_pipe.datasets.registry import open_dataset
-from clt_pipe.errors import CltPipeError, StoreError
-from clt_pipe.precision import resolve_precision
+from clt_pipe.errors import StoreError
 from clt_pipe.progress import NullProgress
-from clt_pipe.store import format as F
 from clt_pipe.store.stats import Moments, tensor_moments
-from clt_pipe.store.targets import mlp_activation, mlp_weights
 from clt_pipe.store.writer import ShardWriter, StoreWriter
-
-
-@dataclass
-class HarvestPlan:
-    layout: F.StoreLayout
-    bytes_uncompressed: int
-
-
-def open_inputs(cfg: HarvestConfig) -> tuple[ImageDataset, Backbone]:
-    dataset = open_dataset(cfg.dataset, cfg.data_root, cfg.split, coco_label_rule=cfg.coco_label_rule)
-    bb = load_backbone(cfg.model, cfg.pretrained, resolve_device(cfg.device))
-    return dataset, bb
-
-
-def n_images(cfg: HarvestConfig, dataset: ImageDataset) -> int:
-    return min(len(dataset), cfg.limit) if cfg.limit else len(dataset)
-
-
-def plan(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone) -> HarvestPlan:
-    policy, k = parse_token_policy(cfg.tokens)
-    n_pos = bb.identity["n_positions"]
-    T = len(token_positions(policy, k, n_pos, 0, cfg.seed))
-    L, d = bb.identity["n_layers"], bb.identity["d_model"]
-    layout = F.StoreLayout.plan(n_images(cfg, dataset), T, L, d, 2, cfg.chunk_mb, cfg.chunks_per_shard)
-    n_arrays = 1 if cfg.targets == "recompute" else 2
-    return HarvestPlan(layout, n_arrays * layout.n_tokens * L * d * 2)
-
-
-@torch.inference_mode()
-def text_classifiers(bb: Backbone, class_names: list[str], templates: dict[str, list[str]],
-                     sets: list[str]) -> dict[str, np.ndarray]:
-    """Per template set: the mean of normalised prompt embeddings per class, renormalised ([C, e])."""
-    out = {}
-    for name in sets:
-        if name not in templates:
-            raise CltPipeError(f"template_sets: {name!r} is not a template set of this dataset "
-                               f"(has: {', '.join(templates)})")
-        rows = []
-        for c in class_names:
-            tokens = bb.tokenizer([t.replace("{c}", c) for t in templates[name]]).to(bb.device)
-            emb = bb.model.encode_text(tokens).float()
-            emb = emb / emb.norm(dim=-1, keepdim=True)
-            mean = emb.mean(0)
-            rows.append((mean / mean.norm()).cpu().numpy())
-        out[name] = np.stack(rows)
-    return out
-
-
-def sources_sha256(dataset: ImageDataset, n: int) -> str:
-    """Identifies the exact images (and labels) of a harvest: another dataset of the same shape differs here."""
-    h = hashlib.sha256()
-    for i in range(n):
-        r = dataset.record(i)
-        h.update(f"{r.source}\t{r.label}\n".encode())
-    return h.hexdigest()
-
-
-def store_meta(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, hp: HarvestPlan) -> dict:
-    policy, k = parse_token_policy(cfg.tokens)
-    pre = bb.visual.preprocess_cfg if hasattr(bb.visual, "preprocess_cfg") else {}
-    return {
-        "model": bb.identity,
-        "preprocess": {k2: (list(v) if isinstance(v, tuple) else v) for k2, v in pre.items()},
-        "dataset": {"name": dataset.name, "split": dataset.split, "n_images": hp.layout.n_images,
-                    "class_names": list(dataset.class_names), "data_root": cfg.data_root,
-                    "coco_label_rule": cfg.coco_label_rule if dataset.name == "coco" else None,
-                    "sources_sha256": sources_sha256(dataset, hp.layout.n_images)},
-        "templates": {k2: list(v) for k2, v in dataset.templates.items()},
-        "tokens": {"policy": policy if policy != "cls+k" else f"cls+{k}", "k": k,
-                   "tokens_per_image": hp.layout.tokens_per_image, "seed": cfg.seed},
-        # The forward's precision is identity: resuming a CPU (fp32) harvest on a GPU (bf16 autocast) would mix
-        # slightly different activations in one store.
-        "activations": {"dtype": cfg.dtype, "storage_dtype": str(F.storage_dtype(cfg.dtype)),
-                        "compressor": cfg.compressor, "forward_precision": resolve_precision(bb.device, cfg.precision),
-                        # Only a recompute store names its targets, so stored-target identities stay as they were.
-                        **({"targets": "recompute", "mlp_activation": mlp_activation(bb.blocks)}
-                           if cfg.targets == "recompute" else {}),
-                        "mlp_in": "ln_2 output (MLP input)", "mlp_out": "mlp output (before ls_2 and the residual add)"},
-        "layout": hp.layout.to_dict(),
-    }
-
-
-def head_weights(bb: Backbone) -> dict[str, np.ndarray]:
-    v = bb.visual
-    return {"ln_post_weight": v.ln_post.weight.detach().float().cpu().numpy(),
-            "ln_post_bias": v.ln_post.bias.detach().float().cpu().numpy(),
-            "proj": v.proj.detach().float().cpu().numpy()}
 
 
 class ImagePrefetcher:
@@ -209,7 +115,7 @@ def harvest_shards(cfg: HarvestConfig, writer: StoreWriter, dataset: ImageDatase
             loop.writer_thread.stop()
             loop.prefetch.close()
     except OSError as e:
-        raise _disk_error(e, writer.loc.url) from None
+        raise disk_error(e, writer.loc.url) from None
     return loop.counters
 
 
@@ -277,15 +183,13 @@ class ShardHarvest:
         self.progress.advance(len(idx), images=len(idx), tokens=n_tok, MB=nbytes / 1e6)
 
 
-def _disk_error(e: OSError, url: str) -> StoreError:
+def disk_error(e: OSError, url: str) -> StoreError:
     what = "disk full" if e.errno == errno.ENOSPC else f"write failed ({e.strerror or e})"
     return StoreError(f"{what} while writing {url}; the shard in progress was not committed, "
                       f"free space and re-run the same command to resume")
 
 
 def _copy_to_pinned_host(cap):
-    from clt_pipe.backbone.capture import Captured
-
     def host(t):
         h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         h.copy_(t, non_blocking=True)
@@ -314,71 +218,3 @@ def _commit(sw: ShardWriter, counters: dict):
     counters["shards"] += 1
 
 
-def estimate_seconds_per_image(bb: Backbone, batch_size: int, precision: str) -> float:
-    """Time one forward on random pixels (after a warm-up) - for --dry-run."""
-    img = bb.identity["image_size"]
-    hw = tuple(img) if isinstance(img, list) else (img, img)
-    x = torch.randn(min(batch_size, 8), 3, *hw, device=bb.device)
-    pos = torch.zeros(x.shape[0], 1, dtype=torch.long, device=bb.device)
-    run_capture(bb, x, pos, torch.float16, precision)
-    t0 = time.perf_counter()
-    run_capture(bb, x, pos, torch.float16, precision)
-    if bb.device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / x.shape[0]
-
-
-def run_harvest(cfg: HarvestConfig, progress=NullProgress(), log=print) -> dict:
-    dataset, bb = open_inputs(cfg)
-    hp = plan(cfg, dataset, bb)
-    lay = hp.layout
-    if cfg.dry_run:
-        spi = estimate_seconds_per_image(bb, cfg.batch_size, cfg.precision)
-        return {"dry_run": True, "n_images": lay.n_images, "tokens_per_image": lay.tokens_per_image,
-                "n_tokens": lay.n_tokens, "bytes_uncompressed": hp.bytes_uncompressed, "n_shards": lay.n_shards,
-                "n_chunks": lay.n_chunks, "rows_per_chunk": lay.rows_per_chunk,
-                "estimated_seconds": spi * lay.n_images, "device": str(bb.device)}
-    meta = store_meta(cfg, dataset, bb, hp)
-    try:
-        return _write_store(cfg, dataset, bb, meta, progress, log)
-    except OSError as e:
-        raise _disk_error(e, cfg.store) from None
-
-
-def _write_store(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, meta: dict, progress, log) -> dict:
-    writer = StoreWriter.open(cfg.store, meta, overwrite=cfg.overwrite, write_threads=cfg.write_threads)
-    try:
-        return _fill_store(cfg, dataset, bb, writer, progress, log)
-    except BaseException:
-        writer.close(cancel=True)
-        raise
-
-
-def _fill_store(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, writer: StoreWriter, progress,
-                log) -> dict:
-    lay = writer.layout
-    if writer.is_complete():
-        return {"already_complete": True, "store": cfg.store, "n_shards": lay.n_shards}
-    if writer.missing_constants(cfg.template_sets):
-        classifiers = text_classifiers(bb, dataset.class_names, dataset.templates, cfg.template_sets)
-        writer.write_constants(head_weights(bb), classifiers,
-                               mlp_weights(bb.blocks) if cfg.targets == "recompute" else None)
-    todo = sorted(set(range(lay.n_shards)) - writer.committed_shards())
-    resumed = lay.n_shards - len(todo)
-    if resumed:
-        log(f"resuming: {resumed}/{lay.n_shards} shards already committed")
-    t0 = time.perf_counter()
-    progress.start("harvest", sum(len(lay.shard_images(s)) for s in todo))
-    try:
-        if cfg.workers or cfg.scheduler:
-            from clt_pipe.scale.dask_harvest import harvest_with_dask
-
-            counters = harvest_with_dask(cfg, todo, progress)
-        else:
-            counters = harvest_shards(cfg, writer, dataset, bb, todo, progress)
-    finally:
-        progress.stop()
-    elapsed = time.perf_counter() - t0
-    records = [dataset.record(i) for i in range(lay.n_images)]
-    summary = writer.finalize(records, dataset.split)
-    return {**summary, **counters, "seconds": elapsed, "resumed_shards": resumed, "store": cfg.store}

@@ -12,7 +12,9 @@ import dataclasses
 import logging
 
 from clt_pipe.config import HarvestConfig, build
-from clt_pipe.store.writer import default_write_threads
+from clt_pipe.harvest.loop import harvest_shards
+from clt_pipe.harvest.plan import open_inputs, plan, store_meta
+from clt_pipe.store.writer import StoreWriter, default_write_threads
 
 
 def _worker_device(device: str) -> str:
@@ -32,9 +34,6 @@ def _worker_device(device: str) -> str:
 
 
 def harvest_shard_group(cfg_dict: dict, shards: list[int]) -> dict:
-    from clt_pipe.harvest import harvest_shards, open_inputs, plan, store_meta
-    from clt_pipe.store.writer import StoreWriter
-
     cfg = build(HarvestConfig, cfg_dict)
     cfg.device = _worker_device(cfg.device)
     dataset, bb = open_inputs(cfg)

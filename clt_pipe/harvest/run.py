@@ -1,0 +1,87 @@
+"""`clt-pipe harvest`: images -> CLIP ViT -> activation store (plan, then the loop or the dask workers)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from clt_pipe.backbone.capture import run_capture
+from clt_pipe.backbone.loading import Backbone
+from clt_pipe.backbone.mlp import mlp_weights
+from clt_pipe.config import HarvestConfig
+from clt_pipe.datasets.base import ImageDataset
+from clt_pipe.harvest.loop import disk_error, harvest_shards
+from clt_pipe.harvest.plan import head_weights, open_inputs, plan, store_meta, text_classifiers
+from clt_pipe.progress import NullProgress
+from clt_pipe.store.writer import StoreWriter
+
+
+def estimate_seconds_per_image(bb: Backbone, batch_size: int, precision: str) -> float:
+    """Time one forward on random pixels (after a warm-up) - for --dry-run."""
+    img = bb.identity["image_size"]
+    hw = tuple(img) if isinstance(img, list) else (img, img)
+    x = torch.randn(min(batch_size, 8), 3, *hw, device=bb.device)
+    pos = torch.zeros(x.shape[0], 1, dtype=torch.long, device=bb.device)
+    run_capture(bb, x, pos, torch.float16, precision)
+    t0 = time.perf_counter()
+    run_capture(bb, x, pos, torch.float16, precision)
+    if bb.device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / x.shape[0]
+
+
+def run_harvest(cfg: HarvestConfig, progress=NullProgress(), log=print) -> dict:
+    dataset, bb = open_inputs(cfg)
+    hp = plan(cfg, dataset, bb)
+    lay = hp.layout
+    if cfg.dry_run:
+        spi = estimate_seconds_per_image(bb, cfg.batch_size, cfg.precision)
+        return {"dry_run": True, "n_images": lay.n_images, "tokens_per_image": lay.tokens_per_image,
+                "n_tokens": lay.n_tokens, "bytes_uncompressed": hp.bytes_uncompressed, "n_shards": lay.n_shards,
+                "n_chunks": lay.n_chunks, "rows_per_chunk": lay.rows_per_chunk,
+                "estimated_seconds": spi * lay.n_images, "device": str(bb.device)}
+    meta = store_meta(cfg, dataset, bb, hp)
+    try:
+        return _write_store(cfg, dataset, bb, meta, progress, log)
+    except OSError as e:
+        raise disk_error(e, cfg.store) from None
+
+
+def _write_store(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, meta: dict, progress, log) -> dict:
+    writer = StoreWriter.open(cfg.store, meta, overwrite=cfg.overwrite, write_threads=cfg.write_threads)
+    try:
+        return _fill_store(cfg, dataset, bb, writer, progress, log)
+    except BaseException:
+        writer.close(cancel=True)
+        raise
+
+
+def _fill_store(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, writer: StoreWriter, progress,
+                log) -> dict:
+    lay = writer.layout
+    if writer.is_complete():
+        return {"already_complete": True, "store": cfg.store, "n_shards": lay.n_shards}
+    if writer.missing_constants(cfg.template_sets):
+        classifiers = text_classifiers(bb, dataset.class_names, dataset.templates, cfg.template_sets)
+        writer.write_constants(head_weights(bb), classifiers,
+                               mlp_weights(bb.blocks) if cfg.targets == "recompute" else None)
+    todo = sorted(set(range(lay.n_shards)) - writer.committed_shards())
+    resumed = lay.n_shards - len(todo)
+    if resumed:
+        log(f"resuming: {resumed}/{lay.n_shards} shards already committed")
+    t0 = time.perf_counter()
+    progress.start("harvest", sum(len(lay.shard_images(s)) for s in todo))
+    try:
+        if cfg.workers or cfg.scheduler:
+            from clt_pipe.harvest.dask import harvest_with_dask
+
+            counters = harvest_with_dask(cfg, todo, progress)
+        else:
+            counters = harvest_shards(cfg, writer, dataset, bb, todo, progress)
+    finally:
+        progress.stop()
+    elapsed = time.perf_counter() - t0
+    records = [dataset.record(i) for i in range(lay.n_images)]
+    summary = writer.finalize(records, dataset.split)
+    return {**summary, **counters, "seconds": elapsed, "resumed_shards": resumed, "store": cfg.store}
