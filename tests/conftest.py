@@ -20,3 +20,12 @@ TINY_MODEL = REPO / "clt_pipe" / "demo" / "assets" / "tiny-clip.json"
 def tiny_model_config() -> pathlib.Path:
     """A tiny open_clip CLIP config (6 layers, width 64, 32 px, 8 px patches -> 17 tokens)."""
     return TINY_MODEL
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_one_epoch(tmp_path_factory):
+    """The demo's tiny CLIP trained for one epoch (seed 0), once per test session: the determinism and cache
+    tests compare against it instead of each training their own."""
+    from clt_pipe.demo import tinyclip as tc
+
+    return tc.train_tiny_clip(tmp_path_factory.mktemp("tiny-clip-1ep"), seed=0, epochs=1)

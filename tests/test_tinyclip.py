@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+from clt_pipe.checksums import file_sha256
 from clt_pipe.datasets.base import DatasetError, ImageDataset
 from clt_pipe.datasets.digits import CLASS_NAMES, DigitsDataset, load_digits_arrays
 from clt_pipe.demo import tinyclip as tc
@@ -94,7 +95,7 @@ def test_short_training_writes_loadable_checkpoint_with_meta(short_run):
     assert meta == arts.meta
     assert meta["seed"] == 0 and meta["epochs"] == SHORT_EPOCHS
     assert meta["n_train"] + meta["n_test"] == 1797 and meta["n_test"] == len(DigitsDataset("test"))
-    assert meta["checkpoint_sha256"] == tc.sha256_file(arts.checkpoint_path)
+    assert meta["checkpoint_sha256"] == file_sha256(arts.checkpoint_path)
     assert meta["wall_time_s"] > 0
     # open_clip itself loads the plain state_dict checkpoint
     import open_clip
@@ -116,21 +117,37 @@ def test_untrained_model_is_near_chance():
     assert acc < 0.35  # so the trained accuracy above measures learning, not the metric
 
 
-def test_same_seed_gives_identical_checkpoint(short_run, tmp_path):
-    arts, _ = short_run
-    again = tc.train_tiny_clip(tmp_path / "again", seed=0, epochs=SHORT_EPOCHS)
-    assert again.meta["checkpoint_sha256"] == arts.meta["checkpoint_sha256"]
-    assert tc.sha256_file(again.checkpoint_path) == tc.sha256_file(arts.checkpoint_path)
+def test_same_seed_gives_identical_checkpoint(tiny_clip_one_epoch, tmp_path):
+    # One epoch is enough to exercise every source of randomness (init, shuffling, templates, shifts).
+    again = tc.train_tiny_clip(tmp_path / "again", seed=0, epochs=1)
+    assert again.meta["checkpoint_sha256"] == tiny_clip_one_epoch.meta["checkpoint_sha256"]
+    assert file_sha256(again.checkpoint_path) == file_sha256(tiny_clip_one_epoch.checkpoint_path)
 
 
-def test_different_seed_gives_different_checkpoint(tmp_path):
-    a = tc.train_tiny_clip(tmp_path / "a", seed=0, epochs=1)
-    b = tc.train_tiny_clip(tmp_path / "b", seed=1, epochs=1)
-    assert a.meta["checkpoint_sha256"] != b.meta["checkpoint_sha256"]
+def test_different_seed_gives_different_checkpoint(tiny_clip_one_epoch, tmp_path):
+    other = tc.train_tiny_clip(tmp_path / "b", seed=1, epochs=1)
+    assert other.meta["checkpoint_sha256"] != tiny_clip_one_epoch.meta["checkpoint_sha256"]
 
 
 # -------------------------------------------------------------------------------------------- cache
-def test_ensure_tiny_clip_caches_and_rejects_partial(tmp_path, monkeypatch):
+def _copying_trainer(trained):
+    """Stands in for ``train_tiny_clip``: the cache logic around training is under test here, not training
+    itself (the tests above cover that), so 'training' copies the session's one-epoch artifacts."""
+
+    def train(out_dir, seed=0, epochs=tc.DEFAULT_EPOCHS, progress=None, **_kw):
+        assert (seed, epochs) == (0, 1)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for f in trained.checkpoint_path.parent.iterdir():
+            shutil.copy2(f, out_dir / f.name)
+        if progress is not None:
+            progress(1, 1, trained.meta["final_loss"])
+        return tc.read_valid_cache(out_dir, seed, epochs=epochs)
+
+    return train
+
+
+def test_ensure_tiny_clip_caches_and_rejects_partial(tmp_path, monkeypatch, tiny_clip_one_epoch):
+    monkeypatch.setattr(tc, "train_tiny_clip", _copying_trainer(tiny_clip_one_epoch))
     cache = tmp_path / "cache" / "tiny-clip-seed0"
     calls = []
     first = tc.ensure_tiny_clip(cache, seed=0, epochs=1, progress=lambda *a: calls.append(a))
@@ -154,7 +171,7 @@ def test_ensure_tiny_clip_caches_and_rejects_partial(tmp_path, monkeypatch):
     assert tc.read_valid_cache(cache, seed=0, epochs=1) is None
     calls.clear()
     third = tc.ensure_tiny_clip(cache, seed=0, epochs=1, progress=lambda *a: calls.append(a))
-    assert calls and tc.sha256_file(third.checkpoint_path) == first.meta["checkpoint_sha256"]
+    assert calls and file_sha256(third.checkpoint_path) == first.meta["checkpoint_sha256"]
 
     # meta missing (a killed run) -> not accepted
     (cache / tc.META_FILE).unlink()
