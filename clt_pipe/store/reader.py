@@ -16,6 +16,7 @@ from clt_pipe.store import format as F
 from clt_pipe.store.location import StoreLocation
 from clt_pipe.store.targets import RecomputedTargets
 from clt_pipe.store.zarrio import read_rows_into
+from clt_pipe.tokens import TokenType, token_mask
 
 
 class ActivationStore:
@@ -147,15 +148,9 @@ class ActivationStore:
         with self.loc.fs.open(self.loc.path(F.IMAGES_PARQUET), "rb") as fh:
             return pq.read_table(fh)
 
-    def token_type_mask(self, chunk: int, tokens: str) -> np.ndarray:
-        """Boolean mask over a chunk's rows: valid rows of the wanted token type (cls | patches | all)."""
+    def token_type_mask(self, chunk: int, tokens: TokenType) -> np.ndarray:
+        """Boolean mask over a chunk's rows: valid rows of the wanted token type."""
         imgs = self.layout.chunk_images(chunk)
         pos = self.token_index[imgs.start:imgs.stop]
         ok = self.image_ok[imgs.start:imgs.stop, None]
-        if tokens == "cls":
-            keep = pos == 0
-        elif tokens == "patches":
-            keep = pos > 0
-        else:
-            keep = pos >= 0
-        return (keep & ok).reshape(-1)
+        return (token_mask(pos, tokens) & ok).reshape(-1)
