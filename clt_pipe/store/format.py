@@ -51,6 +51,8 @@ COMMITS_DIR = "commits"
 COMPLETE_FILE = "COMPLETE.json"
 IMAGES_PARQUET = "images.parquet"
 
+ACTIVATION_ITEMSIZE = 2  # fp16 and bf16 (stored as uint16) alike
+
 # bf16 has no Zarr v3 core dtype: it is stored as its uint16 bit pattern (the upper half of a float32).
 BF16_NAN_BITS = 0x7FC0
 
@@ -101,6 +103,11 @@ class StoreLayout:
     def chunk_rows(self, chunk: int) -> range:
         imgs = self.chunk_images(chunk)
         return range(imgs.start * self.tokens_per_image, imgs.stop * self.tokens_per_image)
+
+    def activation_bytes(self, n_arrays: int, n_tokens: int | None = None) -> int:
+        """Uncompressed bytes of ``n_arrays`` activation arrays over ``n_tokens`` rows (default: every row)."""
+        rows = self.n_tokens if n_tokens is None else n_tokens
+        return n_arrays * rows * self.n_layers * self.d_model * ACTIVATION_ITEMSIZE
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -27,8 +27,7 @@ def store_info(url: str) -> dict:
     s = ActivationStore(url, require_complete=False)
     lay, m = s.layout, s.meta
     committed = s.committed_shards()
-    n_arrays = len(F.stored_activation_arrays(m))
-    raw = n_arrays * lay.n_tokens * lay.n_layers * lay.d_model * 2
+    raw = lay.activation_bytes(len(F.stored_activation_arrays(m)))
     stored = _stored_bytes(s)
     info = {
         "format_version": m["format_version"],
