@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -10,7 +12,9 @@ from hypothesis.extra import numpy as hnp
 
 from clt_pipe.errors import ConfigError
 from clt_pipe.store import format as F
+from clt_pipe.store.meta import ABSENT, StoreMeta
 from clt_pipe.store.stats import Moments
+from clt_pipe.testing.synthstore import synthetic_meta
 from clt_pipe.tokens import TOKEN_TYPES, TokenPolicy, token_mask, token_positions
 
 layouts = st.builds(F.StoreLayout, n_images=st.integers(1, 3000), tokens_per_image=st.integers(1, 260),
@@ -117,3 +121,39 @@ def test_token_positions_of_each_type():
     assert token_positions("cls", 5).tolist() == [0]
     assert token_positions("patches", 5).tolist() == [1, 2, 3, 4]
     assert token_positions("all", 5).tolist() == [0, 1, 2, 3, 4]
+
+
+# ---- store metadata: to_dict/from_dict round-trip the stored JSON exactly ----------------------------------------
+
+def _stored_json(n_images, T, L, d, dtype, recompute, policy) -> dict:
+    m = synthetic_meta(n_images, T, L, d, dtype=dtype).to_dict()
+    m["tokens"]["policy"], m["tokens"]["k"] = policy, TokenPolicy.parse(policy).k
+    if recompute:  # keys in the order the harvest writes them
+        m["activations"] = {**{k: m["activations"][k] for k in ("dtype", "storage_dtype", "compressor")},
+                            "forward_precision": "fp32", "targets": "recompute", "mlp_activation": "gelu",
+                            "mlp_in": "x", "mlp_out": "y"}
+    m.update(format_version=2 if recompute else 1, fingerprint="0123456789abcdef", created="now", tool_version="0",
+             initialised=True)
+    return m
+
+
+@settings(max_examples=60, deadline=None)
+@given(n_images=st.integers(1, 500), T=st.integers(1, 50), L=st.integers(1, 12), d=st.integers(1, 64),
+       dtype=st.sampled_from(["fp16", "bf16"]), recompute=st.booleans(), policy=policies)
+def test_store_meta_round_trips_the_stored_json(n_images, T, L, d, dtype, recompute, policy):
+    m = _stored_json(n_images, T, L, d, dtype, recompute, policy)
+    meta = StoreMeta.from_dict(m)
+    assert json.dumps(meta.to_dict()) == json.dumps(m)  # same keys, same order: same bytes in zarr.json
+    assert StoreMeta.from_dict(meta.to_dict()) == meta
+    assert meta.recompute == recompute and meta.activation_arrays == (("mlp_in",) if recompute else
+                                                                      ("mlp_in", "mlp_out"))
+    assert str(meta.tokens.policy) == policy and meta.layout.n_images == n_images
+
+
+def test_store_meta_keeps_keys_it_does_not_know_and_leaves_absent_keys_out():
+    m = _stored_json(10, 5, 2, 8, "fp16", False, "all")
+    m["model"]["from_a_newer_writer"] = [1, 2]
+    m["future_section"] = {"x": 1}
+    meta = StoreMeta.from_dict(m)
+    assert meta.to_dict() == m and meta.model.ln_eps is ABSENT and "ln_eps" not in meta.to_dict()["model"]
+    assert meta.activations.forward_precision is ABSENT and not meta.recompute

@@ -26,7 +26,6 @@ from clt_pipe.prefetch import prefetched
 from clt_pipe.progress import NullProgress
 from clt_pipe.store.stats import Moments, tensor_moments
 from clt_pipe.store.writer import ShardWriter, StoreWriter
-from clt_pipe.tokens import TokenPolicy
 
 
 class ImagePrefetcher:
@@ -127,10 +126,9 @@ class ShardHarvest:
     def __init__(self, cfg: HarvestConfig, writer: StoreWriter, dataset: ImageDataset, bb: Backbone, progress):
         self.cfg, self.writer, self.dataset, self.bb, self.progress = cfg, writer, dataset, bb, progress
         self.layout = writer.layout
-        self.tokens = TokenPolicy.parse(cfg.tokens)
+        self.tokens = writer.meta.tokens.policy  # parsed once, when the plan was made
         self.out_dtype = torch.float16 if cfg.dtype == "fp16" else torch.bfloat16
-        img = bb.identity["image_size"]
-        self.image_shape = (3, *(tuple(img) if isinstance(img, list) else (img, img)))
+        self.image_shape = (3, *bb.identity.image_hw)
         self.prefetch = ImagePrefetcher(dataset, bb.preprocess, cfg.data_workers, cfg.on_bad_image == "skip")
         self.writer_thread = WriterThread()
         self.counters = {"images": 0, "tokens": 0, "bytes": 0, "shards": 0}
@@ -156,7 +154,7 @@ class ShardHarvest:
 
     def step(self, sw: ShardWriter, idx: range, images: torch.Tensor, ok: np.ndarray, errors: dict) -> None:
         dev, lay = self.bb.device, self.layout
-        positions = np.stack([self.tokens.positions(self.bb.identity["n_positions"], i, self.cfg.seed) for i in idx])
+        positions = np.stack([self.tokens.positions(self.bb.identity.n_positions, i, self.cfg.seed) for i in idx])
         labels = np.array([self.dataset.record(i).label for i in idx], np.int32)
         images = images.to(dev, non_blocking=dev.type == "cuda")
         pos_t = torch.from_numpy(positions.astype(np.int64)).to(dev)

@@ -21,6 +21,7 @@ from clt_pipe.device import resolve_device
 from clt_pipe.errors import CltPipeError
 from clt_pipe.precision import resolve_precision
 from clt_pipe.store import format as F
+from clt_pipe.store.meta import StoreMeta
 from clt_pipe.tokens import TokenPolicy
 
 
@@ -43,8 +44,8 @@ def n_images(cfg: HarvestConfig, dataset: ImageDataset) -> int:
 
 def plan(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone) -> HarvestPlan:
     tokens = TokenPolicy.parse(cfg.tokens)
-    T = tokens.tokens_per_image(bb.identity["n_positions"])
-    L, d = bb.identity["n_layers"], bb.identity["d_model"]
+    T = tokens.tokens_per_image(bb.identity.n_positions)
+    L, d = bb.identity.n_layers, bb.identity.d_model
     layout = F.StoreLayout.plan(n_images(cfg, dataset), T, L, d, F.ACTIVATION_ITEMSIZE, cfg.chunk_mb,
                                 cfg.chunks_per_shard)
     n_arrays = 1 if cfg.targets == "recompute" else 2
@@ -80,10 +81,10 @@ def sources_sha256(dataset: ImageDataset, n: int) -> str:
     return h.hexdigest()
 
 
-def store_meta(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, hp: HarvestPlan) -> dict:
+def store_meta(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, hp: HarvestPlan) -> StoreMeta:
     pre = bb.visual.preprocess_cfg if hasattr(bb.visual, "preprocess_cfg") else {}
-    return {
-        "model": bb.identity,
+    return StoreMeta.from_dict({
+        "model": bb.identity.to_dict(),
         "preprocess": {k2: (list(v) if isinstance(v, tuple) else v) for k2, v in pre.items()},
         "dataset": {"name": dataset.name, "split": dataset.split, "n_images": hp.layout.n_images,
                     "class_names": list(dataset.class_names), "data_root": cfg.data_root,
@@ -101,7 +102,7 @@ def store_meta(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, hp: Harv
                            if cfg.targets == "recompute" else {}),
                         "mlp_in": "ln_2 output (MLP input)", "mlp_out": "mlp output (before ls_2 and the residual add)"},
         "layout": hp.layout.to_dict(),
-    }
+    })
 
 
 def head_weights(bb: Backbone) -> dict[str, np.ndarray]:

@@ -29,14 +29,6 @@ def version_for(targets: str) -> int:
     return FORMAT_VERSION_RECOMPUTE if targets == "recompute" else FORMAT_VERSION
 
 
-def targets_recomputed(meta: dict) -> bool:
-    """True for a v2 store: mlp_out is not stored but recomputed from mlp_in and the stored MLP weights."""
-    return meta["activations"].get("targets", "stored") == "recompute"
-
-
-def stored_activation_arrays(meta: dict) -> tuple[str, ...]:
-    """The activation arrays a store holds: both, or only mlp_in when its targets are recomputed."""
-    return (MLP_IN,) if targets_recomputed(meta) else ACTIVATION_ARRAYS
 RESID_FINAL = "resid_final"
 EMBEDDING = "embedding"
 LABELS = "labels"
