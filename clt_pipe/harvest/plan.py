@@ -21,7 +21,7 @@ from clt_pipe.device import resolve_device
 from clt_pipe.errors import CltPipeError
 from clt_pipe.precision import resolve_precision
 from clt_pipe.store import format as F
-from clt_pipe.store.meta import StoreMeta
+from clt_pipe.store.meta import ABSENT, Activations, DatasetInfo, StoreMeta, TokenSelection
 from clt_pipe.tokens import TokenPolicy
 
 
@@ -83,26 +83,29 @@ def sources_sha256(dataset: ImageDataset, n: int) -> str:
 
 def store_meta(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, hp: HarvestPlan) -> StoreMeta:
     pre = bb.visual.preprocess_cfg if hasattr(bb.visual, "preprocess_cfg") else {}
-    return StoreMeta.from_dict({
-        "model": bb.identity.to_dict(),
-        "preprocess": {k2: (list(v) if isinstance(v, tuple) else v) for k2, v in pre.items()},
-        "dataset": {"name": dataset.name, "split": dataset.split, "n_images": hp.layout.n_images,
-                    "class_names": list(dataset.class_names), "data_root": cfg.data_root,
-                    "coco_label_rule": cfg.coco_label_rule if dataset.name == "coco" else None,
-                    "sources_sha256": sources_sha256(dataset, hp.layout.n_images)},
-        "templates": {k2: list(v) for k2, v in dataset.templates.items()},
-        "tokens": {"policy": str(hp.tokens), "k": hp.tokens.k,
-                   "tokens_per_image": hp.layout.tokens_per_image, "seed": cfg.seed},
+    recompute = cfg.targets == "recompute"
+    return StoreMeta(
+        model=bb.identity,
+        preprocess={k2: (list(v) if isinstance(v, tuple) else v) for k2, v in pre.items()},
+        dataset=DatasetInfo(name=dataset.name, split=dataset.split, n_images=hp.layout.n_images,
+                            class_names=list(dataset.class_names), data_root=cfg.data_root,
+                            coco_label_rule=cfg.coco_label_rule if dataset.name == "coco" else None,
+                            sources_sha256=sources_sha256(dataset, hp.layout.n_images)),
+        templates={k2: list(v) for k2, v in dataset.templates.items()},
+        tokens=TokenSelection(hp.tokens, tokens_per_image=hp.layout.tokens_per_image, seed=cfg.seed),
         # The forward's precision is identity: resuming a CPU (fp32) harvest on a GPU (bf16 autocast) would mix
         # slightly different activations in one store.
-        "activations": {"dtype": cfg.dtype, "storage_dtype": str(F.storage_dtype(cfg.dtype)),
-                        "compressor": cfg.compressor, "forward_precision": resolve_precision(bb.device, cfg.precision),
-                        # Only a recompute store names its targets, so stored-target identities stay as they were.
-                        **({"targets": "recompute", "mlp_activation": mlp_activation(bb.blocks)}
-                           if cfg.targets == "recompute" else {}),
-                        "mlp_in": "ln_2 output (MLP input)", "mlp_out": "mlp output (before ls_2 and the residual add)"},
-        "layout": hp.layout.to_dict(),
-    })
+        activations=Activations(dtype=cfg.dtype, storage_dtype=str(F.storage_dtype(cfg.dtype)),
+                                compressor=cfg.compressor,
+                                forward_precision=resolve_precision(bb.device, cfg.precision),
+                                # Only a recompute store names its targets, so stored-target identities stay as
+                                # they were.
+                                targets="recompute" if recompute else ABSENT,
+                                mlp_activation=mlp_activation(bb.blocks) if recompute else ABSENT,
+                                mlp_in="ln_2 output (MLP input)",
+                                mlp_out="mlp output (before ls_2 and the residual add)"),
+        layout=hp.layout,
+    )
 
 
 def head_weights(bb: Backbone) -> dict[str, np.ndarray]:

@@ -52,6 +52,10 @@ class _Record:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]):
+        return cls._from_fields(d)
+
+    @classmethod
+    def _from_fields(cls, d: Mapping[str, Any]):
         names = {f.name for f in _fields(cls)}
         known = {k: v for k, v in d.items() if k in names}
         return cls(**known, extra={k: v for k, v in d.items() if k not in names})
@@ -157,7 +161,7 @@ class StoreMeta(_Record):
                     "activations": Activations}
         typed = {k: sections[k].from_dict(v) if k in sections else v for k, v in d.items()}
         typed["layout"] = F.StoreLayout(**d["layout"])
-        return super().from_dict.__func__(cls, typed)
+        return cls._from_fields(typed)
 
     @property
     def recompute(self) -> bool:

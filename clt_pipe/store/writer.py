@@ -189,8 +189,8 @@ class StoreWriter:
                                 attributes={F.ATTRS_KEY: meta.replace(initialised=False).to_dict()})
         writer = cls(loc, meta, group, write_threads)
         writer._create_arrays()
-        group.attrs[F.ATTRS_KEY] = meta.replace(initialised=True).to_dict()
-        writer.meta = StoreMeta.from_dict(group.attrs[F.ATTRS_KEY])
+        writer.meta = meta.replace(initialised=True)
+        group.attrs[F.ATTRS_KEY] = writer.meta.to_dict()
         return writer
 
     def _create_arrays(self) -> None:
