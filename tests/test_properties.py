@@ -157,3 +157,21 @@ def test_store_meta_keeps_keys_it_does_not_know_and_leaves_absent_keys_out():
     meta = StoreMeta.from_dict(m)
     assert meta.to_dict() == m and meta.model.ln_eps is ABSENT and "ln_eps" not in meta.to_dict()["model"]
     assert meta.activations.forward_precision is ABSENT and not meta.recompute
+
+
+# ---- the run-ahead helper -----------------------------------------------------------------------------------
+
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(0, 30), ahead=st.integers(1, 6), stop=st.integers(0, 30))
+def test_prefetched_yields_every_item_in_order_with_ahead_more_submitted(n, ahead, stop):
+    from clt_pipe.prefetch import prefetched
+
+    submitted: list[int] = []
+    seen = []
+    for item, handle in prefetched(range(n), lambda i: submitted.append(i) or -i, ahead):
+        assert handle == -item
+        assert submitted == list(range(min(n, item + 1 + ahead)))  # the next `ahead` run while this one is used
+        seen.append(item)
+        if len(seen) == stop:
+            break
+    assert seen == list(range(min(n, stop) if stop else n))
