@@ -46,8 +46,7 @@ def make_images(root: Path, n: int, size: int) -> None:
 @torch.inference_mode()
 def bare_forward(cfg: HarvestConfig, dataset, bb) -> float:
     n = min(len(dataset), cfg.limit or len(dataset))
-    img = bb.identity["image_size"]
-    shape = (3, *(img if isinstance(img, list) else (img, img)))
+    shape = (3, *bb.identity.image_hw)
     pre = ImagePrefetcher(dataset, bb.preprocess, cfg.data_workers, skip_bad=False)
     batches = [range(b, min(b + cfg.batch_size, n)) for b in range(0, n, cfg.batch_size)]
     t0 = time.perf_counter()
@@ -67,7 +66,7 @@ def full_harvest(cfg: HarvestConfig, dataset, bb, store: Path) -> float:
     hp = plan(cfg, dataset, bb)
     t0 = time.perf_counter()
     writer = StoreWriter.open(str(store), store_meta(cfg, dataset, bb, hp), write_threads=cfg.write_threads)
-    writer.write_constants(head_weights(bb), {"single": np.zeros((len(dataset.class_names), bb.identity["embed_dim"]))},
+    writer.write_constants(head_weights(bb), {"single": np.zeros((len(dataset.class_names), bb.identity.embed_dim))},
                            mlp_weights(bb.blocks) if cfg.targets == "recompute" else None)
     harvest_shards(cfg, writer, dataset, bb, list(range(hp.layout.n_shards)))
     writer.finalize([dataset.record(i) for i in range(hp.layout.n_images)], dataset.split)

@@ -207,7 +207,7 @@ def main() -> None:
     lay = store.layout
     nbytes = 2 * lay.n_tokens * lay.n_layers * lay.d_model * 2
     sizes = (f"{lay.n_tokens} rows L={lay.n_layers} d={lay.d_model} ({nbytes / 2**20:.0f} MiB fp16, "
-             f"{store.meta['activations']['compressor']}), {lay.n_chunks} chunks of {lay.rows_per_chunk} rows, "
+             f"{store.meta.activations.compressor}), {lay.n_chunks} chunks of {lay.rows_per_chunk} rows, "
              f"B={args.batch}, window {args.shuffle_chunks} chunks, {args.read_threads} read threads")
     print(sizes)
 

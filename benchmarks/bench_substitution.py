@@ -65,8 +65,7 @@ def main() -> None:
         tmp = Path(tmp)
         torch.manual_seed(0)
         bb = load_backbone(args.model, "none", dev)
-        size = bb.identity["image_size"]
-        size = size[0] if isinstance(size, list) else size
+        size = bb.identity.image_hw[0]
         n_cls = 4
         make_fake_imagefolder(tmp / "data", classes=tuple(f"c{i}" for i in range(n_cls)),
                               per_class=-(-args.images // n_cls), size=size)
@@ -112,7 +111,7 @@ def main() -> None:
                 acc.append(time.perf_counter() - t0)
         o, c = statistics.median(t_open), statistics.median(t_closed)
         ro, rc = run_open()["rows"][0], run_closed()
-        print(f"model {bb.name} ({L} layers × {d}, {bb.identity['n_positions']} tokens), {len(idx)} images, "
+        print(f"model {bb.name} ({L} layers × {d}, {bb.identity.n_positions} tokens), {len(idx)} images, "
               f"CLT {args.expansion}×{d} features k={args.k}, window {args.window}→{window['name']}, "
               f"closed-loop tokens={args.tokens}, device {dev} ({machine()})")
         print(f"open-loop   (cache, CLS):            {o:8.3f} s  ({len(idx) / o:10.1f} images/s)  "

@@ -16,9 +16,9 @@ from typing import Any, Mapping
 
 from clt_pipe.clt.spec import SPARSIFIERS
 from clt_pipe.errors import ConfigError
+from clt_pipe.tokens import TokenPolicy, token_type
 
 DEFAULT_STORE_ROOT = "storage/stores"
-TOKEN_POLICY_RE = re.compile(r"^(cls|patches|all|cls\+(\d+))$")
 ANALYZE_PARTS = ("fidelity", "attribution", "zeroshot", "openloop", "closedloop", "ablation", "retrieval")
 
 
@@ -37,19 +37,6 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 def _check_positive(key: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-
-def parse_token_policy(policy: str) -> tuple[str, int]:
-    """``'cls+16'`` -> ``('cls+k', 16)``; other policies -> ``(policy, 0)``."""
-    m = TOKEN_POLICY_RE.match(policy)
-    if not m:
-        raise ConfigError(f"tokens: {policy!r} is not one of cls, patches, all, cls+K (e.g. cls+16)")
-    if m.group(2) is not None:
-        k = int(m.group(2))
-        if k <= 0:
-            raise ConfigError(f"tokens: cls+K needs K >= 1, got {policy!r}")
-        return "cls+k", k
-    return policy, 0
 
 
 @dataclass
@@ -86,7 +73,7 @@ class HarvestConfig:
     scheduler: str = opt("", 'address of an existing dask scheduler (overrides workers)')
 
     def validate(self) -> None:
-        parse_token_policy(self.tokens)
+        TokenPolicy.parse(self.tokens)
         _check_choice("dtype", self.dtype, ("fp16", "bf16"))
         _check_choice(
             "compressor",
@@ -156,7 +143,7 @@ class FitConfig:
         _check_choice("l0_penalty", self.l0_penalty, ("l0", "tanh"))
         _check_choice("precision", self.precision, ("auto", "fp32", "bf16"))
         _check_choice("decode", self.decode, ("auto", "sparse", "dense"))
-        _check_choice("tokens", self.tokens, ("cls", "patches", "all"))
+        token_type(self.tokens)
         for key in ("steps", "batch_size", "lr", "expansion", "checkpoint_every", "log_every", "read_threads"):
             _check_positive(key, getattr(self, key))
         for key in ("warmup_steps", "weight_decay", "grad_clip", "aux_k", "aux_coef", "l0_coef", "n_features"):
@@ -214,7 +201,7 @@ class AnalyzeConfig:
             if a > b:
                 raise ConfigError(f"windows: {w!r} starts after it ends")
         for t in self.window_tokens:
-            _check_choice("window_tokens", t, ("cls", "patches", "all"))
+            token_type(t, "window_tokens")
         if not self.window_tokens:
             raise ConfigError("window_tokens: empty token selection")
         _check_choice("ablation_rank", self.ablation_rank, ("attribution", "fvu"))

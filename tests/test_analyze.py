@@ -48,7 +48,7 @@ def env(tmp_path_factory):
     torch.manual_seed(1)
     clt = CrossLayerTranscoder(CLTSpec(store.n_layers, store.d_model, N_FEATURES, "relu_topk", 8))
     run_dir = root / "clt-run"
-    save_fitted(run_dir, clt, {"store": {"url": store_url, "fingerprint": store.meta["fingerprint"],
+    save_fitted(run_dir, clt, {"store": {"url": store_url, "fingerprint": store.meta.fingerprint,
                                          "model": store.model, "n_layers": store.n_layers,
                                          "d_model": store.d_model}})
     model, _ = load_fitted(run_dir)
@@ -213,7 +213,7 @@ def test_run_analyze_full_report(env, tmp_path):
     assert len(list(out.glob("retrieval_q*.png"))) == 3
     html_text = (out / "report.html").read_text()
     assert html_text.count("data:image/png;base64,") >= 7 and "<table>" in html_text
-    assert rep["identity"]["store"]["fingerprint"] == env["store"].meta["fingerprint"]
+    assert rep["identity"]["store"]["fingerprint"] == env["store"].meta.fingerprint
     assert rep["settings"]["ablation_keep"] == 2
     res = rep["results"]
 

@@ -227,6 +227,16 @@ def test_substituting_stored_mlp_outputs_reproduces_embedding(base_store, folder
         np.testing.assert_allclose(model.encode_image(x).numpy(), emb, rtol=1e-4, atol=1e-5 * scale)
 
 
+def test_harvested_store_meta_round_trips_its_root_attributes(base_store):
+    from clt_pipe.store.meta import StoreMeta
+
+    stored = json.loads((base_store / "zarr.json").read_text())["attributes"]["clt_pipe_store"]
+    meta = ActivationStore(str(base_store)).meta
+    assert json.dumps(meta.to_dict()) == json.dumps(stored)  # same keys in the same order: same zarr.json bytes
+    assert StoreMeta.from_dict(meta.to_dict()) == meta
+    assert str(meta.tokens.policy) == stored["tokens"]["policy"] and meta.model.n_layers == L
+
+
 # ------------------------------------------------------------------------------------------ plain zarr + pyarrow reader
 
 
@@ -553,7 +563,7 @@ def test_failed_chunk_keeps_failing_its_shard(tmp_path, monkeypatch):
     n = len(writer.layout.shard_images(0))
     x = np.ones((n, T_, L_, D_), np.float16)
     try:
-        sw.add(0, x, x, np.zeros((n, D_), np.float32), np.zeros((n, meta["model"]["embed_dim"]), np.float32),
+        sw.add(0, x, x, np.zeros((n, D_), np.float32), np.zeros((n, meta.model.embed_dim), np.float32),
                np.zeros(n, np.int32), np.tile(np.arange(T_, dtype=np.int16), (n, 1)), np.ones(n, np.uint8))
     except OSError:
         pass  # the failure may already surface at the next chunk's flush, if chunk 0 finished by then
@@ -742,8 +752,8 @@ def test_random_init_is_seeded_and_identified():
     a, b = load_backbone(str(TINY), "none"), load_backbone(str(TINY), "none")
     for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()):
         assert torch.equal(x, y)
-    assert a.identity["weights_sha256"] == b.identity["weights_sha256"] != "random-init"
-    assert a.identity["weights_sha256"].startswith("random-init")
+    assert a.identity.weights_sha256 == b.identity.weights_sha256 != "random-init"
+    assert a.identity.weights_sha256.startswith("random-init")
 
 
 @pytest.mark.parametrize("change", ["model", "dataset", "tokens", "activations"])  # activations: forward precision

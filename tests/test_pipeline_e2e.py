@@ -65,7 +65,7 @@ def test_run_pipeline_end_to_end_then_skips_finished_stages(tmp_path, data, tiny
     assert set(report["results"]["computed"]) >= {"fidelity", "attribution", "closedloop", "ablation"}
     # The CLT the report evaluated is the one fit wrote, on the store harvest wrote.
     run = json.loads((tmp_path / "clt" / "run.json").read_text())
-    assert run["store"]["fingerprint"] == ActivationStore(str(tmp_path / "train.zarr")).meta["fingerprint"]
+    assert run["store"]["fingerprint"] == ActivationStore(str(tmp_path / "train.zarr")).meta.fingerprint
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "report" / "report.json",
                                                  tmp_path / "clt" / "clt" / "clt.json")}
     second = run_pipeline(toml)

@@ -56,7 +56,7 @@ def all_rows(store: ActivationStore, name: str) -> np.ndarray:
 def test_recompute_store_keeps_inputs_and_weights_not_outputs(stores):
     stored, rec = ActivationStore(stores["stored"]), ActivationStore(stores["recompute"])
     g = zarr.open_group(stores["recompute"], mode="r")
-    assert g.attrs["clt_pipe_store"]["format_version"] == 2 and stored.meta["format_version"] == 1
+    assert g.attrs["clt_pipe_store"]["format_version"] == 2 and stored.meta.format_version == 1
     assert "mlp_out" not in g and "mlp_out" in zarr.open_group(stores["stored"], mode="r")
     assert g["mlp_weights/fc_weight"].shape == (6, 256, 64) and g["mlp_weights/proj_bias"].shape == (6, 64)
     # Same forward, same inputs, same statistics (taken from the model's own outputs in both modes).

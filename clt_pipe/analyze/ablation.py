@@ -31,11 +31,12 @@ import numpy as np
 from clt_pipe.analyze.attribution import layer_scores
 from clt_pipe.analyze.substitution import Plan
 from clt_pipe.errors import CltPipeError
+from clt_pipe.tokens import TokenType
 
-ABLATION_TOKENS = ("cls", "all")
+ABLATION_TOKENS: tuple[TokenType, ...] = ("cls", "all")
 
 
-def rank_layers(rule: str, tokens: str, attribution: dict | None, fidelity_rows: list[dict] | None,
+def rank_layers(rule: str, tokens: TokenType, attribution: dict | None, fidelity_rows: list[dict] | None,
                 n_layers: int) -> tuple[list[int], list[float]]:
     """Layers ordered most important first, and their scores (by layer index)."""
     if rule == "attribution":
@@ -53,7 +54,7 @@ def rank_layers(rule: str, tokens: str, attribution: dict | None, fidelity_rows:
     return order, [float(s) for s in scores]
 
 
-def ablation_plans(tokens: str, order: list[int], n_layers: int, keep: int, mode: str,
+def ablation_plans(tokens: TokenType, order: list[int], n_layers: int, keep: int, mode: str,
                    sources_before_window: bool) -> list[Plan]:
     other = "zero" if mode == "zero" else None
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from clt_pipe.analyze.stream import TOKEN_TYPES, ChunkBatch, iter_chunks, row_batches
+from clt_pipe.analyze.stream import ChunkBatch, iter_chunks, row_batches
+from clt_pipe.tokens import TOKEN_TYPES
 
 
 @torch.no_grad()

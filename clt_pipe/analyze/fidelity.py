@@ -20,7 +20,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from clt_pipe.analyze.stream import TOKEN_TYPES, ChunkBatch, row_batches
+from clt_pipe.analyze.stream import ChunkBatch, row_batches
+from clt_pipe.tokens import TOKEN_TYPES
+
 
 class FidelityAccumulator:
     """Streaming fidelity statistics; ``update`` takes ChunkBatch objects, ``result`` returns rows."""

@@ -52,22 +52,22 @@ def closed_loop_inputs(cfg: AnalyzeConfig, store: ActivationStore, device: torch
     """(dataset, backbone, image indices, labels) for the closed-loop parts, or a clear CltPipeError."""
     from clt_pipe.datasets.registry import open_dataset
 
-    ds_meta = store.meta["dataset"]
-    name = ds_meta["name"]
-    split = cfg.split or ds_meta["split"]
+    ds_meta = store.meta.dataset
+    name = ds_meta.name
+    split = cfg.split or ds_meta.split
     if name != "digits" and not cfg.data_root:
         raise CltPipeError(f"closedloop/ablation re-run the ViT on the store's {name} images: pass --data-root "
-                           f"(the store was harvested from {ds_meta.get('data_root') or '?'}), or leave them out "
+                           f"(the store was harvested from {ds_meta.data_root or '?'}), or leave them out "
                            f"with --only")
-    m = store.model
-    bb = load_backbone(m["model_arg"], m["pretrained"], device)
-    if bb.identity["weights_sha256"] != m["weights_sha256"]:
-        raise CltPipeError(f"closedloop/ablation: weights {m['pretrained']!r} now hash to "
-                           f"{bb.identity['weights_sha256'][:12]}, the store was harvested with "
-                           f"{m['weights_sha256'][:12]}")
+    m = store.meta.model
+    bb = load_backbone(m.model_arg, m.pretrained, device)
+    if bb.identity.weights_sha256 != m.weights_sha256:
+        raise CltPipeError(f"closedloop/ablation: weights {m.pretrained!r} now hash to "
+                           f"{bb.identity.weights_sha256[:12]}, the store was harvested with "
+                           f"{m.weights_sha256[:12]}")
     dataset = open_dataset(name, cfg.data_root, split,
-                           coco_label_rule=ds_meta.get("coco_label_rule") or "largest_area")
-    if split == ds_meta["split"]:
+                           coco_label_rule=ds_meta.coco_label_rule or "largest_area")
+    if split == ds_meta.split:
         idx = ZS.eval_images(store)
         if cfg.max_images:
             idx = idx[:cfg.max_images]
@@ -95,10 +95,10 @@ def _retrieval_dataset(cfg: AnalyzeConfig, store: ActivationStore):
     """The dataset for retrieval image grids, or None (then grids show indices and labels)."""
     from clt_pipe.datasets.registry import open_dataset
 
-    ds = store.meta["dataset"]
-    root = cfg.data_root or ds.get("data_root", "")
+    ds = store.meta.dataset
+    root = cfg.data_root or ds.data_root
     try:
-        dataset = open_dataset(ds["name"], root, ds["split"])
+        dataset = open_dataset(ds.name, root, ds.split)
         if len(dataset) < store.layout.n_images:
             return None
         return dataset
@@ -129,7 +129,7 @@ def run_analyze(cfg: AnalyzeConfig, console=None) -> dict:
                      ", ".join(f"{w['requested']}→{w['name']}" for w in windows))
     has_cls = bool((store.token_index == 0).any())
     if ("openloop" in need or "retrieval" in need) and not has_cls:
-        raise CltPipeError(f"openloop/retrieval use the CLS token but the store ({store.meta['tokens']['policy']} "
+        raise CltPipeError(f"openloop/retrieval use the CLS token but the store ({store.meta.tokens.policy} "
                            f"tokens) has no CLS slots; leave them out with --only")
     if "ablation" in need and cfg.ablation_rank == "attribution" and not has_cls:
         raise CltPipeError("ablation: CLS attribution needs CLS slots and the store has none")
@@ -214,9 +214,9 @@ def run_analyze(cfg: AnalyzeConfig, console=None) -> dict:
                                        "baseline": res["baseline"], "rows": AB.ablation_rows(res, abl_plans, ranking)}
     retrieval_ds = _retrieval_dataset(cfg, store) if "retrieval" in results else None
     identity = {
-        "store": {"url": cfg.store, "fingerprint": store.meta.get("fingerprint"), "model": store.model,
-                  "dataset": {k: v for k, v in store.meta["dataset"].items() if k != "class_names"},
-                  "tokens": store.meta.get("tokens"), "layout": store.layout.to_dict()},
+        "store": {"url": cfg.store, "fingerprint": store.meta.fingerprint, "model": store.model,
+                  "dataset": store.meta.dataset.without_class_names(), "tokens": store.meta.tokens.to_dict(),
+                  "layout": store.layout.to_dict()},
         "clt": {"path": cfg.clt, "spec": clt.spec.to_dict(), "trained_on": run_meta.get("store")},
     }
     results["timings_s"] = {**timings, "total": time.perf_counter() - t_start}

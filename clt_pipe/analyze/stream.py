@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-TOKEN_TYPES = ("cls", "patches", "all")
+from clt_pipe.prefetch import prefetched
+from clt_pipe.tokens import TokenType, token_mask
 
 
 @dataclass
@@ -29,14 +30,8 @@ class ChunkBatch:
     image: np.ndarray
     valid: np.ndarray
 
-    def mask(self, tokens: str) -> np.ndarray:
-        if tokens == "cls":
-            keep = self.pos == 0
-        elif tokens == "patches":
-            keep = self.pos > 0
-        else:
-            keep = self.pos >= 0
-        return keep & self.valid
+    def mask(self, tokens: TokenType) -> np.ndarray:
+        return token_mask(self.pos, tokens) & self.valid
 
 
 def iter_chunks(store, device: torch.device, max_rows: int = 0, read_threads: int = 4, chunks=None):
@@ -53,14 +48,8 @@ def iter_chunks(store, device: torch.device, max_rows: int = 0, read_threads: in
     budget = max_rows if max_rows > 0 else None
     pool = ThreadPoolExecutor(max(1, read_threads), thread_name_prefix="clt-analyze-read")
     try:
-        ahead = max(1, read_threads)
-        futures = [pool.submit(load, c) for c in order[:ahead]]
-        nxt = ahead
-        while futures:
-            c, x, y = futures.pop(0).result()
-            if nxt < len(order):
-                futures.append(pool.submit(load, order[nxt]))
-                nxt += 1
+        for _, fut in prefetched(order, lambda c: pool.submit(load, c), ahead=max(1, read_threads)):
+            c, x, y = fut.result()
             imgs = lay.chunk_images(c)
             pos = token_index[imgs.start:imgs.stop].reshape(-1).astype(np.int64)
             image = np.repeat(np.arange(imgs.start, imgs.stop), lay.tokens_per_image)

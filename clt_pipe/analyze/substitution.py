@@ -27,30 +27,22 @@ import torch
 from clt_pipe.analyze.zeroshot import accuracy, classify, cross_entropy, topk_hits
 from clt_pipe.precision import autocast_context
 from clt_pipe.errors import CltPipeError
+from clt_pipe.prefetch import prefetched
+from clt_pipe.tokens import TokenType, token_positions
 
 
 @dataclass
 class Plan:
     name: str
-    tokens: str  # cls | patches | all
+    tokens: TokenType
     replace: dict[int, str] = field(default_factory=dict)  # layer -> "clt" | "zero"
     source_floor: int = 0
     meta: dict = field(default_factory=dict)  # carried into the result rows
 
 
-def window_plan(tokens: str, first: int, last: int, sources_before_window: bool, name: str = "") -> Plan:
+def window_plan(tokens: TokenType, first: int, last: int, sources_before_window: bool, name: str = "") -> Plan:
     return Plan(name or f"{tokens}:{first}-{last}", tokens, {j: "clt" for j in range(first, last + 1)},
                 0 if sources_before_window else first)
-
-
-def token_positions(tokens: str, n_positions: int) -> torch.Tensor:
-    if tokens == "cls":
-        return torch.zeros(1, dtype=torch.long)
-    if tokens == "patches":
-        return torch.arange(1, n_positions)
-    if tokens == "all":
-        return torch.arange(n_positions)
-    raise CltPipeError(f"tokens: {tokens!r} is not one of cls, patches, all")
 
 
 class SubstitutionHooks:
@@ -104,7 +96,7 @@ class SubstitutionHooks:
 
     def _positions(self, xb: torch.Tensor) -> torch.Tensor:
         if self.pos is None or self.pos.device != xb.device:
-            self.pos = token_positions(self.plan.tokens, xb.shape[1]).to(xb.device)
+            self.pos = torch.from_numpy(token_positions(self.plan.tokens, xb.shape[1])).to(xb.device)
         return self.pos
 
     def __enter__(self):
@@ -140,11 +132,8 @@ def load_batches(dataset, preprocess, indices: np.ndarray, batch_size: int, work
         def load(idx):
             return idx, torch.stack([preprocess(dataset.load_image(int(i))) for i in idx])
 
-        fut = pool.submit(load, batches[0]) if batches else None
-        for b in range(len(batches)):
-            idx, x = fut.result()
-            fut = pool.submit(load, batches[b + 1]) if b + 1 < len(batches) else None
-            yield idx, x
+        for _, fut in prefetched(batches, lambda idx: pool.submit(load, idx)):
+            yield fut.result()
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from clt_pipe.backbone.loading import Backbone
@@ -22,23 +21,6 @@ class Captured:
     mlp_out: torch.Tensor  # [B, T, L, d]
     resid_final: torch.Tensor  # [B, d] float32: the CLS residual entering ln_post
     embedding: torch.Tensor  # [B, e] float32: ln_post(resid_final) @ proj, not normalised
-
-
-def token_positions(policy: str, k: int, n_positions: int, image_index: int, seed: int) -> np.ndarray:
-    """Which of the ViT's positions (0 = CLS) an image's stored slots hold.
-
-    ``cls+k`` draws its patches from a generator keyed by (seed, image index), so any shard can be
-    recomputed alone and a resumed harvest picks the same patches.
-    """
-    if policy == "cls":
-        return np.zeros(1, np.int16)
-    if policy == "patches":
-        return np.arange(1, n_positions, dtype=np.int16)
-    if policy == "all":
-        return np.arange(n_positions, dtype=np.int16)
-    rng = np.random.default_rng([seed, image_index])
-    patches = np.sort(rng.choice(np.arange(1, n_positions), size=min(k, n_positions - 1), replace=False))
-    return np.concatenate([[0], patches]).astype(np.int16)
 
 
 def _batch_major(x: torch.Tensor, batch_first: bool) -> torch.Tensor:

@@ -22,6 +22,7 @@ import torch
 from clt_pipe.checksums import file_sha256
 from clt_pipe.device import resolve_device
 from clt_pipe.errors import CltPipeError
+from clt_pipe.store.meta import BackboneIdentity
 
 
 class ModelError(CltPipeError):
@@ -37,7 +38,7 @@ class Backbone:
     pretrained: str
     weights_sha256: str
     device: torch.device
-    identity: dict = field(default_factory=dict)
+    identity: BackboneIdentity | None = None
 
     @property
     def visual(self):
@@ -171,12 +172,12 @@ def load_backbone(model: str, pretrained: str, device: str | torch.device = "cpu
     return bb
 
 
-def describe(bb: Backbone, model_arg: str) -> dict:
+def describe(bb: Backbone, model_arg: str) -> BackboneIdentity:
     visual = bb.visual
     block = bb.blocks[0]
     act = type(block.mlp.gelu).__name__ if hasattr(block.mlp, "gelu") else "unknown"
     grid = visual.grid_size
-    return {
+    return BackboneIdentity(**{
         "name": bb.name,
         "model_arg": model_arg,
         "pretrained": bb.pretrained,
@@ -192,4 +193,4 @@ def describe(bb: Backbone, model_arg: str) -> dict:
         "logit_scale": float(bb.model.logit_scale.exp().item()),
         "ln_eps": float(visual.ln_post.eps),
         "ls_identity": all(type(b.ls_2).__name__ == "Identity" for b in bb.blocks),
-    }
+    })

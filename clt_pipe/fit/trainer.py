@@ -85,7 +85,7 @@ def prepare_out_dir(cfg: FitConfig, store: ActivationStore) -> None:
                       if old_cfg.get(k) != getattr(cfg, k))
         raise CheckpointError(f"{out} holds a run with other settings ({', '.join(diff[:4])}); pass --overwrite "
                               f"to replace it or choose another --out")
-    if (old or {}).get("store", {}).get("fingerprint") not in (None, store.meta["fingerprint"]):
+    if (old or {}).get("store", {}).get("fingerprint") not in (None, store.meta.fingerprint):
         raise CheckpointError(f"{out} was trained on another store; pass --overwrite or choose another --out")
     if (old or {}).get("finished"):
         return  # same settings, already done: run_fit reports it
@@ -96,9 +96,9 @@ def prepare_out_dir(cfg: FitConfig, store: ActivationStore) -> None:
 
 def run_meta(cfg: FitConfig, store: ActivationStore, spec: CLTSpec) -> dict:
     return {"config": dataclasses.asdict(cfg), "spec": spec.to_dict(),
-            "store": {"url": store.url, "fingerprint": store.meta["fingerprint"], "model": store.model,
-                      "dataset": {k: v for k, v in store.meta["dataset"].items() if k != "class_names"},
-                      "tokens": store.meta["tokens"], "n_layers": store.n_layers, "d_model": store.d_model}}
+            "store": {"url": store.url, "fingerprint": store.meta.fingerprint, "model": store.model,
+                      "dataset": store.meta.dataset.without_class_names(),
+                      "tokens": store.meta.tokens.to_dict(), "n_layers": store.n_layers, "d_model": store.d_model}}
 
 
 class Trainer:

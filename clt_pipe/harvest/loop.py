@@ -17,11 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from clt_pipe.backbone.capture import Captured, run_capture, token_positions
+from clt_pipe.backbone.capture import Captured, run_capture
 from clt_pipe.backbone.loading import Backbone
-from clt_pipe.config import HarvestConfig, parse_token_policy
+from clt_pipe.config import HarvestConfig
 from clt_pipe.datasets.base import BadImageError, ImageDataset
 from clt_pipe.errors import StoreError
+from clt_pipe.prefetch import prefetched
 from clt_pipe.progress import NullProgress
 from clt_pipe.store.stats import Moments, tensor_moments
 from clt_pipe.store.writer import ShardWriter, StoreWriter
@@ -125,10 +126,9 @@ class ShardHarvest:
     def __init__(self, cfg: HarvestConfig, writer: StoreWriter, dataset: ImageDataset, bb: Backbone, progress):
         self.cfg, self.writer, self.dataset, self.bb, self.progress = cfg, writer, dataset, bb, progress
         self.layout = writer.layout
-        self.policy, self.k = parse_token_policy(cfg.tokens)
+        self.tokens = writer.meta.tokens.policy  # parsed once, when the plan was made
         self.out_dtype = torch.float16 if cfg.dtype == "fp16" else torch.bfloat16
-        img = bb.identity["image_size"]
-        self.image_shape = (3, *(tuple(img) if isinstance(img, list) else (img, img)))
+        self.image_shape = (3, *bb.identity.image_hw)
         self.prefetch = ImagePrefetcher(dataset, bb.preprocess, cfg.data_workers, cfg.on_bad_image == "skip")
         self.writer_thread = WriterThread()
         self.counters = {"images": 0, "tokens": 0, "bytes": 0, "shards": 0}
@@ -143,12 +143,8 @@ class ShardHarvest:
         return out
 
     def run(self, shards: list[int]) -> None:
-        batches = self.batches(shards)
-        pending = self.prefetch.submit(batches[0][1]) if batches else None
         shard_writer: ShardWriter | None = None
-        for bi, (shard, idx) in enumerate(batches):
-            futures = pending
-            pending = self.prefetch.submit(batches[bi + 1][1]) if bi + 1 < len(batches) else None
+        for (shard, idx), futures in prefetched(self.batches(shards), lambda b: self.prefetch.submit(b[1])):
             images, ok, errors = self.prefetch.collect(futures, idx, self.image_shape)
             if shard_writer is None or shard_writer.shard != shard:
                 shard_writer = self.writer.shard(shard)  # the previous one is committed and released
@@ -158,12 +154,11 @@ class ShardHarvest:
 
     def step(self, sw: ShardWriter, idx: range, images: torch.Tensor, ok: np.ndarray, errors: dict) -> None:
         dev, lay = self.bb.device, self.layout
-        positions = np.stack([token_positions(self.policy, self.k, self.bb.identity["n_positions"], i,
-                                              self.cfg.seed) for i in idx])
+        positions = np.stack([self.tokens.positions(self.bb.identity.n_positions, i, self.cfg.seed) for i in idx])
         labels = np.array([self.dataset.record(i).label for i in idx], np.int32)
         images = images.to(dev, non_blocking=dev.type == "cuda")
         pos_t = torch.from_numpy(positions.astype(np.int64)).to(dev)
-        cap = run_capture(self.bb, images, pos_t, self.out_dtype, self.cfg.precision, all_tokens=self.policy == "all")
+        cap = run_capture(self.bb, images, pos_t, self.out_dtype, self.cfg.precision, all_tokens=self.tokens.all_tokens)
         moments, event = None, None  # on CPU the writer thread computes the moments, overlapping the forward
         if dev.type == "cuda":
             # Statistics of exactly the stored values, on the GPU (free for the CPU); then an async host copy.
@@ -177,7 +172,7 @@ class ShardHarvest:
             event.record(torch.cuda.current_stream(dev))  # the copies' stream, also when dev is not current
         self.writer_thread.put(_write_batch, sw, idx.start, cap, event, labels, positions, ok, errors, moments)
         n_tok = len(idx) * lay.tokens_per_image
-        nbytes = len(self.writer.act_names) * n_tok * lay.n_layers * lay.d_model * 2
+        nbytes = lay.activation_bytes(len(self.writer.act_names), n_tok)
         for key, v in (("images", len(idx)), ("tokens", n_tok), ("bytes", nbytes)):
             self.counters[key] += v
         self.progress.advance(len(idx), images=len(idx), tokens=n_tok, MB=nbytes / 1e6)

@@ -12,22 +12,24 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from clt_pipe.backbone.capture import token_positions
 from clt_pipe.backbone.loading import Backbone, load_backbone
 from clt_pipe.backbone.mlp import mlp_activation
-from clt_pipe.config import HarvestConfig, parse_token_policy
+from clt_pipe.config import HarvestConfig
 from clt_pipe.datasets.base import ImageDataset
 from clt_pipe.datasets.registry import open_dataset
 from clt_pipe.device import resolve_device
 from clt_pipe.errors import CltPipeError
 from clt_pipe.precision import resolve_precision
 from clt_pipe.store import format as F
+from clt_pipe.store.meta import ABSENT, Activations, DatasetInfo, StoreMeta, TokenSelection
+from clt_pipe.tokens import TokenPolicy
 
 
 @dataclass
 class HarvestPlan:
     layout: F.StoreLayout
     bytes_uncompressed: int
+    tokens: TokenPolicy
 
 
 def open_inputs(cfg: HarvestConfig) -> tuple[ImageDataset, Backbone]:
@@ -41,13 +43,13 @@ def n_images(cfg: HarvestConfig, dataset: ImageDataset) -> int:
 
 
 def plan(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone) -> HarvestPlan:
-    policy, k = parse_token_policy(cfg.tokens)
-    n_pos = bb.identity["n_positions"]
-    T = len(token_positions(policy, k, n_pos, 0, cfg.seed))
-    L, d = bb.identity["n_layers"], bb.identity["d_model"]
-    layout = F.StoreLayout.plan(n_images(cfg, dataset), T, L, d, 2, cfg.chunk_mb, cfg.chunks_per_shard)
+    tokens = TokenPolicy.parse(cfg.tokens)
+    T = tokens.tokens_per_image(bb.identity.n_positions)
+    L, d = bb.identity.n_layers, bb.identity.d_model
+    layout = F.StoreLayout.plan(n_images(cfg, dataset), T, L, d, F.ACTIVATION_ITEMSIZE, cfg.chunk_mb,
+                                cfg.chunks_per_shard)
     n_arrays = 1 if cfg.targets == "recompute" else 2
-    return HarvestPlan(layout, n_arrays * layout.n_tokens * L * d * 2)
+    return HarvestPlan(layout, layout.activation_bytes(n_arrays), tokens)
 
 
 @torch.inference_mode()
@@ -79,29 +81,31 @@ def sources_sha256(dataset: ImageDataset, n: int) -> str:
     return h.hexdigest()
 
 
-def store_meta(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, hp: HarvestPlan) -> dict:
-    policy, k = parse_token_policy(cfg.tokens)
+def store_meta(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, hp: HarvestPlan) -> StoreMeta:
     pre = bb.visual.preprocess_cfg if hasattr(bb.visual, "preprocess_cfg") else {}
-    return {
-        "model": bb.identity,
-        "preprocess": {k2: (list(v) if isinstance(v, tuple) else v) for k2, v in pre.items()},
-        "dataset": {"name": dataset.name, "split": dataset.split, "n_images": hp.layout.n_images,
-                    "class_names": list(dataset.class_names), "data_root": cfg.data_root,
-                    "coco_label_rule": cfg.coco_label_rule if dataset.name == "coco" else None,
-                    "sources_sha256": sources_sha256(dataset, hp.layout.n_images)},
-        "templates": {k2: list(v) for k2, v in dataset.templates.items()},
-        "tokens": {"policy": policy if policy != "cls+k" else f"cls+{k}", "k": k,
-                   "tokens_per_image": hp.layout.tokens_per_image, "seed": cfg.seed},
+    recompute = cfg.targets == "recompute"
+    return StoreMeta(
+        model=bb.identity,
+        preprocess={k2: (list(v) if isinstance(v, tuple) else v) for k2, v in pre.items()},
+        dataset=DatasetInfo(name=dataset.name, split=dataset.split, n_images=hp.layout.n_images,
+                            class_names=list(dataset.class_names), data_root=cfg.data_root,
+                            coco_label_rule=cfg.coco_label_rule if dataset.name == "coco" else None,
+                            sources_sha256=sources_sha256(dataset, hp.layout.n_images)),
+        templates={k2: list(v) for k2, v in dataset.templates.items()},
+        tokens=TokenSelection(hp.tokens, tokens_per_image=hp.layout.tokens_per_image, seed=cfg.seed),
         # The forward's precision is identity: resuming a CPU (fp32) harvest on a GPU (bf16 autocast) would mix
         # slightly different activations in one store.
-        "activations": {"dtype": cfg.dtype, "storage_dtype": str(F.storage_dtype(cfg.dtype)),
-                        "compressor": cfg.compressor, "forward_precision": resolve_precision(bb.device, cfg.precision),
-                        # Only a recompute store names its targets, so stored-target identities stay as they were.
-                        **({"targets": "recompute", "mlp_activation": mlp_activation(bb.blocks)}
-                           if cfg.targets == "recompute" else {}),
-                        "mlp_in": "ln_2 output (MLP input)", "mlp_out": "mlp output (before ls_2 and the residual add)"},
-        "layout": hp.layout.to_dict(),
-    }
+        activations=Activations(dtype=cfg.dtype, storage_dtype=str(F.storage_dtype(cfg.dtype)),
+                                compressor=cfg.compressor,
+                                forward_precision=resolve_precision(bb.device, cfg.precision),
+                                # Only a recompute store names its targets, so stored-target identities stay as
+                                # they were.
+                                targets="recompute" if recompute else ABSENT,
+                                mlp_activation=mlp_activation(bb.blocks) if recompute else ABSENT,
+                                mlp_in="ln_2 output (MLP input)",
+                                mlp_out="mlp output (before ls_2 and the residual add)"),
+        layout=hp.layout,
+    )
 
 
 def head_weights(bb: Backbone) -> dict[str, np.ndarray]:

@@ -14,14 +14,13 @@ from clt_pipe.datasets.base import ImageDataset
 from clt_pipe.harvest.loop import disk_error, harvest_shards
 from clt_pipe.harvest.plan import head_weights, open_inputs, plan, store_meta, text_classifiers
 from clt_pipe.progress import NullProgress
+from clt_pipe.store.meta import StoreMeta
 from clt_pipe.store.writer import StoreWriter
 
 
 def estimate_seconds_per_image(bb: Backbone, batch_size: int, precision: str) -> float:
     """Time one forward on random pixels (after a warm-up) - for --dry-run."""
-    img = bb.identity["image_size"]
-    hw = tuple(img) if isinstance(img, list) else (img, img)
-    x = torch.randn(min(batch_size, 8), 3, *hw, device=bb.device)
+    x = torch.randn(min(batch_size, 8), 3, *bb.identity.image_hw, device=bb.device)
     pos = torch.zeros(x.shape[0], 1, dtype=torch.long, device=bb.device)
     run_capture(bb, x, pos, torch.float16, precision)
     t0 = time.perf_counter()
@@ -48,7 +47,7 @@ def run_harvest(cfg: HarvestConfig, progress=NullProgress(), log=print) -> dict:
         raise disk_error(e, cfg.store) from None
 
 
-def _write_store(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, meta: dict, progress, log) -> dict:
+def _write_store(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, meta: StoreMeta, progress, log) -> dict:
     writer = StoreWriter.open(cfg.store, meta, overwrite=cfg.overwrite, write_threads=cfg.write_threads)
     try:
         return _fill_store(cfg, dataset, bb, writer, progress, log)

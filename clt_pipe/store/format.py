@@ -29,14 +29,6 @@ def version_for(targets: str) -> int:
     return FORMAT_VERSION_RECOMPUTE if targets == "recompute" else FORMAT_VERSION
 
 
-def targets_recomputed(meta: dict) -> bool:
-    """True for a v2 store: mlp_out is not stored but recomputed from mlp_in and the stored MLP weights."""
-    return meta["activations"].get("targets", "stored") == "recompute"
-
-
-def stored_activation_arrays(meta: dict) -> tuple[str, ...]:
-    """The activation arrays a store holds: both, or only mlp_in when its targets are recomputed."""
-    return (MLP_IN,) if targets_recomputed(meta) else ACTIVATION_ARRAYS
 RESID_FINAL = "resid_final"
 EMBEDDING = "embedding"
 LABELS = "labels"
@@ -50,6 +42,8 @@ STATS_GROUP = "stats"
 COMMITS_DIR = "commits"
 COMPLETE_FILE = "COMPLETE.json"
 IMAGES_PARQUET = "images.parquet"
+
+ACTIVATION_ITEMSIZE = 2  # fp16 and bf16 (stored as uint16) alike
 
 # bf16 has no Zarr v3 core dtype: it is stored as its uint16 bit pattern (the upper half of a float32).
 BF16_NAN_BITS = 0x7FC0
@@ -101,6 +95,11 @@ class StoreLayout:
     def chunk_rows(self, chunk: int) -> range:
         imgs = self.chunk_images(chunk)
         return range(imgs.start * self.tokens_per_image, imgs.stop * self.tokens_per_image)
+
+    def activation_bytes(self, n_arrays: int, n_tokens: int | None = None) -> int:
+        """Uncompressed bytes of ``n_arrays`` activation arrays over ``n_tokens`` rows (default: every row)."""
+        rows = self.n_tokens if n_tokens is None else n_tokens
+        return n_arrays * rows * self.n_layers * self.d_model * ACTIVATION_ITEMSIZE
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -10,12 +10,13 @@ from clt_pipe.checksums import crc32c
 from clt_pipe.errors import StoreError
 from clt_pipe.store import format as F
 from clt_pipe.store.location import StoreLocation
+from clt_pipe.store.meta import ABSENT
 from clt_pipe.store.reader import ActivationStore
 
 
 def _stored_bytes(store: ActivationStore) -> int:
     total = 0
-    for name in F.stored_activation_arrays(store.meta):
+    for name in store.meta.activation_arrays:
         try:
             total += int(store.group[name].nbytes_stored())
         except Exception:  # noqa: BLE001 - some fsspec backends cannot list sizes cheaply
@@ -27,29 +28,28 @@ def store_info(url: str) -> dict:
     s = ActivationStore(url, require_complete=False)
     lay, m = s.layout, s.meta
     committed = s.committed_shards()
-    n_arrays = len(F.stored_activation_arrays(m))
-    raw = n_arrays * lay.n_tokens * lay.n_layers * lay.d_model * 2
+    raw = lay.activation_bytes(len(m.activation_arrays))
     stored = _stored_bytes(s)
     info = {
-        "format_version": m["format_version"],
+        "format_version": m.format_version,
         "complete": s.is_complete,
         "status": "complete" if s.is_complete else "INCOMPLETE: re-run the same harvest command to resume it",
         "shards_committed": f"{len(committed)}/{lay.n_shards}",
-        "model": f"{m['model']['name']} ({m['model']['pretrained']})",
-        "weights_sha256": m["model"]["weights_sha256"][:16],
+        "model": f"{m.model.name} ({m.model.pretrained})",
+        "weights_sha256": m.model.weights_sha256[:16],
         "layers x width": f"{lay.n_layers} x {lay.d_model}",
-        "dataset": f"{m['dataset']['name']}/{m['dataset']['split']} ({len(m['dataset']['class_names'])} classes)",
-        "tokens": f"{m['tokens']['policy']} ({lay.tokens_per_image}/image)",
+        "dataset": f"{m.dataset.name}/{m.dataset.split} ({len(m.dataset.class_names)} classes)",
+        "tokens": f"{m.tokens.policy} ({lay.tokens_per_image}/image)",
         "images": lay.n_images,
         "token rows": lay.n_tokens,
         "chunk": f"{lay.rows_per_chunk} rows ({lay.images_per_chunk} images)",
-        "dtype / codec": f"{m['activations']['dtype']} / {m['activations']['compressor']}",
+        "dtype / codec": f"{m.activations.dtype} / {m.activations.compressor}",
         "targets": ("recomputed from mlp_in and the stored MLP weights" if s.recompute else "stored (mlp_out)"),
-        f"GB uncompressed ({'+'.join(F.stored_activation_arrays(m))})": round(raw / 1e9, 4),
+        f"GB uncompressed ({'+'.join(m.activation_arrays)})": round(raw / 1e9, 4),
         "GB stored": round(stored / 1e9, 4) if stored >= 0 else "n/a",
         "compression ratio": round(raw * len(committed) / max(lay.n_shards, 1) / stored, 3) if stored > 0 else "n/a",
-        "created": m.get("created", ""),
-        "fingerprint": m["fingerprint"],
+        "created": "" if m.created is ABSENT else m.created,
+        "fingerprint": m.fingerprint,
     }
     if s.is_complete:
         info["finished"] = s.loc.read_json(F.COMPLETE_FILE).get("finished", "")
@@ -76,7 +76,7 @@ def _check_shard(s: ActivationStore, shard: int, weights_ok: bool) -> list[str]:
         except Exception as e:  # noqa: BLE001 - a corrupt chunk fails to decode
             problems.append(f"chunk {chunk}: unreadable ({type(e).__name__}: {e})")
             continue
-        for name, arr in zip(F.stored_activation_arrays(s.meta), arrays):
+        for name, arr in zip(s.meta.activation_arrays, arrays):
             if crc32c(arr) != want[name]:
                 problems.append(f"chunk {chunk} of {name}: checksum mismatch")
     if s.recompute and weights_ok:
@@ -154,7 +154,7 @@ def list_stores(root: str) -> list[dict]:
         except StoreError:
             continue
         m = s.meta
-        rows.append({"store": url, "model": m["model"]["name"], "dataset": f"{m['dataset']['name']}/"
-                     f"{m['dataset']['split']}", "tokens": m["tokens"]["policy"], "images": s.layout.n_images,
+        rows.append({"store": url, "model": m.model.name, "dataset": f"{m.dataset.name}/{m.dataset.split}",
+                     "tokens": str(m.tokens.policy), "images": s.layout.n_images,
                      "complete": s.is_complete})
     return rows

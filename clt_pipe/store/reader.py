@@ -10,12 +10,14 @@ import pyarrow.parquet as pq
 import torch
 import zarr
 
-from clt_pipe.errors import StoreError
+from clt_pipe.errors import CltPipeError, StoreError
 from clt_pipe.store import commits
 from clt_pipe.store import format as F
 from clt_pipe.store.location import StoreLocation
+from clt_pipe.store.meta import StoreMeta
 from clt_pipe.store.targets import RecomputedTargets
 from clt_pipe.store.zarrio import read_rows_into
+from clt_pipe.tokens import TokenType, token_mask
 
 
 class ActivationStore:
@@ -35,11 +37,14 @@ class ActivationStore:
         if version not in F.KNOWN_VERSIONS:
             raise StoreError(f"{url!r} is store format v{version}; this tool reads "
                              f"{', '.join(f'v{v}' for v in F.KNOWN_VERSIONS)}")
-        self.meta = meta
-        self.recompute = F.targets_recomputed(meta)
+        try:
+            self.meta = StoreMeta.from_dict(meta)
+        except (KeyError, TypeError, ValueError, CltPipeError) as e:
+            raise StoreError(f"{url!r}: its store description is malformed ({type(e).__name__}: {e})") from None
+        self.recompute = self.meta.recompute
         self._targets: dict[str, RecomputedTargets] = {}
-        self.layout = F.StoreLayout(**meta["layout"])
-        self.dtype = meta["activations"]["dtype"]
+        self.layout = self.meta.layout
+        self.dtype = self.meta.activations.dtype
         if require_complete and not self.is_complete:
             done = len(self.committed_shards())
             raise StoreError(f"store {url!r} is incomplete ({done}/{self.layout.n_shards} shards committed, no "
@@ -47,10 +52,10 @@ class ActivationStore:
 
     @property
     def is_complete(self) -> bool:
-        return commits.is_complete(self.loc, self.meta["fingerprint"])
+        return commits.is_complete(self.loc, self.meta.fingerprint)
 
     def committed_shards(self) -> list[int]:
-        return commits.committed_shards(self.loc, self.meta["fingerprint"])
+        return commits.committed_shards(self.loc, self.meta.fingerprint)
 
     def commit_record(self, shard: int) -> dict:
         return self.loc.read_json(F.shard_commit_name(shard))
@@ -66,11 +71,12 @@ class ActivationStore:
 
     @property
     def model(self) -> dict:
-        return self.meta["model"]
+        """The stored model identity record (as run.json and report.json copy it)."""
+        return self.meta.model.to_dict()
 
     @property
     def class_names(self) -> list[str]:
-        return self.meta["dataset"]["class_names"]
+        return self.meta.dataset.class_names
 
     # ---- arrays ----------------------------------------------------------------------------------------
     def array(self, name: str) -> zarr.Array:
@@ -89,7 +95,7 @@ class ActivationStore:
             raise StoreError(f"{self.loc.url}: targets are stored in mlp_out, not recomputed")
         key = str(torch.device(device))
         if key not in self._targets:
-            self._targets[key] = RecomputedTargets(self.group[F.MLP_GROUP], self.meta["activations"]["mlp_activation"],
+            self._targets[key] = RecomputedTargets(self.group[F.MLP_GROUP], self.meta.activations.mlp_activation,
                                                    torch.device(device))
         return self._targets[key]
 
@@ -103,7 +109,7 @@ class ActivationStore:
         1.14-1.29 GB/s for one synchronous call per chunk from a thread pool (each such call round-trips through
         zarr's single event-loop thread), and no intermediate copy (~20 % per chunk). ``y`` is None (and
         nothing is read for it) when targets are recomputed."""
-        arrays = [self.group[name] for name in F.stored_activation_arrays(self.meta)]
+        arrays = [self.group[name] for name in self.meta.activation_arrays]
         blocks = []
         for chunk, x, y in pieces:
             rows = self.layout.chunk_rows(int(chunk))
@@ -147,15 +153,9 @@ class ActivationStore:
         with self.loc.fs.open(self.loc.path(F.IMAGES_PARQUET), "rb") as fh:
             return pq.read_table(fh)
 
-    def token_type_mask(self, chunk: int, tokens: str) -> np.ndarray:
-        """Boolean mask over a chunk's rows: valid rows of the wanted token type (cls | patches | all)."""
+    def token_type_mask(self, chunk: int, tokens: TokenType) -> np.ndarray:
+        """Boolean mask over a chunk's rows: valid rows of the wanted token type."""
         imgs = self.layout.chunk_images(chunk)
         pos = self.token_index[imgs.start:imgs.stop]
         ok = self.image_ok[imgs.start:imgs.stop, None]
-        if tokens == "cls":
-            keep = pos == 0
-        elif tokens == "patches":
-            keep = pos > 0
-        else:
-            keep = pos >= 0
-        return (keep & ok).reshape(-1)
+        return (token_mask(pos, tokens) & ok).reshape(-1)

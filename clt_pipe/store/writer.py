@@ -27,6 +27,7 @@ from clt_pipe.errors import StoreError
 from clt_pipe.store import commits
 from clt_pipe.store import format as F
 from clt_pipe.store.location import StoreLocation
+from clt_pipe.store.meta import StoreMeta
 from clt_pipe.store.stats import Moments
 from clt_pipe.store.zarrio import chunk_key, write_rows
 
@@ -34,7 +35,9 @@ from clt_pipe.store.zarrio import chunk_key, write_rows
 IDENTITY_KEYS = ("model", "dataset", "tokens", "activations", "layout", "preprocess")
 
 
-def fingerprint(meta: dict) -> str:
+def fingerprint(meta: StoreMeta | dict) -> str:
+    if isinstance(meta, StoreMeta):
+        meta = meta.to_dict()
     ident = {k: meta[k] for k in IDENTITY_KEYS}
     ident["model"] = {k: v for k, v in ident["model"].items() if k != "model_arg"}
     ident["dataset"] = {k: v for k, v in ident["dataset"].items() if k != "data_root"}
@@ -79,16 +82,16 @@ def default_write_threads() -> int:
 
 
 class StoreWriter:
-    def __init__(self, loc: StoreLocation, meta: dict, group: zarr.Group, write_threads: int = 0):
+    def __init__(self, loc: StoreLocation, meta: StoreMeta, group: zarr.Group, write_threads: int = 0):
         self.loc = loc
         self.meta = meta
         self.group = group
-        self.layout = F.StoreLayout(**meta["layout"])
-        self.dtype = meta["activations"]["dtype"]
-        self.fingerprint = meta["fingerprint"]
+        self.layout = meta.layout
+        self.dtype = meta.activations.dtype
+        self.fingerprint = meta.fingerprint
         self.write_threads = write_threads or default_write_threads()
-        self.act_names = F.stored_activation_arrays(meta)
-        self.recompute = F.targets_recomputed(meta)
+        self.act_names = meta.activation_arrays
+        self.recompute = meta.recompute
         # zarr's default scans every chunk for all-fill values (NaN-aware) on its one event-loop thread before
         # writing it: measured 214 -> 861 MB/s single-threaded without the scan. Activation chunks are never
         # all-fill, so the scan buys nothing. (Runtime config, not stored: set on every open, resume included.)
@@ -133,15 +136,17 @@ class StoreWriter:
 
     # ---- opening -------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, url: str, meta: dict, *, overwrite: bool = False, storage_options: dict | None = None,
+    def open(cls, url: str, meta: StoreMeta | dict, *, overwrite: bool = False, storage_options: dict | None = None,
              clean_temp: bool = True, write_threads: int = 0) -> "StoreWriter":
         """Create the store, or reopen an identical one for resume; refuse a different one.
 
         ``clean_temp=False`` for the extra writers of a multi-writer harvest: only the coordinating process
         may remove stray temp files, or one worker could delete another's in-flight commit.
         """
-        version = F.version_for(meta["activations"].get("targets", "stored"))
-        meta = dict(meta, format_version=version, fingerprint=fingerprint(meta))
+        if not isinstance(meta, StoreMeta):
+            meta = StoreMeta.from_dict(meta)
+        version = F.version_for("recompute" if meta.recompute else "stored")
+        meta = meta.replace(format_version=version, fingerprint=fingerprint(meta))
         loc = StoreLocation(url, storage_options)
         if loc.exists("zarr.json"):
             try:
@@ -157,15 +162,15 @@ class StoreWriter:
                 if old.get("format_version") != version:
                     raise StoreError(f"{url} is store format v{old.get('format_version')}, this harvest writes "
                                      f"v{version}; pass --overwrite to replace it")
-                if old.get("fingerprint") != meta["fingerprint"] and old.get("fingerprint") == fingerprint(
-                        _as_written_before(meta, old)):
-                    meta = dict(meta, fingerprint=old["fingerprint"])  # same harvest, from an older writer
-                if old.get("fingerprint") != meta["fingerprint"]:
-                    raise StoreError(f"{url} holds a different harvest ({_describe_difference(old, meta)}); "
+                if old.get("fingerprint") != meta.fingerprint and old.get("fingerprint") == fingerprint(
+                        _as_written_before(meta.to_dict(), old)):
+                    meta = meta.replace(fingerprint=old["fingerprint"])  # same harvest, from an older writer
+                if old.get("fingerprint") != meta.fingerprint:
+                    raise StoreError(f"{url} holds a different harvest ({_describe_difference(old, meta.to_dict())}); "
                                      f"pass --overwrite to replace it or choose another --store")
                 if old.get("initialised", True):
                     group = zarr.open_group(loc.zarr_store(), mode="r+")
-                    writer = cls(loc, old, group, write_threads)
+                    writer = cls(loc, StoreMeta.from_dict(old), group, write_threads)
                     if clean_temp:
                         loc.clean_temp_files(F.COMMITS_DIR)
                         loc.clean_temp_files("")
@@ -178,27 +183,26 @@ class StoreWriter:
                 raise StoreError(f"{url} exists, is not empty and is not a clt-pipe store; pass --overwrite "
                                  f"to replace it")
             loc.remove("")
-        meta["created"] = now()
-        meta["tool_version"] = __version__
+        meta = meta.replace(created=now(), tool_version=__version__)
         # "initialised" turns true only once every array exists, so a kill in between is recognisable.
-        group = zarr.open_group(loc.zarr_store(), mode="w", attributes={F.ATTRS_KEY: dict(meta, initialised=False)})
+        group = zarr.open_group(loc.zarr_store(), mode="w",
+                                attributes={F.ATTRS_KEY: meta.replace(initialised=False).to_dict()})
         writer = cls(loc, meta, group, write_threads)
         writer._create_arrays()
-        group.attrs[F.ATTRS_KEY] = dict(meta, initialised=True)
-        writer.meta = group.attrs[F.ATTRS_KEY]
+        writer.meta = meta.replace(initialised=True)
+        group.attrs[F.ATTRS_KEY] = writer.meta.to_dict()
         return writer
 
     def _create_arrays(self) -> None:
         lay, g = self.layout, self.group
-        act = self.meta["activations"]
         n_img, ipc = lay.n_images, lay.images_per_chunk
         for name in self.act_names:
             g.create_array(name, shape=(lay.n_tokens, lay.n_layers, lay.d_model),
                            chunks=(lay.rows_per_chunk, lay.n_layers, lay.d_model),
                            dtype=F.storage_dtype(self.dtype), fill_value=F.activation_fill(self.dtype),
-                           compressors=F.compressors_for(act["compressor"]),
+                           compressors=F.compressors_for(self.meta.activations.compressor),
                            dimension_names=("token", "layer", "dim"))
-        d, e, T = lay.d_model, self.meta["model"]["embed_dim"], lay.tokens_per_image
+        d, e, T = lay.d_model, self.meta.model.embed_dim, lay.tokens_per_image
         if self.recompute:  # one chunk per shard, like the moments
             g.create_array(F.MLP_OUT_CHECK, shape=(lay.n_shards, T, lay.n_layers, d), chunks=(1, T, lay.n_layers, d),
                            dtype=F.storage_dtype(self.dtype), fill_value=F.activation_fill(self.dtype))
@@ -330,7 +334,7 @@ class ShardWriter:
         self.images = lay.shard_images(self.shard)
         self.next_image = self.images.start
         self._chunk_bufs = self._new_chunk_bufs()
-        e, d, T = self.store.meta["model"]["embed_dim"], lay.d_model, lay.tokens_per_image
+        e, d, T = self.store.meta.model.embed_dim, lay.d_model, lay.tokens_per_image
         n = len(self.images)
         self.per_image = {
             F.RESID_FINAL: np.full((n, d), np.nan, np.float32),

@@ -25,30 +25,32 @@ import numpy as np
 
 from clt_pipe.datasets.base import ImageRecord
 from clt_pipe.store import format as F
+from clt_pipe.store.meta import Activations, BackboneIdentity, DatasetInfo, StoreMeta, TokenSelection
 from clt_pipe.store.writer import StoreWriter
+from clt_pipe.tokens import TokenPolicy
 
 RowFn = Callable[[int, int], tuple[np.ndarray, np.ndarray]]
 
 
 def synthetic_meta(n_images: int, tokens_per_image: int, n_layers: int, d_model: int, *, dtype: str = "fp16",
                    compressor: str = "none", chunk_mb: float = 1.0, chunks_per_shard: int = 2,
-                   name: str = "synthetic") -> dict:
-    """A minimal meta dict a ``StoreWriter`` accepts (same keys as ``harvest.store_meta``)."""
-    layout = F.StoreLayout.plan(n_images, tokens_per_image, n_layers, d_model, 2, chunk_mb, chunks_per_shard)
-    return {
-        "model": {"name": name, "model_arg": name, "pretrained": "none", "weights_sha256": "0" * 64,
-                  "activation": "GELU", "n_layers": n_layers, "d_model": d_model, "d_mlp": 4 * d_model,
-                  "embed_dim": 8, "image_size": 32, "patch_size": 8, "n_positions": tokens_per_image,
-                  "logit_scale": 100.0},
-        "preprocess": {"size": [32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
-        "dataset": {"name": name, "split": "train", "n_images": n_images, "class_names": ["a", "b"],
-                    "data_root": ""},
-        "templates": {"single": ["a photo of {c}."]},
-        "tokens": {"policy": "all", "k": 0, "tokens_per_image": tokens_per_image, "seed": 0},
-        "activations": {"dtype": dtype, "storage_dtype": str(F.storage_dtype(dtype)), "compressor": compressor,
-                        "mlp_in": "synthetic", "mlp_out": "synthetic"},
-        "layout": layout.to_dict(),
-    }
+                   name: str = "synthetic") -> StoreMeta:
+    """A minimal store description a ``StoreWriter`` accepts (what ``harvest.store_meta`` builds from a ViT)."""
+    layout = F.StoreLayout.plan(n_images, tokens_per_image, n_layers, d_model, F.ACTIVATION_ITEMSIZE, chunk_mb,
+                                chunks_per_shard)
+    return StoreMeta(
+        model=BackboneIdentity(name=name, model_arg=name, pretrained="none", weights_sha256="0" * 64,
+                               activation="GELU", n_layers=n_layers, d_model=d_model, d_mlp=4 * d_model,
+                               embed_dim=8, image_size=32, patch_size=8, n_positions=tokens_per_image,
+                               logit_scale=100.0),
+        preprocess={"size": [32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+        dataset=DatasetInfo(name=name, split="train", n_images=n_images, class_names=["a", "b"], data_root=""),
+        templates={"single": ["a photo of {c}."]},
+        tokens=TokenSelection(TokenPolicy("all"), tokens_per_image=tokens_per_image, seed=0),
+        activations=Activations(dtype=dtype, storage_dtype=str(F.storage_dtype(dtype)), compressor=compressor,
+                                mlp_in="synthetic", mlp_out="synthetic"),
+        layout=layout,
+    )
 
 
 def _to_storage(a: np.ndarray, dtype: str) -> np.ndarray:
