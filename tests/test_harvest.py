@@ -851,3 +851,19 @@ def test_verify_detects_corrupted_chunk(tmp_path, base_store, capsys, monkeypatc
     line = assert_one_line_error(code, err, "bad shard")
     assert "[1]" in line
     assert "shard 1" in err and "shard 0" not in err and "shard 2" not in err
+
+
+def test_summary_reports_whole_wall_time_and_its_parts(tmp_path, folder, ckpt, capsys, monkeypatch):
+    """Issue 14: loading and the text classifier are part of the harvest's time, and printed."""
+    from clt_pipe.harvest.run import TIMED_PARTS
+
+    summary = harvest(tmp_path / "s.zarr", folder["root"], ckpt)
+    parts = {k: summary[f"seconds_{k}"] for k in (*TIMED_PARTS, "setup")}
+    assert all(v > 0 for k, v in parts.items() if k != "setup"), parts
+    assert sum(parts.values()) <= summary["seconds"] * (1 + 1e-9)
+    assert summary["seconds_images"] < summary["seconds"]
+    assert summary["images_per_second"] == pytest.approx(12 / summary["seconds_images"])
+    code, out, err = run_cli(capsys, monkeypatch, cli_args(tmp_path / "cli.zarr", folder["root"], ckpt))
+    assert code == 0, err
+    for k in (*TIMED_PARTS, "setup"):
+        assert f"seconds_{k}" in out
