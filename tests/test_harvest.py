@@ -867,3 +867,18 @@ def test_summary_reports_whole_wall_time_and_its_parts(tmp_path, folder, ckpt, c
     assert code == 0, err
     for k in (*TIMED_PARTS, "setup"):
         assert f"seconds_{k}" in out
+
+
+def test_dask_workers_share_one_gpu_round_robin(monkeypatch):
+    """--workers 2 on a one-GPU node: both workers use cuda:0 (issue 11); explicit devices are kept."""
+    from clt_pipe.harvest.dask import _worker_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert [_worker_device("cuda", i) for i in range(3)] == ["cuda:0"] * 3
+    assert _worker_device("auto", 1) == "cuda:0"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [_worker_device("cuda", i) for i in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
+    assert _worker_device("cuda:1", 0) == "cuda:1" and _worker_device("cpu", 1) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _worker_device("auto", 1) == "cpu"
