@@ -463,11 +463,11 @@ class ShardWriter:
     def _chunk_key(self, name: str, chunk: int) -> str:
         return chunk_key(self.store.array(name), chunk)
 
-    def _chunk_keys(self) -> list[str]:
-        """Every chunk file this shard wrote."""
+    def _chunk_keys(self, activations: bool = True) -> list[str]:
+        """Every chunk file this shard wrote (``activations=False``: but the activation chunks)."""
         keys = []
         for c in self.store.layout.shard_chunks(self.shard):
-            for name in (*self.store.act_names, *F.PER_IMAGE_ARRAYS):
+            for name in ((*self.store.act_names,) if activations else ()) + tuple(F.PER_IMAGE_ARRAYS):
                 keys.append(self._chunk_key(name, c))
         per_shard = [f"{F.STATS_GROUP}/shard_moments_in", f"{F.STATS_GROUP}/shard_moments_out",
                      f"{F.STATS_GROUP}/shard_count"] + ([F.MLP_OUT_CHECK] if self.store.recompute else [])
@@ -485,7 +485,9 @@ class ShardWriter:
         with times.stage("commit: per-image rows + moments"):
             per_image_crcs, check_crc = self._write_per_shard()
         with times.stage("commit: fsync"):
-            self.store.loc.fsync_files(self._chunk_keys())
+            # The activation chunks were fsynced by their writes (_write_chunks), which _wait_chunks waited for:
+            # opening and fsyncing them again costs a round trip each on network file systems.
+            self.store.loc.fsync_files(self._chunk_keys(activations=False))
         record = {
             "shard": self.shard, "fingerprint": self.store.fingerprint,
             "images": [self.images.start, self.images.stop],
