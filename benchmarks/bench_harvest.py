@@ -92,8 +92,11 @@ def full_harvest(cfg: HarvestConfig, dataset, bb, store: Path, times: dict | Non
     hp = plan(cfg, dataset, bb)
     t0 = time.perf_counter()
     writer = StoreWriter.open(str(store), store_meta(cfg, dataset, bb, hp), write_threads=cfg.write_threads)
+    t1 = time.perf_counter()
     writer.write_constants(head_weights(bb), {"single": np.zeros((len(dataset.class_names), bb.identity["embed_dim"]))},
                            mlp_weights(bb.blocks) if cfg.targets == "recompute" else None)
+    writer.times.add("setup: create store", t1 - t0)
+    writer.times.add("setup: model constants (recompute: MLP weights)", time.perf_counter() - t1)
     harvest_shards(cfg, writer, dataset, bb, list(range(hp.layout.n_shards)))
     with writer.times.stage("finalize"):
         writer.finalize([dataset.record(i) for i in range(hp.layout.n_images)], dataset.split)
