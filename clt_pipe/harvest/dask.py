@@ -17,6 +17,7 @@ import os
 from clt_pipe.config import HarvestConfig, build
 from clt_pipe.harvest.loop import harvest_shards
 from clt_pipe.harvest.plan import open_inputs, plan, store_meta
+from clt_pipe.store.timing import StageTimes
 from clt_pipe.store.writer import StoreWriter, default_write_threads
 
 
@@ -95,13 +96,16 @@ def harvest_with_dask(cfg: HarvestConfig, todo: list[int], progress=None) -> dic
         groups = [todo[i::n_groups] for i in range(n_groups)] if n_groups else []
         futures = [client.submit(harvest_shard_group, cfg_dict, g, torch_threads, pure=False) for g in groups]
         totals = {"images": 0, "tokens": 0, "bytes": 0, "shards": 0}
+        times = StageTimes()  # summed over the workers' groups
         for fut in as_completed(futures):
             counters = fut.result()
             for k in totals:
                 totals[k] += counters.get(k, 0)
+            times.merge(counters.get("stage_seconds", {}))
             if progress is not None:
                 progress.advance(counters.get("images", 0), images=counters.get("images", 0))
         totals["workers"] = n_workers
+        totals["stage_seconds"] = times.as_dict()
         return totals
     finally:
         client.close()

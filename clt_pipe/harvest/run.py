@@ -101,6 +101,7 @@ def _fill_store(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, writer:
             from clt_pipe.harvest.dask import harvest_with_dask
 
             counters = harvest_with_dask(cfg, todo, progress)
+            counters.pop("stage_seconds", None)  # the workers' breakdown: for benchmarks, not the summary
         else:
             counters = harvest_shards(cfg, writer, dataset, bb, todo, progress)
     finally:
