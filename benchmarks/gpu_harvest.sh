@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 11's figures on a GPU node, in one run (~8 min on an H100/H200 with 16 cores): harvest wall against
-# max(bare forward, bytes / disk bandwidth measured in the same run, same file system), all tokens, ViT-B/32 and
+# Issue 11's figures on a GPU node, in one run (~6 min on an H100/H200 with 16 cores; the per-step timeouts
+# are caps that sum to 12 min): harvest wall against max(bare forward, bytes / disk bandwidth measured in the same run, same file system), all tokens, ViT-B/32 and
 # ViT-B/16, stored and recompute targets, the default compressor against `none`, each with its per-stage
 # breakdown; CLS-only; dask --workers 2 sharing the GPU against one process. Every step has its own timeout, so
 # one slow step cannot eat the others' time. STORE_DIR: where stores go (default /tmp; put it on the disk
