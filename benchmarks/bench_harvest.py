@@ -4,7 +4,11 @@ Both sides use the same loaded model, the same images (an ImageFolder of random 
 size and the same image pipeline (thread-pool decode + open_clip preprocessing, one batch ahead). "Bare"
 runs ``encode_image`` and discards the result; "harvest" adds the hooks, the device->host copies, the
 writer thread (compression, crc32c, statistics) and the store's creation and finalisation. Repeats are
-interleaved and medians compared. Goal: ratio <= 1.05.
+interleaved and medians compared.
+
+The disk is measured in the same run on the same file system: a file of the store's size is written in 16 MiB
+blocks and fsynced next to the store. Goal (issue 11): harvest <= 1.05 x max(bare forward, bytes written / disk
+bandwidth). The per-stage seconds of the median harvest (clt_pipe/store/timing.py) name the bottleneck.
 
     python benchmarks/bench_harvest.py --model ViT-B-32 --images 64 --batch 32 [--write]
     python benchmarks/bench_harvest.py --model clt_pipe/demo/assets/tiny-clip.json --images 512 --batch 64
@@ -61,18 +65,46 @@ def bare_forward(cfg: HarvestConfig, dataset, bb) -> float:
     return time.perf_counter() - t0
 
 
-def full_harvest(cfg: HarvestConfig, dataset, bb, store: Path) -> float:
+def disk_write(path: Path, nbytes: int, block: int = 16 << 20) -> float:
+    """Seconds to write ``nbytes`` in ``block``-sized writes and fsync them (the file system's sequential speed)."""
+    buf = np.random.default_rng(0).integers(0, 255, block, dtype=np.uint8).tobytes()
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        left = nbytes
+        while left > 0:
+            left -= os.write(fd, buf[:min(block, left)])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - t0
+    path.unlink()
+    return seconds
+
+
+def store_bytes(store: Path) -> int:
+    return sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
+
+
+def full_harvest(cfg: HarvestConfig, dataset, bb, store: Path, times: dict | None = None) -> float:
     shutil.rmtree(store, ignore_errors=True)
     hp = plan(cfg, dataset, bb)
     t0 = time.perf_counter()
     writer = StoreWriter.open(str(store), store_meta(cfg, dataset, bb, hp), write_threads=cfg.write_threads)
+    t1 = time.perf_counter()
     writer.write_constants(head_weights(bb), {"single": np.zeros((len(dataset.class_names), bb.identity.embed_dim))},
                            mlp_weights(bb.blocks) if cfg.targets == "recompute" else None)
+    writer.times.add("setup: create store", t1 - t0)
+    writer.times.add("setup: model constants (recompute: MLP weights)", time.perf_counter() - t1)
     harvest_shards(cfg, writer, dataset, bb, list(range(hp.layout.n_shards)))
-    writer.finalize([dataset.record(i) for i in range(hp.layout.n_images)], dataset.split)
+    with writer.times.stage("finalize"):
+        writer.finalize([dataset.record(i) for i in range(hp.layout.n_images)], dataset.split)
     if bb.device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    if times is not None:
+        times[seconds] = writer.times
+    return seconds
 
 
 def main() -> None:
@@ -85,33 +117,60 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--data-workers", type=int, default=2, help="image decode threads (both sides)")
     ap.add_argument("--targets", default="stored", choices=("stored", "recompute"))
+    ap.add_argument("--compressor", default="",
+                    help="comma-separated: harvests with each, interleaved in the same repeats (default: the "
+                         "harvest's default)")
+    ap.add_argument("--write-threads", type=int, default=0, help="0: the harvest's default")
+    ap.add_argument("--dir", default=None, help="where the stores and the disk probe go (default: a temp dir)")
     ap.add_argument("--write", action="store_true", help="append the result to benchmarks/BENCHMARKS.md")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-harvest-"))
+    tmp = Path(tempfile.mkdtemp(prefix="bench-harvest-", dir=args.dir))
     try:
         is_tiny = args.model.endswith(".json")
         make_images(tmp / "data", args.images, 40 if is_tiny else 256)
-        cfg = build(HarvestConfig, {"model": args.model, "pretrained": "none", "dataset": "imagefolder",
-                                    "data_root": str(tmp / "data"), "store": str(tmp / "s.zarr"),
-                                    "batch_size": args.batch, "tokens": args.tokens, "device": args.device,
-                                    "data_workers": args.data_workers, "targets": args.targets})
+        base = {"model": args.model, "pretrained": "none", "dataset": "imagefolder", "data_root": str(tmp / "data"),
+                "store": str(tmp / "s.zarr"), "batch_size": args.batch, "tokens": args.tokens,
+                "device": args.device, "data_workers": args.data_workers, "targets": args.targets,
+                "write_threads": args.write_threads}
+        cfgs = [build(HarvestConfig, {**base, **({"compressor": c} if c else {})})
+                for c in (args.compressor.split(",") if args.compressor else [""])]
+        cfg = cfgs[0]
         dataset, bb = open_inputs(cfg)
         bare_forward(cfg, dataset, bb)  # warm-up (allocator, kernels, page cache)
-        bare, full = [], []
+        nbytes = []
+        for c in cfgs:  # warm-up of the writer path; sizes the stores and the disk probe
+            full_harvest(c, dataset, bb, tmp / "s.zarr")
+            nbytes.append(store_bytes(tmp / "s.zarr"))
+        bare, disk = [], []
+        full: list[list[float]] = [[] for _ in cfgs]
+        times: list[dict] = [{} for _ in cfgs]
         for _ in range(args.repeats):
             bare.append(bare_forward(cfg, dataset, bb))
-            full.append(full_harvest(cfg, dataset, bb, tmp / "s.zarr"))
-        mb, mf = statistics.median(bare), statistics.median(full)
-        line = (f"| harvest / bare forward | {bb.name} ({'random init'}), {args.images} images, batch {args.batch}, "
-                f"tokens {args.tokens}, targets {args.targets}, {bb.device}, {args.data_workers} image threads | bare {mb:.2f} s, harvest {mf:.2f} s | **{mf / mb:.3f}** "
-                f"(goal <= 1.05) |")
-        print(line)
-        print(f"bare runs {['%.2f' % t for t in bare]}, harvest runs {['%.2f' % t for t in full]}")
-        if args.write:
-            from bench_common import append_result
+            for j, c in enumerate(cfgs):
+                full[j].append(full_harvest(c, dataset, bb, tmp / "s.zarr", times[j]))
+            shutil.rmtree(tmp / "s.zarr", ignore_errors=True)
+            disk.append(max(nbytes) / disk_write(tmp / "disk-probe.bin", max(nbytes)))
+        mb, bw = statistics.median(bare), statistics.median(disk)
+        print(f"bare runs {['%.2f' % t for t in bare]} s; disk {['%.2f' % (b / 1e9) for b in disk]} GB/s "
+              f"(write + fsync of {max(nbytes) / 1e9:.3f} GB in 16 MiB blocks, next to the store)")
+        for c, runs, nb, tms in zip(cfgs, full, nbytes, times):
+            mf, md = statistics.median(runs), nb / bw
+            setting = (f"{bb.name} (random init), {args.images} images, batch {args.batch}, tokens {args.tokens}, "
+                       f"targets {args.targets}, compressor {c.compressor}, {bb.device}, {args.data_workers} image "
+                       f"threads, {c.write_threads or 'default'} write threads")
+            line = (f"| harvest / max(bare forward, disk) | {setting} | bare {mb:.2f} s, disk {md:.2f} s "
+                    f"({nb / 1e9:.3f} GB at {bw / 1e9:.2f} GB/s), harvest {mf:.2f} s ({nb / mf / 1e9:.3f} GB/s) "
+                    f"| **{mf / max(mb, md):.3f}** (goal <= 1.05; / bare {mf / mb:.3f}) |")
+            print(line)
+            print(f"  harvest runs {['%.2f' % t for t in runs]} s")
+            med = sorted(tms)[len(tms) // 2]
+            print(f"  stage seconds of the median harvest ({med:.2f} s wall; threads overlap, so they sum to more):")
+            print(tms[med].table(med))
+            if args.write:
+                from bench_common import append_result
 
-            append_result(line)
+                append_result(line)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -7,8 +7,6 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHON
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 df -h /tmp | tail -1; dd if=/dev/zero of=/tmp/dd.bin bs=16M count=128 conv=fsync 2>&1 | tail -1; rm -f /tmp/dd.bin
 [ "${SKIP_DECODE:-0}" = 1 ] || for b in 1024 4096; do python benchmarks/bench_decode.py --device cuda --batch $b --repeats 10 --skip-old; done
-python benchmarks/bench_harvest.py --model ViT-B-32 --images 2048 --batch 256 --device cuda --repeats 3 --data-workers 12
-python benchmarks/bench_harvest.py --model ViT-B-32 --images 2048 --batch 256 --device cuda --repeats 3 --data-workers 12 --tokens cls
-python benchmarks/bench_harvest.py --model ViT-B-16 --images 512 --batch 128 --device cuda --repeats 3 --data-workers 12
+[ "${SKIP_HARVEST:-0}" = 1 ] || benchmarks/gpu_harvest.sh  # issue 11: ratios to max(bare, disk), stage breakdown
 python benchmarks/bench_loader.py --device cuda --dir /tmp/bench-loader-vitb --images 1200 --tokens 50 --layers 12 \
   --d-model 768 --batch 4096 --threads 16 --read-threads 12 --fit-steps 20 --repeats 3

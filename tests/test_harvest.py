@@ -861,3 +861,34 @@ def test_verify_detects_corrupted_chunk(tmp_path, base_store, capsys, monkeypatc
     line = assert_one_line_error(code, err, "bad shard")
     assert "[1]" in line
     assert "shard 1" in err and "shard 0" not in err and "shard 2" not in err
+
+
+def test_summary_reports_whole_wall_time_and_its_parts(tmp_path, folder, ckpt, capsys, monkeypatch):
+    """Issue 14: loading and the text classifier are part of the harvest's time, and printed."""
+    from clt_pipe.harvest.run import TIMED_PARTS
+
+    summary = harvest(tmp_path / "s.zarr", folder["root"], ckpt)
+    parts = {k: summary[f"seconds_{k}"] for k in (*TIMED_PARTS, "setup")}
+    assert all(v > 0 for k, v in parts.items() if k != "setup"), parts
+    assert sum(parts.values()) <= summary["seconds"] * (1 + 1e-9)
+    assert summary["seconds_images"] < summary["seconds"]
+    assert summary["images_per_second"] == pytest.approx(12 / summary["seconds_images"])
+    code, out, err = run_cli(capsys, monkeypatch, cli_args(tmp_path / "cli.zarr", folder["root"], ckpt))
+    assert code == 0, err
+    for k in (*TIMED_PARTS, "setup"):
+        assert f"seconds_{k}" in out
+
+
+def test_dask_workers_share_one_gpu_round_robin(monkeypatch):
+    """--workers 2 on a one-GPU node: both workers use cuda:0 (issue 11); explicit devices are kept."""
+    from clt_pipe.harvest.dask import _worker_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert [_worker_device("cuda", i) for i in range(3)] == ["cuda:0"] * 3
+    assert _worker_device("auto", 1) == "cuda:0"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [_worker_device("cuda", i) for i in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
+    assert _worker_device("cuda:1", 0) == "cuda:1" and _worker_device("cpu", 1) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _worker_device("auto", 1) == "cpu"

@@ -85,9 +85,13 @@ class WriterThread:
             except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
                 self.error = e
 
-    def put(self, fn, *args):
+    def put(self, fn, *args, times=None):
         self.check()
-        self.q.put((fn, args))
+        if times is None:
+            self.q.put((fn, args))
+            return
+        with times.stage("wait: writer thread busy (queue full)"):
+            self.q.put((fn, args))
 
     def check(self):
         if self.error is not None:
@@ -112,12 +116,45 @@ def harvest_shards(cfg: HarvestConfig, writer: StoreWriter, dataset: ImageDatase
         try:
             loop.run(shards)
             loop.writer_thread.close()
+            loop.commits.wait()
         finally:
             loop.writer_thread.stop()
+            loop.commits.stop()
             loop.prefetch.close()
     except OSError as e:
         raise disk_error(e, writer.loc.url) from None
     return loop.counters
+
+
+class Commits:
+    """Shard commits on their own thread, in order: the writer thread hands a finished shard over and goes on
+    adding the next shard's batches while this one waits for its chunk writes and fsyncs (before, the writer
+    thread itself waited there at every shard boundary, and the forward pass waited on the writer thread)."""
+
+    def __init__(self, counters: dict):
+        self.counters = counters
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="clt-commit")
+        self.futures: list = []
+
+    def submit(self, sw: ShardWriter) -> None:
+        self.check()
+        self.futures.append(self.pool.submit(_commit, sw, self.counters))
+
+    def check(self) -> None:
+        """Raise the first failed commit (e.g. a chunk write that failed); forget the finished ones."""
+        done = [f for f in self.futures if f.done()]
+        for f in done:
+            f.result()
+        self.futures = [f for f in self.futures if not f.done()]
+
+    def wait(self) -> None:
+        for f in self.futures:
+            f.result()
+        self.futures = []
+
+    def stop(self) -> None:
+        """Idempotent; after a failure, shards not yet committing are dropped (they are not complete)."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class ShardHarvest:
@@ -132,6 +169,8 @@ class ShardHarvest:
         self.prefetch = ImagePrefetcher(dataset, bb.preprocess, cfg.data_workers, cfg.on_bad_image == "skip")
         self.writer_thread = WriterThread()
         self.counters = {"images": 0, "tokens": 0, "bytes": 0, "shards": 0}
+        self.commits = Commits(self.counters)
+        self.times = writer.times
 
     def batches(self, shards: list[int]) -> list[tuple[int, range]]:
         """Fixed by the layout alone, so a rewritten shard is computed in exactly the same batches."""
@@ -145,12 +184,14 @@ class ShardHarvest:
     def run(self, shards: list[int]) -> None:
         shard_writer: ShardWriter | None = None
         for (shard, idx), futures in prefetched(self.batches(shards), lambda b: self.prefetch.submit(b[1])):
-            images, ok, errors = self.prefetch.collect(futures, idx, self.image_shape)
+            with self.times.stage("main: wait for decoded images"):
+                images, ok, errors = self.prefetch.collect(futures, idx, self.image_shape)
             if shard_writer is None or shard_writer.shard != shard:
                 shard_writer = self.writer.shard(shard)  # the previous one is committed and released
+            self.commits.check()
             self.step(shard_writer, idx, images, ok, errors)
             if idx.stop == self.layout.shard_images(shard).stop:
-                self.writer_thread.put(_commit, shard_writer, self.counters)
+                self.writer_thread.put(self.commits.submit, shard_writer)
 
     def step(self, sw: ShardWriter, idx: range, images: torch.Tensor, ok: np.ndarray, errors: dict) -> None:
         dev, lay = self.bb.device, self.layout
@@ -158,19 +199,25 @@ class ShardHarvest:
         labels = np.array([self.dataset.record(i).label for i in idx], np.int32)
         images = images.to(dev, non_blocking=dev.type == "cuda")
         pos_t = torch.from_numpy(positions.astype(np.int64)).to(dev)
-        cap = run_capture(self.bb, images, pos_t, self.out_dtype, self.cfg.precision, all_tokens=self.tokens.all_tokens)
+        # On CUDA these stages only queue kernels (the GPU's time shows up as "writer: wait for device->host copy").
+        with self.times.stage("main: forward + hooks"):
+            cap = run_capture(self.bb, images, pos_t, self.out_dtype, self.cfg.precision,
+                              all_tokens=self.tokens.all_tokens)
         moments, event = None, None  # on CPU the writer thread computes the moments, overlapping the forward
         if dev.type == "cuda":
             # Statistics of exactly the stored values, on the GPU (free for the CPU); then an async host copy.
-            good = torch.from_numpy(ok.astype(bool)).to(dev)
-            moments = {side: tensor_moments(t[good].flatten(0, 1)) for side, t in (("in", cap.mlp_in),
-                                                                                  ("out", cap.mlp_out))}
+            with self.times.stage("main: statistics (GPU)"):
+                good = torch.from_numpy(ok.astype(bool)).to(dev)
+                moments = {side: tensor_moments(t[good].flatten(0, 1)) for side, t in (("in", cap.mlp_in),
+                                                                                      ("out", cap.mlp_out))}
             if self.writer.recompute:  # only the batch's first image's outputs are kept (the shard's check)
                 cap = dataclasses.replace(cap, mlp_out=cap.mlp_out[:1])
-            cap = _copy_to_pinned_host(cap)
+            with self.times.stage("main: device->host copy (pinned)"):
+                cap = _copy_to_pinned_host(cap)
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(dev))  # the copies' stream, also when dev is not current
-        self.writer_thread.put(_write_batch, sw, idx.start, cap, event, labels, positions, ok, errors, moments)
+        self.writer_thread.put(_write_batch, sw, idx.start, cap, event, labels, positions, ok, errors, moments,
+                               times=self.times)
         n_tok = len(idx) * lay.tokens_per_image
         nbytes = lay.activation_bytes(len(self.writer.act_names), n_tok)
         for key, v in (("images", len(idx)), ("tokens", n_tok), ("bytes", nbytes)):
@@ -201,7 +248,8 @@ def _np_activation(t: torch.Tensor) -> np.ndarray:
 
 def _write_batch(sw: ShardWriter, first: int, cap, event, labels, positions, ok, errors, moments):
     if event is not None:  # on CUDA: wait for this batch's device->host copy, not for the device
-        event.synchronize()
+        with sw.store.times.stage("writer: wait for device->host copy"):
+            event.synchronize()
     host = None if moments is None else {side: Moments(n, mean.cpu().numpy(), m2.cpu().numpy())
                                          for side, (n, mean, m2) in moments.items()}
     sw.add(first, _np_activation(cap.mlp_in), _np_activation(cap.mlp_out), cap.resid_final.numpy(),

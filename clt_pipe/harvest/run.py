@@ -31,7 +31,14 @@ def estimate_seconds_per_image(bb: Backbone, batch_size: int, precision: str) ->
 
 
 def run_harvest(cfg: HarvestConfig, progress=NullProgress(), log=print) -> dict:
+    """The summary's ``seconds`` is the whole wall time; ``seconds_<part>`` its parts (load = dataset index and
+    model, text_classifier = the zero-shot prompts, images = forward + write of every shard, finalize = merged
+    statistics, images.parquet, COMPLETE.json; setup = plan, store creation, model constants): on a CPU the
+    model and the text classifier can take longer than the images."""
+    t0 = time.perf_counter()
+    parts: dict[str, float] = {}
     dataset, bb = open_inputs(cfg)
+    parts["load"] = time.perf_counter() - t0
     hp = plan(cfg, dataset, bb)
     lay = hp.layout
     if cfg.dry_run:
@@ -42,27 +49,44 @@ def run_harvest(cfg: HarvestConfig, progress=NullProgress(), log=print) -> dict:
                 "estimated_seconds": spi * lay.n_images, "device": str(bb.device)}
     meta = store_meta(cfg, dataset, bb, hp)
     try:
-        return _write_store(cfg, dataset, bb, meta, progress, log)
+        summary = _write_store(cfg, dataset, bb, meta, progress, log, parts)
     except OSError as e:
         raise disk_error(e, cfg.store) from None
+    return with_timings(summary, time.perf_counter() - t0, parts)
 
 
-def _write_store(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, meta: StoreMeta, progress, log) -> dict:
+TIMED_PARTS = ("load", "text_classifier", "images", "finalize")
+
+
+def with_timings(summary: dict, total: float, parts: dict[str, float]) -> dict:
+    """The whole wall time and its parts; what no part names (plan, store creation, constants) is "setup"."""
+    parts = {k: parts.get(k, 0.0) for k in TIMED_PARTS}
+    out = {**summary, "seconds": total, **{f"seconds_{k}": v for k, v in parts.items()},
+           "seconds_setup": max(0.0, total - sum(parts.values()))}
+    if parts["images"] > 0 and summary.get("images"):
+        out["images_per_second"] = summary["images"] / parts["images"]
+    return out
+
+
+def _write_store(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, meta: StoreMeta, progress, log,
+                 parts: dict) -> dict:
     writer = StoreWriter.open(cfg.store, meta, overwrite=cfg.overwrite, write_threads=cfg.write_threads)
     try:
-        return _fill_store(cfg, dataset, bb, writer, progress, log)
+        return _fill_store(cfg, dataset, bb, writer, progress, log, parts)
     except BaseException:
         writer.close(cancel=True)
         raise
 
 
 def _fill_store(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, writer: StoreWriter, progress,
-                log) -> dict:
+                log, parts: dict) -> dict:
     lay = writer.layout
     if writer.is_complete():
         return {"already_complete": True, "store": cfg.store, "n_shards": lay.n_shards}
     if writer.missing_constants(cfg.template_sets):
+        t = time.perf_counter()
         classifiers = text_classifiers(bb, dataset.class_names, dataset.templates, cfg.template_sets)
+        parts["text_classifier"] = time.perf_counter() - t
         writer.write_constants(head_weights(bb), classifiers,
                                mlp_weights(bb.blocks) if cfg.targets == "recompute" else None)
     todo = sorted(set(range(lay.n_shards)) - writer.committed_shards())
@@ -76,11 +100,14 @@ def _fill_store(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, writer:
             from clt_pipe.harvest.dask import harvest_with_dask
 
             counters = harvest_with_dask(cfg, todo, progress)
+            counters.pop("stage_seconds", None)  # the workers' breakdown: for benchmarks, not the summary
         else:
             counters = harvest_shards(cfg, writer, dataset, bb, todo, progress)
     finally:
         progress.stop()
-    elapsed = time.perf_counter() - t0
+    parts["images"] = time.perf_counter() - t0
+    t = time.perf_counter()
     records = [dataset.record(i) for i in range(lay.n_images)]
     summary = writer.finalize(records, dataset.split)
-    return {**summary, **counters, "seconds": elapsed, "resumed_shards": resumed, "store": cfg.store}
+    parts["finalize"] = time.perf_counter() - t
+    return {**summary, **counters, "resumed_shards": resumed, "store": cfg.store}

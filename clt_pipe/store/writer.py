@@ -29,6 +29,7 @@ from clt_pipe.store import format as F
 from clt_pipe.store.location import StoreLocation
 from clt_pipe.store.meta import StoreMeta
 from clt_pipe.store.stats import Moments
+from clt_pipe.store.timing import StageTimes
 from clt_pipe.store.zarrio import chunk_key, write_rows
 
 # Root-attribute keys whose change makes an existing store a different store (refuse unless --overwrite).
@@ -100,6 +101,7 @@ class StoreWriter:
         self._pool: ThreadPoolExecutor | None = None
         # Groups of up to write_threads chunks being written at once: bounds the memory held by full chunks.
         self._in_flight = threading.BoundedSemaphore(WRITE_GROUPS_IN_FLIGHT)
+        self.times = StageTimes()  # per-stage seconds of this writer (and of the harvest loop feeding it)
 
     def array(self, name: str) -> zarr.Array:
         """An array of the group, opened once (each open reads its metadata from the store)."""
@@ -118,7 +120,8 @@ class StoreWriter:
         WRITE_GROUPS_IN_FLIGHT groups are already in flight."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(WRITE_GROUPS_IN_FLIGHT, thread_name_prefix="clt-chunks")
-        self._in_flight.acquire()
+        with self.times.stage("wait: write slot (chunk pool busy)"):
+            self._in_flight.acquire()
         try:
             fut = self._pool.submit(fn, *args)
         except BaseException:
@@ -381,16 +384,19 @@ class ShardWriter:
             r1 = r0 + take * lay.tokens_per_image
             fill = F.activation_fill(self.store.dtype)
             good = ok[pos:pos + take].astype(bool)
+            times = self.store.times
             for (name, side), src in zip(((F.MLP_IN, "in"), (F.MLP_OUT, "out")), (mlp_in, mlp_out)):
                 if name in self._chunk_bufs:  # mlp_out is not stored when targets are recomputed
-                    self._chunk_bufs[name][r0:r1] = src[pos:pos + take].reshape(-1, lay.n_layers, lay.d_model)
-                    if not good.all():  # a skipped image keeps the fill value, so it can never pass for data
-                        rows = self._chunk_bufs[name][r0:r1].reshape(take, -1, lay.n_layers, lay.d_model)
-                        rows[~good] = fill
+                    with times.stage("writer: copy into chunk buffers"):
+                        self._chunk_bufs[name][r0:r1] = src[pos:pos + take].reshape(-1, lay.n_layers, lay.d_model)
+                        if not good.all():  # a skipped image keeps the fill value, so it can never pass for data
+                            rows = self._chunk_bufs[name][r0:r1].reshape(take, -1, lay.n_layers, lay.d_model)
+                            rows[~good] = fill
                 if moments is None:  # per batch as it arrives, so a chunk's flush is only compression and I/O
-                    valid = src[pos:pos + take][good].reshape(-1, lay.n_layers, lay.d_model)
-                    values = valid if self.store.dtype == "fp16" else F.decode_activations(valid, "bf16")
-                    self.moments[side] = self.moments[side].merge(Moments.of(values))
+                    with times.stage("writer: statistics (CPU)"):
+                        valid = src[pos:pos + take][good].reshape(-1, lay.n_layers, lay.d_model)
+                        values = valid if self.store.dtype == "fp16" else F.decode_activations(valid, "bf16")
+                        self.moments[side] = self.moments[side].merge(Moments.of(values))
             pos += take
             if img + take == chunk_imgs.stop:
                 self._flush_chunk()
@@ -422,13 +428,16 @@ class ShardWriter:
         """One zarr call for the whole group: zarr compresses and writes its chunks concurrently on its own
         threads. On 2 cores 1.2-1.5 GB/s, against ~1.05 GB/s for one synchronous call per chunk from a thread
         pool (every such call round-trips through zarr's single event-loop thread)."""
-        lay = self.store.layout
-        write_rows([(self.store.activation_array(name), slice(lay.chunk_rows(c).start, lay.chunk_rows(c).stop),
-                     bufs[name][:len(lay.chunk_rows(c))]) for c, bufs in group for name in self.store.act_names])
-        out = [(c, {name: crc32c(bufs[name][:len(lay.chunk_rows(c))]) for name in self.store.act_names})
-               for c, bufs in group]
+        lay, times = self.store.layout, self.store.times
+        with times.stage("chunks: encode + write (zarr)"):
+            write_rows([(self.store.activation_array(name), slice(lay.chunk_rows(c).start, lay.chunk_rows(c).stop),
+                         bufs[name][:len(lay.chunk_rows(c))]) for c, bufs in group for name in self.store.act_names])
+        with times.stage("chunks: crc32c"):
+            out = [(c, {name: crc32c(bufs[name][:len(lay.chunk_rows(c))]) for name in self.store.act_names})
+                   for c, bufs in group]
         # Flushed here, off the writer thread; commit()'s fsync of the same files then finds nothing to write.
-        self.store.loc.fsync_files([self._chunk_key(name, c) for c, _ in group for name in self.store.act_names])
+        with times.stage("chunks: fsync"):
+            self.store.loc.fsync_files([self._chunk_key(name, c) for c, _ in group for name in self.store.act_names])
         return out
 
     def _raise_failed_chunks(self) -> None:
@@ -458,11 +467,11 @@ class ShardWriter:
     def _chunk_key(self, name: str, chunk: int) -> str:
         return chunk_key(self.store.array(name), chunk)
 
-    def _chunk_keys(self) -> list[str]:
-        """Every chunk file this shard wrote."""
+    def _chunk_keys(self, activations: bool = True) -> list[str]:
+        """Every chunk file this shard wrote (``activations=False``: but the activation chunks)."""
         keys = []
         for c in self.store.layout.shard_chunks(self.shard):
-            for name in (*self.store.act_names, *F.PER_IMAGE_ARRAYS):
+            for name in ((*self.store.act_names,) if activations else ()) + tuple(F.PER_IMAGE_ARRAYS):
                 keys.append(self._chunk_key(name, c))
         per_shard = [f"{F.STATS_GROUP}/shard_moments_in", f"{F.STATS_GROUP}/shard_moments_out",
                      f"{F.STATS_GROUP}/shard_count"] + ([F.MLP_OUT_CHECK] if self.store.recompute else [])
@@ -474,23 +483,15 @@ class ShardWriter:
         self._raise_failed_chunks()
         if self.next_image != self.images.stop:
             raise RuntimeError(f"shard {self.shard}: commit before all images were added")
-        self._wait_chunks()
-        g = self.store.group
-        sl = slice(self.images.start, self.images.stop)
-        per_image_crcs = {}
-        for name, arr in self.per_image.items():
-            g[name][sl] = arr
-            per_image_crcs[name] = crc32c(arr)
-        stats = g[F.STATS_GROUP]
-        for side in ("in", "out"):
-            m = self.moments[side]
-            stats[f"shard_moments_{side}"][self.shard] = np.stack([m.mean, m.m2])
-        stats["shard_count"][self.shard] = self.moments["in"].count
-        check_crc = None
-        if self.check is not None:
-            g[F.MLP_OUT_CHECK][self.shard] = self.check
-            check_crc = crc32c(self.check)
-        self.store.loc.fsync_files(self._chunk_keys())
+        times = self.store.times
+        with times.stage("commit: wait for its chunk writes"):
+            self._wait_chunks()
+        with times.stage("commit: per-image rows + moments"):
+            per_image_crcs, check_crc = self._write_per_shard()
+        with times.stage("commit: fsync"):
+            # The activation chunks were fsynced by their writes (_write_chunks), which _wait_chunks waited for:
+            # opening and fsyncing them again costs a round trip each on network file systems.
+            self.store.loc.fsync_files(self._chunk_keys(activations=False))
         record = {
             "shard": self.shard, "fingerprint": self.store.fingerprint,
             "images": [self.images.start, self.images.stop],
@@ -501,5 +502,24 @@ class ShardWriter:
         }
         if self.store.recompute:
             record["mlp_out_check_crc32c"] = check_crc
-        self.store.loc.write_json_atomic(F.shard_commit_name(self.shard), record)
+        with times.stage("commit: record (atomic json)"):
+            self.store.loc.write_json_atomic(F.shard_commit_name(self.shard), record)
         return record
+
+    def _write_per_shard(self) -> tuple[dict, int | None]:
+        """The shard's per-image rows, moments and (recompute) check; their crc32c."""
+        arr_of = self.store.array  # opened once per store: each group lookup reads the array's metadata
+        sl = slice(self.images.start, self.images.stop)
+        per_image_crcs = {}
+        for name, arr in self.per_image.items():
+            arr_of(name)[sl] = arr
+            per_image_crcs[name] = crc32c(arr)
+        for side in ("in", "out"):
+            m = self.moments[side]
+            arr_of(f"{F.STATS_GROUP}/shard_moments_{side}")[self.shard] = np.stack([m.mean, m.m2])
+        arr_of(f"{F.STATS_GROUP}/shard_count")[self.shard] = self.moments["in"].count
+        check_crc = None
+        if self.check is not None:
+            arr_of(F.MLP_OUT_CHECK)[self.shard] = self.check
+            check_crc = crc32c(self.check)
+        return per_image_crcs, check_crc
