@@ -20,7 +20,7 @@ import torch
 from clt_pipe.clt import rundir
 from clt_pipe.clt.losses import LossConfig, clt_loss
 from clt_pipe.clt.model import CrossLayerTranscoder
-from clt_pipe.clt.spec import AUXK_FAMILY, CLTSpec
+from clt_pipe.clt.spec import CLTSpec
 from clt_pipe.config import FitConfig
 from clt_pipe.device import resolve_device
 from clt_pipe.errors import CheckpointError, CltPipeError
@@ -33,13 +33,7 @@ from clt_pipe.store.reader import ActivationStore
 
 # Fields that may change between an interrupted run and its resume without changing the result.
 RESUMABLE_FIELDS = {"resume", "overwrite", "checkpoint_every", "log_every", "read_threads", "device", "store",
-                    "out"}
-
-
-def spec_for(cfg: FitConfig, store: ActivationStore) -> CLTSpec:
-    return CLTSpec(n_layers=store.n_layers, d_model=store.d_model, n_features=cfg.features(store.d_model),
-                   sparsifier=cfg.sparsifier, k=cfg.k, dec_bias=cfg.dec_bias,
-                   jumprelu_threshold=cfg.jumprelu_threshold, jumprelu_bandwidth=cfg.jumprelu_bandwidth)
+                    "out", "shuffle_memory"}  # the window size itself is part of the loader position
 
 
 def standardization(store: ActivationStore) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -102,11 +96,12 @@ def run_meta(cfg: FitConfig, store: ActivationStore, spec: CLTSpec) -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg: FitConfig, store: ActivationStore, device: torch.device, dist: Dist | None = None):
+    def __init__(self, cfg: FitConfig, store: ActivationStore, device: torch.device, dist: Dist | None = None,
+                 spec: CLTSpec | None = None):
         self.cfg, self.store, self.device = cfg, store, device
         self.dist = dist or Dist()
         torch.manual_seed(cfg.seed)
-        self.spec = spec_for(cfg, store)
+        self.spec = spec or cfg.spec(store.n_layers, store.d_model)
         self.model = CrossLayerTranscoder(self.spec)
         self.model.set_standardization(*standardization(store))
         self.model.to(device)
@@ -117,8 +112,11 @@ class Trainer:
                                      betas=(0.9, 0.999))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.loader = ChunkLoader(store, cfg.batch_size, tokens=cfg.tokens, split="train", holdout=cfg.holdout,
-                                  seed=cfg.seed, shuffle_chunks=cfg.shuffle_chunks, read_threads=cfg.read_threads,
+                                  seed=cfg.seed, shuffle_chunks=cfg.shuffle_chunks,
+                                  shuffle_memory=cfg.shuffle_memory, read_threads=cfg.read_threads,
                                   device=device, rank=self.dist.rank, world_size=self.dist.world)
+        # Ranks split the windows of one schedule, so they must agree on the window size (free memory differs).
+        self.loader.set_window_chunks(min(self.dist.gather(self.loader.shuffle_chunks)))
         self.loss_cfg = LossConfig.from_fit_config(cfg)
         self.since_fired = torch.zeros(self.spec.n_layers, self.spec.n_features, dtype=torch.long, device=device)
         self.step = 0
@@ -152,10 +150,11 @@ class Trainer:
 
     def train_step(self, batch) -> dict:
         self.model.train()
-        dead = self.since_fired >= self.cfg.dead_tokens if self.spec.sparsifier in AUXK_FAMILY else None
+        dead = self.since_fired >= self.cfg.dead_tokens if self.spec.kind.auxk and self.cfg.aux_k else None
         with self.amp():
             out = self.model(batch.x, decode=self.cfg.decode)
-            loss, metrics = clt_loss(self.model, out, batch.y, dead_mask=dead, cfg=self.loss_cfg)
+            loss, metrics = clt_loss(self.model, out, batch.y, dead_mask=dead, cfg=self.loss_cfg,
+                                     decode=self.cfg.decode)
         self.opt.zero_grad(set_to_none=False)
         loss.backward()
         self.dist.average_grads(self.model.parameters())
@@ -188,11 +187,8 @@ def _fit(cfg: FitConfig, store: ActivationStore, dist: Dist, device: torch.devic
     out = Path(cfg.out)
     if (out / rundir.RUN_FILE).exists() and rundir.read_json(out / rundir.RUN_FILE, "").get("finished"):
         return {"already_finished": True, "out": str(out)}
-    spec_for(cfg, store)  # k >= F and other spec errors before anything is written
-    try:
-        trainer = Trainer(cfg, store, device, dist)
-    except ValueError as e:
-        raise CltPipeError(f"fit: {e}") from None
+    spec = cfg.spec(store.n_layers, store.d_model)  # k >= F and other spec errors before anything is written
+    trainer = Trainer(cfg, store, device, dist, spec)
     meta = dict(run_meta(cfg, store, trainer.spec), world_size=dist.world)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
