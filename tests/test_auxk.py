@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from clt_pipe.clt import losses
-from clt_pipe.clt import losses
 from clt_pipe.clt.losses import _normalised_mse, aux_loss
 from clt_pipe.clt.model import CrossLayerTranscoder
 from clt_pipe.clt.sparse_decode import rows_decode

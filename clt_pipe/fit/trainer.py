@@ -23,7 +23,7 @@ from clt_pipe.clt.model import CrossLayerTranscoder
 from clt_pipe.clt.spec import CLTSpec
 from clt_pipe.config import FitConfig
 from clt_pipe.device import resolve_device
-from clt_pipe.errors import CheckpointError, CltPipeError
+from clt_pipe.errors import CheckpointError
 from clt_pipe.fit import checkpoint as ckpt
 from clt_pipe.fit.distributed import Dist, init_distributed
 from clt_pipe.fit.metrics import MetricsLog
@@ -102,9 +102,10 @@ class Trainer:
         self.dist = dist or Dist()
         torch.manual_seed(cfg.seed)
         self.spec = spec or cfg.spec(store.n_layers, store.d_model)
-        self.model = CrossLayerTranscoder(self.spec)
+        # Built on the device: on a GPU the random init is then milliseconds, not seconds of CPU randn (start-up).
+        with torch.device(device):
+            self.model = CrossLayerTranscoder(self.spec)
         self.model.set_standardization(*standardization(store))
-        self.model.to(device)
         self.dist.broadcast_params(self.model)
         # Dense zero grads from the start: the sparse decode then adds its B*k rows into them in place.
         self.model.materialize_grads()
@@ -172,15 +173,18 @@ class Trainer:
 
 
 def run_fit(cfg: FitConfig, console=None, on_step: Callable[[int], None] | None = None) -> dict:
+    t_start = time.perf_counter()
     store = ActivationStore(cfg.store)  # refuses incomplete stores and unknown format versions
     dist, device = init_distributed(resolve_device(cfg.device))
     try:
-        return _fit(cfg, store, dist, device, console if dist.is_main else None, on_step)
+        return _fit(cfg, store, dist, device, console if dist.is_main else None, on_step, t_start)
     finally:
         dist.close()
 
 
-def _fit(cfg: FitConfig, store: ActivationStore, dist: Dist, device: torch.device, console, on_step) -> dict:
+def _fit(cfg: FitConfig, store: ActivationStore, dist: Dist, device: torch.device, console, on_step,
+         t_start: float) -> dict:
+    startup = {"open_s": time.perf_counter() - t_start}
     if dist.is_main:
         prepare_out_dir(cfg, store)
     dist.barrier()
@@ -188,7 +192,9 @@ def _fit(cfg: FitConfig, store: ActivationStore, dist: Dist, device: torch.devic
     if (out / rundir.RUN_FILE).exists() and rundir.read_json(out / rundir.RUN_FILE, "").get("finished"):
         return {"already_finished": True, "out": str(out)}
     spec = cfg.spec(store.n_layers, store.d_model)  # k >= F and other spec errors before anything is written
+    t = time.perf_counter()
     trainer = Trainer(cfg, store, device, dist, spec)
+    startup["model_s"] = time.perf_counter() - t
     meta = dict(run_meta(cfg, store, trainer.spec), world_size=dist.world)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -201,6 +207,7 @@ def _fit(cfg: FitConfig, store: ActivationStore, dist: Dist, device: torch.devic
                      resume_step=trainer.step) if dist.is_main else None
     t0, start_step = time.perf_counter(), trainer.step
     batches = iter(trainer.loader)
+    first = True
 
     def checkpoint() -> None:
         state = trainer.state()  # every rank: it gathers the loader positions
@@ -210,6 +217,10 @@ def _fit(cfg: FitConfig, store: ActivationStore, dist: Dist, device: torch.devic
     try:
         while trainer.step < cfg.steps:
             batch = next(batches)
+            if first:  # the command's start-up: store, model, checkpoint, first shuffle window
+                startup["first_window_s"] = time.perf_counter() - t0
+                startup["startup_s"] = time.perf_counter() - t_start
+                t0, first = time.perf_counter(), False
             metrics = trainer.train_step(batch)
             if log and (trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps):
                 log.write(trainer.step, metrics, lr=trainer.sched.get_last_lr()[0],
@@ -231,4 +242,5 @@ def _fit(cfg: FitConfig, store: ActivationStore, dist: Dist, device: torch.devic
     tokens = steps * cfg.batch_size * dist.world
     return {"out": str(out), "steps": trainer.step, "ranks": dist.world, "seconds": elapsed,
             "steps_per_s": steps / max(elapsed, 1e-9), "tokens_per_s": tokens / max(elapsed, 1e-9),
+            "window_chunks": trainer.loader.shuffle_chunks, **{k: round(v, 3) for k, v in startup.items()},
             **(log.final_summary() if log else {})}

@@ -102,10 +102,11 @@ class _Window:
     y: torch.Tensor | None
     image: np.ndarray
     order: np.ndarray
-    future: Future
+    futures: list[Future]
 
     def result(self) -> "_Window":
-        self.future.result()
+        for f in self.futures:
+            f.result()
         return self
 
 
@@ -215,16 +216,6 @@ class ChunkLoader:
             if cy is not None:
                 np.compress(mask, cy, axis=0, out=y[at:at + n])
 
-    def _read_host(self, chunks: list[tuple[int, int]], x: torch.Tensor, y: torch.Tensor | None) -> None:
-        xs, ys = self._np(x), self._np(y)
-        # Whole chunks in one call; token-filtered chunks spread over the pool's other threads.
-        whole = [(c, at) for c, at in chunks if self._is_whole(c)]
-        masked = [(c, at) for c, at in chunks if not self._is_whole(c)]
-        futures = [self.pool.submit(self._read_into, [m], xs, ys) for m in masked[1:]]
-        self._read_into(whole + masked[:1], xs, ys)
-        for f in futures:
-            f.result()
-
     def _np(self, t: torch.Tensor | None) -> np.ndarray | None:
         """A host tensor as numpy in the store's dtype (the bytes zarr decodes into)."""
         return None if t is None else t.numpy().view(self._np_dtype)
@@ -283,10 +274,13 @@ class ChunkLoader:
         if self._cuda:
             writable = torch.cuda.Event()
             writable.record(torch.cuda.current_stream(self.device))
-            future = self.pool.submit(self._read_cuda, placed, x, y, writable)
-        else:
-            future = self.pool.submit(self._read_host, placed, x, y)
-        return _Window(x, y, image, order, future)
+            futures = [self.pool.submit(self._read_cuda, placed, x, y, writable)]
+        else:  # whole chunks in one zarr call, token-filtered chunks one task each
+            xs, ys = self._np(x), self._np(y)
+            whole = [p for p in placed if self._is_whole(p[0])]
+            futures = [self.pool.submit(self._read_into, whole, xs, ys)] if whole else []
+            futures += [self.pool.submit(self._read_into, [p], xs, ys) for p in placed if not self._is_whole(p[0])]
+        return _Window(x, y, image, order, futures)
 
     def _schedule(self):
         """(epoch, window, chunks) from the current position on, across epoch boundaries."""
