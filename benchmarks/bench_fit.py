@@ -8,7 +8,8 @@ short ``--dead-tokens`` (default: two batches) so AuxK is active in the timed st
 AdamW, dead-latent counters) is timed in interleaved blocks of steps fed by:
 
 1. **product**: the trainer's own ``ChunkLoader`` (default shuffle window and memory budget, the device data
-   path) reading a synthetic store (clt_pipe/testing/synthstore.py, Gaussian fp16 rows, default codec);
+   path) reading a synthetic store (clt_pipe/testing/synthstore.py ``CrossLayerData``: a sparse cross-layer dictionary of 48
+   features, so that many CLT latents go quiet and AuxK has dead latents to work on; default codec);
 2. **preloaded**: the same store's rows already on the device (fp16), batches by random index widened to
    float32 there: no host work at all;
 3. **preloaded, --aux-k 0**: the same, with AuxK off (the only other difference), for the AuxK cost.
@@ -45,7 +46,7 @@ from clt_pipe.fit.trainer import Trainer, run_fit  # noqa: E402
 from clt_pipe.pipeline import stage_config  # noqa: E402
 from clt_pipe.store.loader import Batch, split_chunks  # noqa: E402
 from clt_pipe.store.reader import ActivationStore  # noqa: E402
-from clt_pipe.testing.synthstore import RandomRows, write_store  # noqa: E402
+from clt_pipe.testing.synthstore import CrossLayerData, write_store  # noqa: E402
 
 
 def build_store(args) -> str:
@@ -58,7 +59,7 @@ def build_store(args) -> str:
         d.mkdir(parents=True)
         t0 = time.perf_counter()
         write_store(url, args.images, args.tokens, args.layers, args.d_model,
-                    RandomRows(args.tokens, args.layers, args.d_model, seed=0), compressor="blosc-lz4-bitshuffle",
+                    CrossLayerData(args.tokens, args.layers, args.d_model, seed=0), compressor="blosc-lz4-bitshuffle",
                     chunk_mb=args.chunk_mb, chunks_per_shard=4, batch_images=64)
         stamp.write_text(json.dumps(key))
         print(f"wrote {url} in {time.perf_counter() - t0:.1f}s")

@@ -23,7 +23,7 @@ from clt_pipe.clt.model import CrossLayerTranscoder
 from clt_pipe.clt.spec import CLTSpec
 from clt_pipe.config import FitConfig
 from clt_pipe.device import resolve_device
-from clt_pipe.errors import CheckpointError
+from clt_pipe.errors import CheckpointError, StoreError
 from clt_pipe.fit import checkpoint as ckpt
 from clt_pipe.fit.distributed import Dist, init_distributed
 from clt_pipe.fit.metrics import MetricsLog
@@ -39,6 +39,9 @@ RESUMABLE_FIELDS = {"resume", "overwrite", "checkpoint_every", "log_every", "rea
 def standardization(store: ActivationStore) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-layer input centring and scalar scales from the store's statistics (see clt/model.py)."""
     st = store.stats()
+    for key, value in st.items():
+        if not np.isfinite(value).all():
+            raise StoreError(f"{store.url}: statistics {key} hold non-finite values; re-harvest the store")
     in_mean = torch.from_numpy(st["mean_in"]).float()
     in_scale = torch.from_numpy(np.sqrt(st["var_in"].mean(-1))).float().clamp_min(1e-6)
     out_scale = torch.from_numpy(np.sqrt(st["var_out"].mean(-1))).float().clamp_min(1e-6)
