@@ -262,25 +262,31 @@ class ChunkLoader:
         offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
         placed = [(int(c), int(o)) for c, o in zip(chunks, offsets)]
         total = int(sum(counts))
-        image = np.empty(total, np.int64)
-        for c, at in placed:
-            image[at:at + self._valid_rows[c]] = self._chunk_images(c)[self.store.token_type_mask(c, self.tokens)]
-        order = stratified_order(image, np.random.default_rng([self.seed, epoch, window, 1]))
         shape = (total, lay.n_layers, lay.d_model)
         # Allocated here, on the consumer's thread and stream: the caching allocator hands out memory whose
         # previous users are queued on this stream, so the copies wait for the event recorded after them.
         x = torch.empty(shape, dtype=self._dtype, device=self.device)
         y = None if self.store.recompute else torch.empty(shape, dtype=self._dtype, device=self.device)
+        win = _Window(x, y, np.empty(total, np.int64), np.empty(0, np.int64), [])
+        # The row order is planned off the training thread too (sorting a large window takes ~0.1 s).
+        win.futures.append(self.pool.submit(self._plan_rows, win, placed, epoch, window))
         if self._cuda:
             writable = torch.cuda.Event()
             writable.record(torch.cuda.current_stream(self.device))
-            futures = [self.pool.submit(self._read_cuda, placed, x, y, writable)]
+            win.futures.append(self.pool.submit(self._read_cuda, placed, x, y, writable))
         else:  # whole chunks in one zarr call, token-filtered chunks one task each
             xs, ys = self._np(x), self._np(y)
             whole = [p for p in placed if self._is_whole(p[0])]
-            futures = [self.pool.submit(self._read_into, whole, xs, ys)] if whole else []
-            futures += [self.pool.submit(self._read_into, [p], xs, ys) for p in placed if not self._is_whole(p[0])]
-        return _Window(x, y, image, order, futures)
+            if whole:
+                win.futures.append(self.pool.submit(self._read_into, whole, xs, ys))
+            win.futures += [self.pool.submit(self._read_into, [p], xs, ys) for p in placed if not self._is_whole(p[0])]
+        return win
+
+    def _plan_rows(self, win: _Window, placed: list[tuple[int, int]], epoch: int, window: int) -> None:
+        for c, at in placed:
+            mask = self.store.token_type_mask(c, self.tokens)
+            win.image[at:at + self._valid_rows[c]] = self._chunk_images(c)[mask]
+        win.order = stratified_order(win.image, np.random.default_rng([self.seed, epoch, window, 1]))
 
     def _schedule(self):
         """(epoch, window, chunks) from the current position on, across epoch boundaries."""
