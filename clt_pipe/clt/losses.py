@@ -83,15 +83,22 @@ def aux_loss(
     counts = dead_mask.sum(-1).tolist()  # one host sync: the sizes of the per-layer dead sets
     if not any(counts):
         return zero
-    dead_ids = torch.nonzero(dead_mask)[:, 1].split(counts)  # per layer, ascending
+    n_layers = dead_mask.shape[0]
+    layer, feat = torch.nonzero(dead_mask).unbind(1)  # layer-major, ascending
+    starts = torch.tensor([0, *counts[:-1]], device=pre.device).cumsum(0)
+    ids = torch.zeros(n_layers, max(counts), dtype=torch.long, device=pre.device)
+    ids[layer, torch.arange(len(feat), device=pre.device) - starts[layer]] = feat  # padded with 0, never read
+    # One gather for every layer, straight from the (non-contiguous) pre: its backward is a single scatter into
+    # one zero gradient, where per-layer gathers would each build and add a full-size [B, L, F] one.
+    pre_dead = pre.gather(2, ids[None].expand(pre.shape[0], -1, -1))  # [B, L, max n_s]
+    dead_ids = feat.split(counts)  # per layer, ascending
     signed = model.spec.kind.signed
     mode = model._decode_mode(decode)
     recon = residual.new_zeros(residual.shape)
     for s, n_dead in enumerate(counts):
         if not n_dead:
             continue
-        rows = dead_ids[s]
-        pre_d = pre[:, s].index_select(-1, rows)  # [B, n_s]
+        rows, pre_d = dead_ids[s], pre_dead[:, s, :n_dead]  # [n_s], [B, n_s]
         if n_dead <= aux_k:  # every dead latent is selected
             codes = pre_d if signed else torch.relu(pre_d)
             part = rows_decode(rows, codes, model.W_dec[s], inplace_grad=model.inplace_decoder_grads)
