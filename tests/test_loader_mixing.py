@@ -81,3 +81,25 @@ def test_memory_budget_bounds_the_window(store):
 def test_rank_without_chunks_is_one_line_error(store):
     with pytest.raises(CltPipeError, match="no chunks to read"):
         ChunkLoader(store, B, world_size=store.layout.n_chunks + 1, rank=store.layout.n_chunks)
+
+
+def test_prefetched_first_window_is_used_or_dropped_exactly(store):
+    """The start-up prefetch must not change the batches: used when the position is unchanged, dropped after a
+    resume moved it."""
+    def images(loader, n=6):
+        it = iter(loader)
+        out = [next(it).image.tolist() for _ in range(n)]
+        loader.close()
+        return out
+
+    plain = images(ChunkLoader(store, B, seed=1))
+    early = ChunkLoader(store, B, seed=1)
+    early.prefetch()
+    assert images(early) == plain
+    moved_state = {"epoch": 1, "window": 2, "batch_in_window": 1, "seed": 1}
+    ref = ChunkLoader(store, B, seed=1)
+    ref.load_state_dict(moved_state)
+    moved = ChunkLoader(store, B, seed=1)
+    moved.prefetch()
+    moved.load_state_dict(moved_state)
+    assert images(moved) == images(ref)

@@ -112,15 +112,16 @@ class Trainer:
         self.dist.broadcast_params(self.model)
         # Dense zero grads from the start: the sparse decode then adds its B*k rows into them in place.
         self.model.materialize_grads()
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                     betas=(0.9, 0.999))
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.loader = ChunkLoader(store, cfg.batch_size, tokens=cfg.tokens, split="train", holdout=cfg.holdout,
                                   seed=cfg.seed, shuffle_chunks=cfg.shuffle_chunks,
                                   shuffle_memory=cfg.shuffle_memory, read_threads=cfg.read_threads,
                                   device=device, rank=self.dist.rank, world_size=self.dist.world)
         # Ranks split the windows of one schedule, so they must agree on the window size (free memory differs).
         self.loader.set_window_chunks(min(self.dist.gather(self.loader.shuffle_chunks)))
+        self.loader.prefetch()  # the first window reads while AdamW imports torch._dynamo (seconds)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                     betas=(0.9, 0.999))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.loss_cfg = LossConfig.from_fit_config(cfg)
         self.since_fired = torch.zeros(self.spec.n_layers, self.spec.n_features, dtype=torch.long, device=device)
         self.step = 0

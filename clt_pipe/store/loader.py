@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -138,6 +139,8 @@ class ChunkLoader:
         self._dtype = torch.float16 if self._np_dtype == np.float16 else torch.int16  # same bytes in torch
         self._targets = store.targets_on(self.device) if store.recompute else None
         self._staging: list | None = None
+        self._staging_lock = threading.Lock()  # one window read at a time uses the staging buffers
+        self._early: tuple[int, int, _Window] | None = None  # a first window read before iteration (start-up)
         # Seconds the consumer waited on window reads: where a slow input pipeline shows up.
         self.waits = {"read_s": 0.0, "gather_s": 0.0}
 
@@ -236,6 +239,11 @@ class ChunkLoader:
                    writable: "torch.cuda.Event") -> None:
         """Groups of chunks decoded into pinned staging buffers, each copied without blocking into the device
         window on a side stream while the next group decodes; returns once every copy has landed."""
+        with self._staging_lock:  # a dropped early read may still be running
+            self._read_cuda_staged(chunks, x, y, writable)
+
+    def _read_cuda_staged(self, chunks: list[tuple[int, int]], x: torch.Tensor, y: torch.Tensor | None,
+                          writable: "torch.cuda.Event") -> None:
         stream = torch.cuda.Stream(self.device)
         stream.wait_event(writable)  # the memory's previous users on the training stream are done
         staging = self._staging_buffers()
@@ -297,6 +305,14 @@ class ChunkLoader:
                 yield epoch, w, wins[w]
             epoch, window = epoch + 1, 0
 
+    def prefetch(self) -> None:
+        """Start reading the window at the current position now, so that it overlaps the rest of the start-up
+        (the optimiser's construction imports torch._dynamo: seconds). Iteration uses it if the position has
+        not moved since (a resume moves it: the read is then dropped)."""
+        if self._early is None:
+            epoch, window, chunks = next(self._schedule())
+            self._early = (epoch, window, self._submit(epoch, window, chunks))
+
     def _widen(self, t: torch.Tensor) -> torch.Tensor:
         if t.dtype == torch.int16:
             t = t.view(torch.bfloat16)
@@ -305,7 +321,13 @@ class ChunkLoader:
     def __iter__(self):
         B = self.batch_size
         schedule = self._schedule()
-        ahead = deque((e, w, self._submit(e, w, chunks)) for e, w, chunks in islice(schedule, PREFETCH_WINDOWS))
+        early, self._early = self._early, None
+        first = next(schedule)
+        if early is not None and early[:2] == first[:2]:
+            ahead = deque([early])
+        else:
+            ahead = deque([(first[0], first[1], self._submit(*first))])
+        ahead.extend((e, w, self._submit(e, w, chunks)) for e, w, chunks in islice(schedule, PREFETCH_WINDOWS - 1))
         while True:
             epoch, window, read = ahead.popleft()
             t0 = time.perf_counter()
