@@ -83,22 +83,18 @@ def aux_loss(
     counts = dead_mask.sum(-1).tolist()  # one host sync: the sizes of the per-layer dead sets
     if not any(counts):
         return zero
-    n_layers = dead_mask.shape[0]
-    layer, feat = torch.nonzero(dead_mask).unbind(1)  # layer-major, ascending
-    starts = torch.tensor([0, *counts[:-1]], device=pre.device).cumsum(0)
-    ids = torch.zeros(n_layers, max(counts), dtype=torch.long, device=pre.device)
-    ids[layer, torch.arange(len(feat), device=pre.device) - starts[layer]] = feat  # padded with 0, never read
+    # Per layer, the dead latents' ids first, ascending (a stable sort of the live flags); the rest is padding.
+    ids = torch.argsort((~dead_mask).to(torch.uint8), dim=1, stable=True)[:, :max(counts)]
     # One gather for every layer, straight from the (non-contiguous) pre: its backward is a single scatter into
     # one zero gradient, where per-layer gathers would each build and add a full-size [B, L, F] one.
     pre_dead = pre.gather(2, ids[None].expand(pre.shape[0], -1, -1))  # [B, L, max n_s]
-    dead_ids = feat.split(counts)  # per layer, ascending
     signed = model.spec.kind.signed
     mode = model._decode_mode(decode)
     recon = residual.new_zeros(residual.shape)
     for s, n_dead in enumerate(counts):
         if not n_dead:
             continue
-        rows, pre_d = dead_ids[s], pre_dead[:, s, :n_dead]  # [n_s], [B, n_s]
+        rows, pre_d = ids[s, :n_dead], pre_dead[:, s, :n_dead]  # [n_s], [B, n_s]
         if n_dead <= aux_k:  # every dead latent is selected
             codes = pre_d if signed else torch.relu(pre_d)
             part = rows_decode(rows, codes, model.W_dec[s], inplace_grad=model.inplace_decoder_grads)
@@ -114,9 +110,8 @@ def aux_loss(
             else:
                 part = model._source_sparse(s, rows[local], val)
         recon[:, s:] += part.float().view(residual.shape[0], model.n_layers - s, model.d_model)
-    has_dead = torch.tensor([c > 0 for c in counts], device=residual.device)
-    reachable = has_dead.cumsum(0) > 0  # targets j with a dead source s <= j
-    return _normalised_mse(recon, residual)[reachable].sum()
+    first = next(s for s, n in enumerate(counts) if n)  # targets j >= first have a dead source s <= j
+    return _normalised_mse(recon[:, first:], residual[:, first:]).sum()
 
 
 def sparsity_penalty(model: CrossLayerTranscoder, out: CLTOutput, cfg: LossConfig) -> Tensor:
