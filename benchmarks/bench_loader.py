@@ -14,8 +14,8 @@ Everything is read from a warm page cache (the files were just written; nothing 
    concatenated per window of --shuffle-chunks blocks, then cut into *contiguous* batches of B rows that are
    converted to float32 tensors exactly as the loader does. No permutation, no gather, no decode, no
    threads: the bytes-to-batches floor. Ratio = loader / memmap (goal >= 0.9).
-2. Fit steps/s. ``Trainer.train_step`` (relu_topk CLT, expansion --expansion, batch --batch, CPU) fed by the
-   store's ``ChunkLoader`` vs. fed from the same rows preloaded as fp16 tensors with batches by random index
+2. Fit steps/s, AuxK active (dead_tokens = two batches, as in bench_fit.py). ``Trainer.train_step``
+   (relu_topk CLT, expansion --expansion, batch --batch) fed by the store's ``ChunkLoader`` vs. fed from the same rows preloaded as fp16 tensors with batches by random index
    (``X[randint]`` -> float32). Both trainers are built once; blocks of --fit-steps steps alternate and the
    medians are compared. Ratio = loader / preloaded (goal >= 0.95).
 
@@ -120,7 +120,7 @@ def memmap_epoch(store: ActivationStore, npy_in: Path, npy_out: Path, args) -> t
     mm_in, mm_out = np.load(npy_in, mmap_mode="r"), np.load(npy_out, mmap_mode="r")
     rows = 0
     chunks = list(range(lay.n_chunks))
-    win = max(args.shuffle_chunks, int(np.ceil(2 * B / lay.rows_per_chunk)))  # the loader widens it the same way
+    win = args.window_chunks  # the loader's resolved window size
     for w in range(0, len(chunks), win):
         xs, ys = [], []
         for c in chunks[w:w + win]:
@@ -140,7 +140,8 @@ def memmap_epoch(store: ActivationStore, npy_in: Path, npy_out: Path, args) -> t
 def fit_trainers(url: str, args):
     cfg = build(FitConfig, dict(store=url, out="/nonexistent", k=args.k, expansion=args.expansion,
                                 batch_size=args.batch, steps=10**9, warmup_steps=10, shuffle_chunks=args.shuffle_chunks,
-                                read_threads=args.read_threads, device=args.device, seed=0, dead_tokens=10**9))
+                                read_threads=args.read_threads, device=args.device, seed=0,
+                                dead_tokens=2 * args.batch))  # AuxK active in the timed steps, as shipped
     store = ActivationStore(url)
     device = torch.device(args.device)
     a = Trainer(cfg, store, device)
@@ -189,7 +190,7 @@ def main() -> None:
     ap.add_argument("--chunk-mb", type=float, default=4.0)
     ap.add_argument("--compressor", default="blosc-lz4-bitshuffle")
     ap.add_argument("--batch", type=int, default=512)
-    ap.add_argument("--shuffle-chunks", type=int, default=8)
+    ap.add_argument("--shuffle-chunks", type=int, default=0, help="0 = the shipped auto window")
     ap.add_argument("--read-threads", type=int, default=4)
     ap.add_argument("--expansion", type=int, default=8)
     ap.add_argument("--k", type=int, default=32)
@@ -205,10 +206,13 @@ def main() -> None:
     url, npy_in, npy_out = build_store(args)
     store = ActivationStore(url)
     lay = store.layout
+    probe = ChunkLoader(store, args.batch, shuffle_chunks=args.shuffle_chunks, read_threads=1)
+    args.window_chunks = probe.shuffle_chunks
+    probe.close()
     nbytes = 2 * lay.n_tokens * lay.n_layers * lay.d_model * 2
     sizes = (f"{lay.n_tokens} rows L={lay.n_layers} d={lay.d_model} ({nbytes / 2**20:.0f} MiB fp16, "
              f"{store.meta.activations.compressor}), {lay.n_chunks} chunks of {lay.rows_per_chunk} rows, "
-             f"B={args.batch}, window {args.shuffle_chunks} chunks, {args.read_threads} read threads")
+             f"B={args.batch}, window {args.window_chunks} chunks, {args.read_threads} read threads")
     print(sizes)
 
     loader_epoch(store, args, seed=99)  # warm the page cache and imports

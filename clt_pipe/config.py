@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from clt_pipe.clt.spec import SPARSIFIERS
+from clt_pipe.clt.spec import SPARSIFIERS, CLTSpec
 from clt_pipe.errors import ConfigError
 from clt_pipe.tokens import TokenPolicy, token_type
 
@@ -102,7 +102,7 @@ class FitConfig:
 
     store: str = opt(f"{DEFAULT_STORE_ROOT}/default.zarr", 'Store: local path or fsspec URL')
     out: str = opt("runs/clt", 'Output directory')
-    sparsifier: str = opt("relu_topk", 'relu_topk | abs_topk | jumprelu | batchtopk')
+    sparsifier: str = opt("relu_topk", ' | '.join(SPARSIFIERS))
     k: int = opt(32, 'active features per layer and token (TopK family)')
     expansion: int = opt(8, 'features per layer = expansion * d_model (unless n_features is set)')
     n_features: int = opt(0, 'Features per layer (overrides expansion; 0 = expansion * d_model)')
@@ -125,7 +125,10 @@ class FitConfig:
     jumprelu_bandwidth: float = opt(0.05, 'straight-through estimator kernel width')
     tokens: str = opt("all", 'train on cls | patches | all rows of the store')
     holdout: float = opt(0.0, 'fraction of chunks (whole images) held out from training')
-    shuffle_chunks: int = opt(8, 'shuffle buffer size, in chunks')
+    shuffle_chunks: int = opt(0, 'shuffle window, in chunks (0 = auto: enough chunks for 1.5 x batch_size images, '
+                                 'within shuffle_memory)')
+    shuffle_memory: float = opt(0.0, 'GiB for the two resident shuffle windows (0 = auto: a quarter of the free '
+                                     'device memory on CUDA, of the available host memory on CPU)')
     read_threads: int = opt(4, 'Threads decoding store chunks')
     checkpoint_every: int = opt(500, 'Write a checkpoint every N steps')
     log_every: int = opt(25, 'Log metrics every N steps')
@@ -138,7 +141,6 @@ class FitConfig:
     overwrite: bool = opt(False, 'Replace an existing store/run of different settings')
 
     def validate(self) -> None:
-        _check_choice("sparsifier", self.sparsifier, SPARSIFIERS)
         _check_choice("decay", self.decay, ("cosine", "linear", "none"))
         _check_choice("l0_penalty", self.l0_penalty, ("l0", "tanh"))
         _check_choice("precision", self.precision, ("auto", "fp32", "bf16"))
@@ -148,20 +150,23 @@ class FitConfig:
             _check_positive(key, getattr(self, key))
         for key in ("warmup_steps", "weight_decay", "grad_clip", "aux_k", "aux_coef", "l0_coef", "n_features"):
             _check_positive(key, getattr(self, key), allow_zero=True)
+        for key in ("shuffle_chunks", "shuffle_memory"):
+            _check_positive(key, getattr(self, key), allow_zero=True)
         if not 0.0 <= self.holdout < 1.0:
             raise ConfigError(f"holdout: must be in [0, 1), got {self.holdout}")
-        if self.k <= 0:
-            raise ConfigError(f"k: must be > 0, got {self.k}")
-        if self.n_features and self.sparsifier != "jumprelu" and self.k >= self.n_features:
-            raise ConfigError(f"k: must be smaller than n_features={self.n_features}, got {self.k}")
+        # CLTSpec validates the sparsifier, k and the JumpReLU settings (the store's shape comes at fit time).
+        self.spec(1, 1, n_features=self.n_features or max(self.k, 0) + 1)
         if self.resume and self.overwrite:
             raise ConfigError("resume/overwrite: choose one")
 
     def features(self, d_model: int) -> int:
-        f = self.n_features or self.expansion * d_model
-        if self.sparsifier != "jumprelu" and self.k >= f:
-            raise ConfigError(f"k: must be smaller than the {f} features per layer, got {self.k}")
-        return f
+        return self.n_features or self.expansion * d_model
+
+    def spec(self, n_layers: int, d_model: int, n_features: int = 0) -> CLTSpec:
+        """The CLT these settings train on a store of this shape (raises ConfigError if they do not fit it)."""
+        return CLTSpec(n_layers=n_layers, d_model=d_model, n_features=n_features or self.features(d_model),
+                       sparsifier=self.sparsifier, k=self.k, dec_bias=self.dec_bias,
+                       jumprelu_threshold=self.jumprelu_threshold, jumprelu_bandwidth=self.jumprelu_bandwidth)
 
 
 @dataclass

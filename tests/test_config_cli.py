@@ -50,8 +50,8 @@ def test_bad_values_name_the_key(cls, values, key):
 def test_k_at_least_features_rejected():
     cfg = build(FitConfig, {"k": 64, "expansion": 1})
     with pytest.raises(ConfigError, match="k: must be smaller"):
-        cfg.features(64)
-    assert cfg.features(128) == 128
+        cfg.spec(2, 64)  # CLTSpec is the one validator of k
+    assert cfg.spec(2, 128).n_features == 128
 
 
 def test_precedence_defaults_toml_cli(tmp_path):

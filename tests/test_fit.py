@@ -255,16 +255,11 @@ def test_loader_deterministic_per_seed(id_store):
     assert not all(np.array_equal(a, b) for a, b in zip(runs[0], runs[2]))
 
 
-@pytest.mark.parametrize("gather_threads", [0, 2])  # inline (CPU default) and the ring gathered ahead (CUDA's)
-def test_loader_batches_survive_buffer_reuse(id_store, gather_threads):
-    """Batches are gathered into a small ring of reused buffers: a batch the consumer keeps must not change
-    when later batches are gathered, every row must still belong to the image it is labelled with, and the
-    order must not depend on the gathering threads."""
+def test_loader_batches_survive_later_batches(id_store):
+    """A batch the consumer keeps must not change when later batches (and windows) are made, and every row must
+    still belong to the image it is labelled with."""
     store = ActivationStore(id_store)
-    loader = ChunkLoader(store, 100, seed=3, shuffle_chunks=3, read_threads=2, gather_threads=gather_threads)
-    inline = ChunkLoader(store, 100, seed=3, shuffle_chunks=3, read_threads=2, gather_threads=0)
-    assert [row_ids(b).tolist() for b in take(inline, 30)] == [row_ids(b).tolist() for b in take(loader, 30)]
-    inline.close()
+    loader = ChunkLoader(store, 100, seed=3, shuffle_chunks=3, read_threads=2)
     kept, copies = [], []
     for batch in take(loader, 30):  # several windows, many turns of the ring
         kept.append(batch)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from clt_pipe.analyze.stream import ChunkBatch, row_batches
+from clt_pipe.clt.sparsifiers import fired_from_topk
 from clt_pipe.tokens import TOKEN_TYPES
 
 
@@ -72,8 +73,7 @@ class FidelityAccumulator:
                 if isinstance(act, tuple):
                     idx, on = act[0][m], act[1][m]  # [r, L, k]
                     a["l0"] += on.double().sum((0, 2))
-                    flat = (idx + torch.arange(self.L, device=idx.device)[None, :, None] * self.F)[on]
-                    a["fired"].view(-1)[flat] = True
+                    a["fired"] |= fired_from_topk(idx, on, self.F)
                 else:
                     on = act[m]  # [r, L, F]
                     a["l0"] += on.double().sum((0, 2))

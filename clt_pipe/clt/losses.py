@@ -26,8 +26,12 @@ from torch import Tensor
 
 from clt_pipe.clt import sparsifiers as sp
 from clt_pipe.clt.model import CLTOutput, CrossLayerTranscoder
-from clt_pipe.clt.spec import AUXK_FAMILY
+from clt_pipe.clt.sparse_decode import rows_decode
 
+# One gathered decoder row costs about as much as this many columns of the dense GEMM (CPU, ViT-B sizes:
+# the k = 32 gather is 4.9x faster than the F = 6144 GEMM, so 6144 / (32 * 4.9) ≈ 39; benchmarks/BENCHMARKS.md;
+# on CUDA the gather is dearer still). AuxK gathers only where the dead set is much larger than aux_k.
+GATHER_COLUMNS = 39
 _EPS = 1e-8  # floor for batch variances (a constant target layer would otherwise divide by zero)
 
 
@@ -58,43 +62,61 @@ def _normalised_mse(pred: Tensor, target: Tensor) -> Tensor:
 
 
 def aux_loss(
-    model: CrossLayerTranscoder, pre: Tensor, residual: Tensor, dead_mask: Tensor | None, aux_k: int
+    model: CrossLayerTranscoder, pre: Tensor, residual: Tensor, dead_mask: Tensor | None, aux_k: int,
+    decode: str = "auto",
 ) -> Tensor:
-    """AuxK term (see module doc); ``residual`` [B, L, d] is the detached standardised error y - ŷ."""
+    """AuxK term (see module doc); ``residual`` [B, L, d] is the detached standardised error y - ŷ.
+
+    Only the dead latents can write, so each source layer works on its n_s dead columns alone: their
+    pre-activations [B, n_s], the top ``aux_k`` of them per token (all of them when n_s <= aux_k, where no
+    top-k is needed), decoded through just their n_s decoder rows. The decode is the main path's choice
+    (``decode``, resolved like ``CrossLayerTranscoder.forward``'s): a dense GEMM over the n_s rows under
+    low-precision autocast on CUDA, and elsewhere too unless the dead set is so large that gathering the
+    B·aux_k selected rows is cheaper (n_s > GATHER_COLUMNS · aux_k). Either way the
+    decoder gradient lands in place on those rows only. Same value and gradients as a top-k over all F
+    latents with the live ones masked out, which read and wrote all F columns per step.
+    """
     zero = residual.new_zeros(())
-    if dead_mask is None or aux_k <= 0 or model.spec.sparsifier not in AUXK_FAMILY:
+    if dead_mask is None or aux_k <= 0 or not model.spec.kind.auxk:
         return zero
     dead_mask = dead_mask.to(pre.device, torch.bool)
-    has_dead = dead_mask.any(-1)  # [L]
-    dead_sources = has_dead.tolist()  # one host sync, then plain Python control flow
-    if not any(dead_sources):
+    counts = dead_mask.sum(-1).tolist()  # one host sync: the sizes of the per-layer dead sets
+    if not any(counts):
         return zero
-    signed = model.spec.sparsifier == "abs_topk"
-    score = pre.detach().abs() if signed else pre.detach()
-    score = score.masked_fill(~dead_mask, float("-inf"))
-    k = min(aux_k, model.n_features)
-    idx = score.topk(k, dim=-1, sorted=False).indices  # [B, L, k]
-    val = pre.gather(-1, idx)
-    if not signed:
-        val = torch.relu(val)
-    # Layers with fewer than k dead latents also pick live ones (score -inf): they must not write.
-    val = val * dead_mask[None].expand_as(pre).gather(-1, idx).to(val.dtype)
-    recon: Tensor | None = None
-    for s in range(model.n_layers):
-        if not dead_sources[s]:
+    # Per layer, the dead latents' ids first, ascending (a stable sort of the live flags); the rest is padding.
+    ids = torch.argsort((~dead_mask).to(torch.uint8), dim=1, stable=True)[:, :max(counts)]
+    # One gather for every layer, straight from the (non-contiguous) pre: its backward is a single scatter into
+    # one zero gradient, where per-layer gathers would each build and add a full-size [B, L, F] one.
+    pre_dead = pre.gather(2, ids[None].expand(pre.shape[0], -1, -1))  # [B, L, max n_s]
+    signed = model.spec.kind.signed
+    mode = model._decode_mode(decode)
+    recon = residual.new_zeros(residual.shape)
+    for s, n_dead in enumerate(counts):
+        if not n_dead:
             continue
-        part = model._source_sparse(s, idx[:, s], val[:, s]).float()
-        if recon is None:
-            recon = residual.new_zeros(residual.shape)
-        recon[:, s:] += part
-    assert recon is not None
-    reachable = has_dead.cumsum(0) > 0  # targets j with a dead source s <= j
-    return _normalised_mse(recon, residual)[reachable].sum()
+        rows, pre_d = ids[s, :n_dead], pre_dead[:, s, :n_dead]  # [n_s], [B, n_s]
+        if n_dead <= aux_k:  # every dead latent is selected
+            codes = pre_d if signed else torch.relu(pre_d)
+            part = rows_decode(rows, codes, model.W_dec[s], inplace_grad=model.inplace_decoder_grads)
+        else:
+            score = pre_d.detach().abs() if signed else pre_d.detach()
+            local = score.topk(aux_k, dim=-1, sorted=False).indices  # [B, aux_k]
+            val = pre_d.gather(-1, local)
+            if not signed:
+                val = torch.relu(val)
+            if mode == "dense" or n_dead <= GATHER_COLUMNS * aux_k:
+                codes = val.new_zeros(val.shape[0], n_dead).scatter(-1, local, val)
+                part = rows_decode(rows, codes, model.W_dec[s], inplace_grad=model.inplace_decoder_grads)
+            else:
+                part = model._source_sparse(s, rows[local], val)
+        recon[:, s:] += part.float().view(residual.shape[0], model.n_layers - s, model.d_model)
+    first = next(s for s, n in enumerate(counts) if n)  # targets j >= first have a dead source s <= j
+    return _normalised_mse(recon[:, first:], residual[:, first:]).sum()
 
 
 def sparsity_penalty(model: CrossLayerTranscoder, out: CLTOutput, cfg: LossConfig) -> Tensor:
     """JumpReLU sparsity term before ``l0_coef`` (0 for the other sparsifiers)."""
-    if model.spec.sparsifier != "jumprelu":
+    if not model.spec.kind.l0_penalty:
         return out.recon_std.new_zeros((), dtype=torch.float32)
     if cfg.l0_penalty == "l0":
         active = sp.step(out.pre, model.log_threshold.exp(), model.spec.jumprelu_bandwidth)
@@ -112,6 +134,7 @@ def clt_loss(
     *,
     dead_mask: Tensor | None,
     cfg: LossConfig,
+    decode: str = "auto",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """(scalar loss, detached metrics). ``dead_mask`` [L, F] marks latents the trainer considers dead.
 
@@ -126,7 +149,7 @@ def clt_loss(
     fvu = _normalised_mse(pred_std, y_std)
     main = fvu.sum()
 
-    aux = aux_loss(model, out.pre, (y_std - pred_std).detach(), dead_mask, cfg.aux_k)
+    aux = aux_loss(model, out.pre, (y_std - pred_std).detach(), dead_mask, cfg.aux_k, decode)
     sparsity = sparsity_penalty(model, out, cfg)
     loss = main + cfg.aux_coef * aux + cfg.l0_coef * sparsity
 

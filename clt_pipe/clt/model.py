@@ -81,14 +81,10 @@ class CLTOutput:
     @torch.no_grad()
     def fired(self) -> Tensor:
         """[L, F] bool: which latents were active for at least one token of this batch."""
-        n_layers, n_feat = self.pre.shape[1], self.pre.shape[2]
+        n_feat = self.pre.shape[2]
         act = self.active()
         if isinstance(act, tuple):
-            idx, mask = act
-            flat = idx + torch.arange(n_layers, device=idx.device)[None, :, None] * n_feat
-            out = torch.zeros(n_layers * n_feat, dtype=torch.bool, device=idx.device)
-            out[flat[mask]] = True
-            return out.view(n_layers, n_feat)
+            return sp.fired_from_topk(act[0], act[1], n_feat)
         return act.any(0)
 
 
@@ -121,9 +117,9 @@ class CrossLayerTranscoder(nn.Module):
             self.b_dec = nn.Parameter(torch.zeros(n_layers, d))
         else:
             self.register_parameter("b_dec", None)
-        if spec.sparsifier == "jumprelu":
+        if spec.kind.threshold == "learned":
             self.log_threshold = nn.Parameter(torch.full((n_layers, n_feat), math.log(spec.jumprelu_threshold)))
-        if spec.sparsifier == "batchtopk":
+        if spec.kind.threshold == "running":
             self.register_buffer("bt_threshold", torch.zeros(n_layers))
             self.register_buffer("bt_updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("in_mean", torch.zeros(n_layers, d))
@@ -188,9 +184,9 @@ class CrossLayerTranscoder(nn.Module):
 
     def threshold(self) -> Tensor | None:
         """Inference thresholds [L, F] on pre-activations (jumprelu, batchtopk), None for the TopK family."""
-        if self.spec.sparsifier == "jumprelu":
+        if self.spec.kind.threshold == "learned":
             return self.log_threshold.exp()
-        if self.spec.sparsifier == "batchtopk":
+        if self.spec.kind.threshold == "running":
             return self.bt_threshold.clamp_min(0)[:, None].expand(-1, self.n_features)
         return None
 
@@ -222,11 +218,11 @@ class CrossLayerTranscoder(nn.Module):
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """pre [B, L, F] (or [N, F] for one ``layer``) -> (dense z | None, top_idx | None, top_val | None).
         ``update``: fold this batch into batchtopk's running threshold (training-mode forward only)."""
-        name, k = self.spec.sparsifier, self.spec.k
-        if name in ("relu_topk", "abs_topk"):
-            idx, val = sp.topk_codes(pre, k, signed=name == "abs_topk")
+        kind, k = self.spec.kind, self.spec.k
+        if kind.topk:
+            idx, val = sp.topk_codes(pre, k, signed=kind.signed)
             return None, idx, val
-        if name == "jumprelu":
+        if kind.threshold == "learned":  # jumprelu
             thr = self.log_threshold.exp()
             return sp.jumprelu(pre, thr if layer is None else thr[layer], self.spec.jumprelu_bandwidth), None, None
         # batchtopk
@@ -261,7 +257,7 @@ class CrossLayerTranscoder(nn.Module):
             low = dev == "cuda" and torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) != torch.float32
             return auto_decode(self.spec.is_topk, dev, low)
         if decode == "sparse" and not self.spec.is_topk:
-            raise ConfigError(f"decode: sparse needs relu_topk or abs_topk, not {self.spec.sparsifier}")
+            raise ConfigError(f"decode: sparse needs a per-token TopK sparsifier, not {self.spec.sparsifier}")
         return decode
 
     def _source_sparse(self, s: int, idx: Tensor, val: Tensor) -> Tensor:

@@ -169,3 +169,50 @@ def sparse_decode(idx: Tensor, val: Tensor, weight: Tensor, *, inplace_grad: boo
     if idx.dim() != 2 or val.shape != idx.shape:
         raise ValueError(f"sparse_decode: idx and val must both be [B, k], got {list(idx.shape)} and {list(val.shape)}")
     return SparseDecode.apply(idx.to(torch.long).contiguous(), val.contiguous(), weight, inplace_grad)
+
+
+class RowsDecode(torch.autograd.Function):
+    """``codes [B, n] @ weight[rows].flatten(1)``: a dense GEMM through a few rows of ``weight`` whose backward
+    adds the n rows' gradient into ``weight.grad`` in place (the same contract as ``SparseDecode``), so neither
+    direction touches the other F - n rows. Under autocast the GEMM runs in the autocast dtype."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, codes: Tensor, weight: Tensor, inplace_grad: bool) -> Tensor:  # type: ignore[override]
+        flat = weight.reshape(weight.shape[0], -1)
+        dtype = _autocast_dtype(weight.device) or weight.dtype
+        w_rows = flat.index_select(0, rows).to(dtype)
+        with torch.autocast(weight.device.type, enabled=False):
+            out = codes.to(dtype) @ w_rows
+        ctx.save_for_backward(rows, codes, w_rows, weight)
+        ctx.inplace_grad = inplace_grad
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        rows, codes, w_rows, weight = ctx.saved_tensors
+        g = grad_out.to(w_rows.dtype)
+        with torch.autocast(weight.device.type, enabled=False):
+            grad_codes = (g @ w_rows.T).to(codes.dtype) if ctx.needs_input_grad[1] else None
+            grad_rows = (codes.to(g.dtype).T @ g).to(weight.dtype) if ctx.needs_input_grad[2] else None
+        grad_w = None
+        if grad_rows is not None:
+            n_feat = weight.shape[0]
+            if ctx.inplace_grad and _accumulates_into_grad(ctx, weight) and weight.grad.is_contiguous():
+                weight.grad.view(n_feat, -1).index_add_(0, rows, grad_rows)
+            else:
+                grad_w = torch.zeros(n_feat, grad_rows.shape[1], dtype=weight.dtype, device=weight.device)
+                grad_w.index_add_(0, rows, grad_rows)
+                grad_w = grad_w.view(weight.shape)
+        return None, grad_codes, grad_w, None
+
+
+def rows_decode(rows: Tensor, codes: Tensor, weight: Tensor, *, inplace_grad: bool = True) -> Tensor:
+    """``codes [B, n] @ weight[rows].flatten(1)`` -> [B, prod(weight.shape[1:])], touching only those rows.
+
+    rows [n] distinct integer row ids (``index_add_`` of duplicates would still be right, but the GEMM is
+    meant for a set); weight: a leaf parameter for the in-place gradient (see ``sparse_decode``)."""
+    if rows.dim() != 1 or codes.dim() != 2 or codes.shape[1] != rows.shape[0]:
+        raise ValueError(f"rows_decode: rows [n] and codes [B, n] expected, got {list(rows.shape)}, "
+                         f"{list(codes.shape)}")
+    return RowsDecode.apply(rows.to(torch.long).contiguous(), codes.contiguous(), weight, inplace_grad)

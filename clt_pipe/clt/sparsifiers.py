@@ -42,6 +42,16 @@ def dense_from_topk(idx: Tensor, val: Tensor, n_features: int) -> Tensor:
     return z.scatter(-1, idx, val)
 
 
+def fired_from_topk(idx: Tensor, on: Tensor, n_features: int) -> Tensor:
+    """[L, F] bool: which latents are active in at least one row, from TopK slots ``idx``/``on`` [N, L, k]
+    (one scatter into the flat [L·F] mask, without building dense [N, L, F] codes)."""
+    n_layers = idx.shape[1]
+    flat = idx + torch.arange(n_layers, device=idx.device)[None, :, None] * n_features
+    out = torch.zeros(n_layers * n_features, dtype=torch.bool, device=idx.device)
+    out[flat[on]] = True
+    return out.view(n_layers, n_features)
+
+
 def _rectangle(u: Tensor) -> Tensor:
     return ((u > -0.5) & (u < 0.5)).to(u.dtype)
 

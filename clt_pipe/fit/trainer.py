@@ -20,10 +20,10 @@ import torch
 from clt_pipe.clt import rundir
 from clt_pipe.clt.losses import LossConfig, clt_loss
 from clt_pipe.clt.model import CrossLayerTranscoder
-from clt_pipe.clt.spec import AUXK_FAMILY, CLTSpec
+from clt_pipe.clt.spec import CLTSpec
 from clt_pipe.config import FitConfig
 from clt_pipe.device import resolve_device
-from clt_pipe.errors import CheckpointError, CltPipeError
+from clt_pipe.errors import CheckpointError, StoreError
 from clt_pipe.fit import checkpoint as ckpt
 from clt_pipe.fit.distributed import Dist, init_distributed
 from clt_pipe.fit.metrics import MetricsLog
@@ -33,18 +33,15 @@ from clt_pipe.store.reader import ActivationStore
 
 # Fields that may change between an interrupted run and its resume without changing the result.
 RESUMABLE_FIELDS = {"resume", "overwrite", "checkpoint_every", "log_every", "read_threads", "device", "store",
-                    "out"}
-
-
-def spec_for(cfg: FitConfig, store: ActivationStore) -> CLTSpec:
-    return CLTSpec(n_layers=store.n_layers, d_model=store.d_model, n_features=cfg.features(store.d_model),
-                   sparsifier=cfg.sparsifier, k=cfg.k, dec_bias=cfg.dec_bias,
-                   jumprelu_threshold=cfg.jumprelu_threshold, jumprelu_bandwidth=cfg.jumprelu_bandwidth)
+                    "out", "shuffle_memory"}  # the window size itself is part of the loader position
 
 
 def standardization(store: ActivationStore) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-layer input centring and scalar scales from the store's statistics (see clt/model.py)."""
     st = store.stats()
+    for key, value in st.items():
+        if not np.isfinite(value).all():
+            raise StoreError(f"{store.url}: statistics {key} hold non-finite values; re-harvest the store")
     in_mean = torch.from_numpy(st["mean_in"]).float()
     in_scale = torch.from_numpy(np.sqrt(st["var_in"].mean(-1))).float().clamp_min(1e-6)
     out_scale = torch.from_numpy(np.sqrt(st["var_out"].mean(-1))).float().clamp_min(1e-6)
@@ -102,23 +99,29 @@ def run_meta(cfg: FitConfig, store: ActivationStore, spec: CLTSpec) -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg: FitConfig, store: ActivationStore, device: torch.device, dist: Dist | None = None):
+    def __init__(self, cfg: FitConfig, store: ActivationStore, device: torch.device, dist: Dist | None = None,
+                 spec: CLTSpec | None = None):
         self.cfg, self.store, self.device = cfg, store, device
         self.dist = dist or Dist()
         torch.manual_seed(cfg.seed)
-        self.spec = spec_for(cfg, store)
-        self.model = CrossLayerTranscoder(self.spec)
+        self.spec = spec or cfg.spec(store.n_layers, store.d_model)
+        # Built on the device: on a GPU the random init is then milliseconds, not seconds of CPU randn (start-up).
+        with torch.device(device):
+            self.model = CrossLayerTranscoder(self.spec)
         self.model.set_standardization(*standardization(store))
-        self.model.to(device)
         self.dist.broadcast_params(self.model)
         # Dense zero grads from the start: the sparse decode then adds its B*k rows into them in place.
         self.model.materialize_grads()
+        self.loader = ChunkLoader(store, cfg.batch_size, tokens=cfg.tokens, split="train", holdout=cfg.holdout,
+                                  seed=cfg.seed, shuffle_chunks=cfg.shuffle_chunks,
+                                  shuffle_memory=cfg.shuffle_memory, read_threads=cfg.read_threads,
+                                  device=device, rank=self.dist.rank, world_size=self.dist.world)
+        # Ranks split the windows of one schedule, so they must agree on the window size (free memory differs).
+        self.loader.set_window_chunks(min(self.dist.gather(self.loader.shuffle_chunks)))
+        self.loader.prefetch()  # the first window reads while AdamW imports torch._dynamo (seconds)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      betas=(0.9, 0.999))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
-        self.loader = ChunkLoader(store, cfg.batch_size, tokens=cfg.tokens, split="train", holdout=cfg.holdout,
-                                  seed=cfg.seed, shuffle_chunks=cfg.shuffle_chunks, read_threads=cfg.read_threads,
-                                  device=device, rank=self.dist.rank, world_size=self.dist.world)
         self.loss_cfg = LossConfig.from_fit_config(cfg)
         self.since_fired = torch.zeros(self.spec.n_layers, self.spec.n_features, dtype=torch.long, device=device)
         self.step = 0
@@ -152,10 +155,11 @@ class Trainer:
 
     def train_step(self, batch) -> dict:
         self.model.train()
-        dead = self.since_fired >= self.cfg.dead_tokens if self.spec.sparsifier in AUXK_FAMILY else None
+        dead = self.since_fired >= self.cfg.dead_tokens if self.spec.kind.auxk and self.cfg.aux_k else None
         with self.amp():
             out = self.model(batch.x, decode=self.cfg.decode)
-            loss, metrics = clt_loss(self.model, out, batch.y, dead_mask=dead, cfg=self.loss_cfg)
+            loss, metrics = clt_loss(self.model, out, batch.y, dead_mask=dead, cfg=self.loss_cfg,
+                                     decode=self.cfg.decode)
         self.opt.zero_grad(set_to_none=False)
         loss.backward()
         self.dist.average_grads(self.model.parameters())
@@ -173,26 +177,28 @@ class Trainer:
 
 
 def run_fit(cfg: FitConfig, console=None, on_step: Callable[[int], None] | None = None) -> dict:
+    t_start = time.perf_counter()
     store = ActivationStore(cfg.store)  # refuses incomplete stores and unknown format versions
     dist, device = init_distributed(resolve_device(cfg.device))
     try:
-        return _fit(cfg, store, dist, device, console if dist.is_main else None, on_step)
+        return _fit(cfg, store, dist, device, console if dist.is_main else None, on_step, t_start)
     finally:
         dist.close()
 
 
-def _fit(cfg: FitConfig, store: ActivationStore, dist: Dist, device: torch.device, console, on_step) -> dict:
+def _fit(cfg: FitConfig, store: ActivationStore, dist: Dist, device: torch.device, console, on_step,
+         t_start: float) -> dict:
+    startup = {"open_s": time.perf_counter() - t_start}
     if dist.is_main:
         prepare_out_dir(cfg, store)
     dist.barrier()
     out = Path(cfg.out)
     if (out / rundir.RUN_FILE).exists() and rundir.read_json(out / rundir.RUN_FILE, "").get("finished"):
         return {"already_finished": True, "out": str(out)}
-    spec_for(cfg, store)  # k >= F and other spec errors before anything is written
-    try:
-        trainer = Trainer(cfg, store, device, dist)
-    except ValueError as e:
-        raise CltPipeError(f"fit: {e}") from None
+    spec = cfg.spec(store.n_layers, store.d_model)  # k >= F and other spec errors before anything is written
+    t = time.perf_counter()
+    trainer = Trainer(cfg, store, device, dist, spec)
+    startup["model_s"] = time.perf_counter() - t
     meta = dict(run_meta(cfg, store, trainer.spec), world_size=dist.world)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -205,6 +211,7 @@ def _fit(cfg: FitConfig, store: ActivationStore, dist: Dist, device: torch.devic
                      resume_step=trainer.step) if dist.is_main else None
     t0, start_step = time.perf_counter(), trainer.step
     batches = iter(trainer.loader)
+    first = True
 
     def checkpoint() -> None:
         state = trainer.state()  # every rank: it gathers the loader positions
@@ -214,6 +221,10 @@ def _fit(cfg: FitConfig, store: ActivationStore, dist: Dist, device: torch.devic
     try:
         while trainer.step < cfg.steps:
             batch = next(batches)
+            if first:  # the command's start-up: store, model, checkpoint, first shuffle window
+                startup["first_window_s"] = time.perf_counter() - t0
+                startup["startup_s"] = time.perf_counter() - t_start
+                t0, first = time.perf_counter(), False
             metrics = trainer.train_step(batch)
             if log and (trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps):
                 log.write(trainer.step, metrics, lr=trainer.sched.get_last_lr()[0],
@@ -235,4 +246,5 @@ def _fit(cfg: FitConfig, store: ActivationStore, dist: Dist, device: torch.devic
     tokens = steps * cfg.batch_size * dist.world
     return {"out": str(out), "steps": trainer.step, "ranks": dist.world, "seconds": elapsed,
             "steps_per_s": steps / max(elapsed, 1e-9), "tokens_per_s": tokens / max(elapsed, 1e-9),
+            "window_chunks": trainer.loader.shuffle_chunks, **{k: round(v, 3) for k, v in startup.items()},
             **(log.final_summary() if log else {})}

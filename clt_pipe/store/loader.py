@@ -1,55 +1,49 @@
 """Shuffled training batches streamed from a store.
 
-Order: a seeded permutation of the (training) chunks per epoch → windows of ``shuffle_chunks`` chunks read
-concurrently by a thread pool (zarr/blosc decode releases the GIL) one window ahead → the window's valid rows
-permuted → batches of B rows. Rows are never gathered from disk one by one: whole chunks are read, and the
-permutation indexes RAM. Batches leave as the stored fp16/bf16 (half the bytes over PCIe) and are widened
-to float32 on the device. A window's last partial batch is dropped, which keeps the position a tiny
-``(epoch, window, batch)`` triple that a checkpoint restores exactly.
+Order: a seeded permutation of the (training) chunks per epoch → windows of ``shuffle_chunks`` chunks from
+across the whole store, one window read ahead by a thread pool (zarr/blosc decode releases the GIL) → a
+*stratified* permutation of the window's rows → batches of B rows. Rows are never gathered from disk one by
+one: whole chunks are read, and the permutation indexes memory.
+
+Mixing. Chunks hold whole images, so a batch can only draw on the images of its window. The window is sized to
+hold ``MIX_IMAGES`` · B images (bounded by a memory budget, ``shuffle_memory``), and its rows are ordered by
+(random rank of the row within its image, random key): consecutive rows then come from distinct images, so a
+batch touches about B images (uniform sampling from the whole store touches slightly fewer), where a plain
+row permutation of the same window would touch ~B·(1 - e^{-x})/x with x the rows per image a batch expects.
+
+Device data path. The host only decodes chunks. On CUDA they go, as stored (fp16, or bf16 bits), through a
+small ring of pinned staging buffers and non-blocking copies on a side stream into a device-resident window,
+while the previous window trains; the batch gather (``index_select``) and the widening to float32 run on the
+GPU. On CPU the window is decoded straight into host memory and the same torch ops run there. Targets are
+recomputed from the inputs on the device when the store keeps MLP weights instead of mlp_out.
+
+A window's last partial batch is dropped, which keeps the position a tiny ``(epoch, window, batch)`` triple
+(plus the window size, which the auto sizing may pick differently on another machine) that a checkpoint
+restores exactly.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 
 import numpy as np
 import torch
 
+from clt_pipe.errors import CltPipeError, StoreError
 from clt_pipe.store.reader import ActivationStore
 
 HOLDOUT_SALT = 0x5EED  # the held-out chunks do not change with the training seed
-PREFETCH_WINDOWS = 2  # windows being read while the current one is consumed (memory: 3 windows)
-GATHER_AHEAD = 2  # batches gathered into (pinned) buffers while the current one is consumed
-
-
-@dataclass
-class _Slot:
-    """Reusable host buffers of one batch (pinned on CUDA); ``ready`` marks the end of their last H2D copy.
-
-    The copies read the torch tensors themselves (not tensors rebuilt from the numpy views), so torch's
-    pinned-memory cache also knows about them and cannot hand the memory out while a copy is in flight."""
-    tx: torch.Tensor
-    ty: torch.Tensor | None  # None when the store recomputes its targets
-    x: np.ndarray  # numpy views of tx, ty in the store's dtype (gathers write here)
-    y: np.ndarray | None
-    ready: "torch.cuda.Event | None" = None
-
-
-@dataclass
-class _WindowRead:
-    futures: list
-    x: np.ndarray
-    y: np.ndarray | None
-    image: np.ndarray
-
-    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        for f in self.futures:
-            f.result()
-        return self.x, self.y, self.image
+PREFETCH_WINDOWS = 1  # windows being read while the current one is consumed (memory: 2 windows)
+MIX_IMAGES = 1.5  # images per window, in batches: ≥ 0.8x the distinct images of uniform sampling (see above)
+MEMORY_SHARE = 0.25  # auto budget: this share of free device memory (CUDA) or available host memory (CPU)
+STAGING_CHUNKS = 8  # chunks per pinned staging buffer (CUDA); two buffers alternate
 
 
 def split_chunks(n_chunks: int, holdout: float) -> tuple[np.ndarray, np.ndarray]:
@@ -59,6 +53,35 @@ def split_chunks(n_chunks: int, holdout: float) -> tuple[np.ndarray, np.ndarray]
     if holdout > 0 and n_held == 0:
         n_held = 1
     return np.sort(perm[n_held:]), np.sort(perm[:n_held])
+
+
+def stratified_order(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A permutation of the rows that visits every image once per round: rows sorted by (random rank of the row
+    within its image, random key). ``image`` holds each row's image id, rows of one image contiguous."""
+    n = len(image)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    starts = np.flatnonzero(np.r_[True, image[1:] != image[:-1]])
+    counts = np.diff(np.r_[starts, n])
+    # Random rank within each image: positions of a per-image shuffle (rows stay in their image's block).
+    within = np.lexsort((rng.random(n), np.repeat(np.arange(len(starts)), counts)))
+    rank = np.empty(n, np.int64)
+    rank[within] = np.arange(n) - np.repeat(starts, counts)
+    return np.lexsort((rng.random(n), rank))
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free on the device (CUDA) or available to this process on the host (CPU)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 @dataclass
@@ -73,51 +96,96 @@ class Batch:
         return len(np.unique(self.image)) / len(self.image)
 
 
+@dataclass
+class _Window:
+    """A window being read: ``x``/``y`` in the store's dtype on the loader's device, filled once ``done``."""
+    x: torch.Tensor
+    y: torch.Tensor | None
+    image: np.ndarray
+    order: np.ndarray
+    futures: list[Future]
+
+    def result(self) -> "_Window":
+        for f in self.futures:
+            f.result()
+        return self
+
+
 class ChunkLoader:
     def __init__(self, store: ActivationStore, batch_size: int, *, tokens: str = "all", split: str = "train",
-                 holdout: float = 0.0, seed: int = 0, shuffle_chunks: int = 8, read_threads: int = 4,
-                 device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
-                 gather_threads: int | None = None):
+                 holdout: float = 0.0, seed: int = 0, shuffle_chunks: int = 0, shuffle_memory: float = 0.0,
+                 read_threads: int = 4, device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1):
         self.store = store
         self.batch_size = batch_size
         self.tokens = tokens
         self.seed = seed
-        self.shuffle_chunks = max(1, shuffle_chunks)
         self.device = torch.device(device)
         self.rank, self.world_size = rank, world_size
         train, held = split_chunks(store.layout.n_chunks, holdout)
         self.chunks = {"train": train, "heldout": held, "all": np.arange(store.layout.n_chunks)}[split]
         if len(self.chunks) == 0:
-            raise ValueError(f"no chunks in split {split!r}")
+            raise CltPipeError(f"no chunks in split {split!r}")
         self._valid_rows = {int(c): int(store.token_type_mask(int(c), tokens).sum()) for c in self.chunks}
         self.rows_per_epoch = sum(self._valid_rows.values())
         if self.rows_per_epoch < batch_size:
-            raise ValueError(f"split {split!r} holds {self.rows_per_epoch} {tokens} rows, fewer than one batch "
-                             f"of {batch_size}")
-        # A window must hold a few batches, or CLS-only training on big chunks would emit nothing.
-        per_chunk = self.rows_per_epoch / len(self.chunks)
-        self.shuffle_chunks = max(self.shuffle_chunks, int(np.ceil(2 * batch_size / max(per_chunk, 1))))
-        self.pool = ThreadPoolExecutor(max(1, read_threads), thread_name_prefix="clt-read")
-        # Gathering ahead pays off where the consumer's thread only launches GPU work (default: 2 threads on
-        # CUDA); on CPU it would compete with the training step for the same cores (~10 % slower on 2 cores).
-        if gather_threads is None:
-            gather_threads = 2 if self.device.type == "cuda" else 0
-        self.gather_pool = ThreadPoolExecutor(gather_threads, thread_name_prefix="clt-gather") if gather_threads else None
+            raise CltPipeError(f"split {split!r} holds {self.rows_per_epoch} {tokens} rows, fewer than one batch "
+                               f"of {batch_size}")
+        self.shuffle_chunks = self.plan_window(shuffle_chunks, shuffle_memory)
+        self.read_threads = max(1, read_threads)
+        self.pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="clt-read")
         self.epoch, self.window, self.batch_in_window = 0, 0, 0
-        self._pin = self.device.type == "cuda"
+        self._cuda = self.device.type == "cuda"
+        self._np_dtype = store.array("mlp_in").dtype  # float16, or uint16 holding bf16 bits
+        self._dtype = torch.float16 if self._np_dtype == np.float16 else torch.int16  # same bytes in torch
         self._targets = store.targets_on(self.device) if store.recompute else None
-        # Seconds the consumer waited on window reads / batch gathers: where a slow input pipeline shows up.
+        self._staging: list | None = None
+        self._staging_lock = threading.Lock()  # one window read at a time uses the staging buffers
+        self._early: tuple[int, int, _Window] | None = None  # a first window read before iteration (start-up)
+        # Seconds the consumer waited on window reads: where a slow input pipeline shows up.
         self.waits = {"read_s": 0.0, "gather_s": 0.0}
+
+    # ---- window size -------------------------------------------------------------------------------------
+    def row_bytes(self) -> int:
+        lay = self.store.layout
+        return lay.n_layers * lay.d_model * 2 * (1 if self.store.recompute else 2)
+
+    def plan_window(self, shuffle_chunks: int, shuffle_memory: float) -> int:
+        """Chunks per window: ``shuffle_chunks`` if set, else enough for MIX_IMAGES · B images within the memory
+        budget (``shuffle_memory`` GiB, or MEMORY_SHARE of what is free; two windows are resident at once);
+        always at least two batches' rows, and at most what leaves every rank a window."""
+        n = len(self.chunks)
+        rows_per_chunk = self.rows_per_epoch / n
+        if shuffle_chunks > 0:
+            win = shuffle_chunks
+        else:
+            lay = self.store.layout
+            images = sum(len(lay.chunk_images(int(c))) for c in self.chunks)
+            want = math.ceil(MIX_IMAGES * self.batch_size / (images / n))
+            budget = shuffle_memory * 2**30 if shuffle_memory > 0 else MEMORY_SHARE * available_memory(self.device)
+            cap = int(budget // (2 * max(rows_per_chunk, 1) * self.row_bytes()))
+            win = max(1, min(want, cap))
+        win = max(win, math.ceil(2 * self.batch_size / max(rows_per_chunk, 1)))
+        win = min(win, max(1, n // self.world_size))
+        if len(range(self.rank, -(-n // win), self.world_size)) == 0:
+            raise CltPipeError(f"rank {self.rank} of {self.world_size} has no chunks to read: the split has {n} "
+                               f"chunks; use at most {n} ranks")
+        return win
+
+    def set_window_chunks(self, n: int) -> None:
+        """Use another window size (ranks agree on the smallest, a resume restores the saved one)."""
+        self.shuffle_chunks = n
 
     # ---- position ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "window": self.window, "batch_in_window": self.batch_in_window,
-                "seed": self.seed}
+                "seed": self.seed, "window_chunks": self.shuffle_chunks}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("seed") != self.seed:
             raise ValueError("loader state was saved with another seed")
         self.epoch, self.window, self.batch_in_window = state["epoch"], state["window"], state["batch_in_window"]
+        if "window_chunks" in state:
+            self.shuffle_chunks = int(state["window_chunks"])
 
     # ---- reading -------------------------------------------------------------------------------------
     def _windows(self, epoch: int) -> list[np.ndarray]:
@@ -130,124 +198,161 @@ class ChunkLoader:
         lay = self.store.layout
         return lay.chunk_images(chunk).start + np.arange(len(lay.chunk_rows(chunk))) // lay.tokens_per_image
 
-    def _read_whole(self, chunks: list[tuple[int, int]], x: np.ndarray, y: np.ndarray, image: np.ndarray) -> None:
-        """Chunks whose every row is wanted, decoded by zarr straight into the window (one call for all)."""
-        pieces = []
-        for chunk, at in chunks:
-            n = self._valid_rows[chunk]
-            pieces.append((chunk, x[at:at + n], None if y is None else y[at:at + n]))
-            image[at:at + n] = self._chunk_images(chunk)
-        self.store.read_chunks_into(pieces)
+    def _is_whole(self, chunk: int) -> bool:
+        return self._valid_rows[chunk] == len(self.store.layout.chunk_rows(chunk))
 
-    def _read_masked(self, chunk: int, x: np.ndarray, y: np.ndarray, image: np.ndarray, at: int) -> None:
-        """A chunk of which only some rows are wanted (a token filter): decode, then keep those rows."""
-        mask = self.store.token_type_mask(chunk, self.tokens)
-        n = int(mask.sum())
-        cx, cy = self.store.read_chunk(chunk)
-        np.compress(mask, cx, axis=0, out=x[at:at + n])
-        if cy is not None:
-            np.compress(mask, cy, axis=0, out=y[at:at + n])
-        image[at:at + n] = self._chunk_images(chunk)[mask]
+    def _read_into(self, chunks: list[tuple[int, int]], x: np.ndarray, y: np.ndarray | None) -> None:
+        """Chunks' wanted rows into ``x``/``y`` at the given offsets: whole chunks decoded by zarr straight into
+        place in one call (zarr decodes them concurrently), token-filtered ones decoded then compressed."""
+        whole = [(c, at) for c, at in chunks if self._is_whole(c)]
+        pieces = [(c, x[at:at + self._valid_rows[c]], None if y is None else y[at:at + self._valid_rows[c]])
+                  for c, at in whole]
+        if pieces:
+            self.store.read_chunks_into(pieces)
+        for c, at in chunks:
+            if self._is_whole(c):
+                continue
+            mask = self.store.token_type_mask(c, self.tokens)
+            n = int(mask.sum())
+            cx, cy = self.store.read_chunk(c)
+            np.compress(mask, cx, axis=0, out=x[at:at + n])
+            if cy is not None:
+                np.compress(mask, cy, axis=0, out=y[at:at + n])
 
-    def _submit(self, window: np.ndarray) -> "_WindowRead":
+    def _np(self, t: torch.Tensor | None) -> np.ndarray | None:
+        """A host tensor as numpy in the store's dtype (the bytes zarr decodes into)."""
+        return None if t is None else t.numpy().view(self._np_dtype)
+
+    def _staging_buffers(self) -> list:
+        if self._staging is None:
+            lay = self.store.layout
+            rows = STAGING_CHUNKS * lay.rows_per_chunk
+            shape = (rows, lay.n_layers, lay.d_model)
+            self._staging = [
+                [torch.empty(shape, dtype=self._dtype, pin_memory=True),
+                 None if self.store.recompute else torch.empty(shape, dtype=self._dtype, pin_memory=True),
+                 None]  # the event that marks the end of the buffer's last copy
+                for _ in range(2)]
+        return self._staging
+
+    def _read_cuda(self, chunks: list[tuple[int, int]], x: torch.Tensor, y: torch.Tensor | None,
+                   writable: "torch.cuda.Event") -> None:
+        """Groups of chunks decoded into pinned staging buffers, each copied without blocking into the device
+        window on a side stream while the next group decodes; returns once every copy has landed."""
+        with self._staging_lock:  # a dropped early read may still be running
+            self._read_cuda_staged(chunks, x, y, writable)
+
+    def _read_cuda_staged(self, chunks: list[tuple[int, int]], x: torch.Tensor, y: torch.Tensor | None,
+                          writable: "torch.cuda.Event") -> None:
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_event(writable)  # the memory's previous users on the training stream are done
+        staging = self._staging_buffers()
+        for g, i in enumerate(range(0, len(chunks), STAGING_CHUNKS)):
+            group = chunks[i:i + STAGING_CHUNKS]
+            buf = staging[g % 2]
+            if buf[2] is not None:
+                buf[2].synchronize()
+            first = group[0][1]
+            n = sum(self._valid_rows[c] for c, _ in group)
+            local = [(c, at - first) for c, at in group]
+            self._read_into(local, self._np(buf[0]), self._np(buf[1]))
+            with torch.cuda.stream(stream):
+                x[first:first + n].copy_(buf[0][:n], non_blocking=True)
+                if y is not None:
+                    y[first:first + n].copy_(buf[1][:n], non_blocking=True)
+                buf[2] = torch.cuda.Event()
+                buf[2].record(stream)
+        stream.synchronize()
+
+    def _submit(self, epoch: int, window: int, chunks: np.ndarray) -> _Window:
         lay = self.store.layout
-        counts = [self._valid_rows[int(c)] for c in window]
-        total = sum(counts)
-        dtype = self.store.array("mlp_in").dtype
-        x = np.empty((total, lay.n_layers, lay.d_model), dtype)
-        y = None if self.store.recompute else np.empty_like(x)
-        image = np.empty(total, np.int64)
+        counts = [self._valid_rows[int(c)] for c in chunks]
         offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
-        is_whole = [n == len(lay.chunk_rows(int(c))) for c, n in zip(window, counts)]
-        whole = [(int(c), int(o)) for c, o, w in zip(window, offsets, is_whole) if w]
-        futures = [self.pool.submit(self._read_whole, whole, x, y, image)] if whole else []
-        futures += [self.pool.submit(self._read_masked, int(c), x, y, image, int(o))
-                    for c, o, w in zip(window, offsets, is_whole) if not w]
-        return _WindowRead(futures, x, y, image)
+        placed = [(int(c), int(o)) for c, o in zip(chunks, offsets)]
+        total = int(sum(counts))
+        shape = (total, lay.n_layers, lay.d_model)
+        # Allocated here, on the consumer's thread and stream: the caching allocator hands out memory whose
+        # previous users are queued on this stream, so the copies wait for the event recorded after them.
+        x = torch.empty(shape, dtype=self._dtype, device=self.device)
+        y = None if self.store.recompute else torch.empty(shape, dtype=self._dtype, device=self.device)
+        win = _Window(x, y, np.empty(total, np.int64), np.empty(0, np.int64), [])
+        # The row order is planned off the training thread too (sorting a large window takes ~0.1 s).
+        win.futures.append(self.pool.submit(self._plan_rows, win, placed, epoch, window))
+        if self._cuda:
+            writable = torch.cuda.Event()
+            writable.record(torch.cuda.current_stream(self.device))
+            win.futures.append(self.pool.submit(self._read_cuda, placed, x, y, writable))
+        else:  # whole chunks in one zarr call, token-filtered chunks one task each
+            xs, ys = self._np(x), self._np(y)
+            whole = [p for p in placed if self._is_whole(p[0])]
+            if whole:
+                win.futures.append(self.pool.submit(self._read_into, whole, xs, ys))
+            win.futures += [self.pool.submit(self._read_into, [p], xs, ys) for p in placed if not self._is_whole(p[0])]
+        return win
+
+    def _plan_rows(self, win: _Window, placed: list[tuple[int, int]], epoch: int, window: int) -> None:
+        for c, at in placed:
+            mask = self.store.token_type_mask(c, self.tokens)
+            win.image[at:at + self._valid_rows[c]] = self._chunk_images(c)[mask]
+        win.order = stratified_order(win.image, np.random.default_rng([self.seed, epoch, window, 1]))
 
     def _schedule(self):
         """(epoch, window, chunks) from the current position on, across epoch boundaries."""
         epoch, window = self.epoch, self.window
         while True:
             wins = self._windows(epoch)
-            if not wins:
-                raise ValueError("this rank has no chunks to read; use fewer ranks or smaller shuffle windows")
             for w in range(window, len(wins)):
                 yield epoch, w, wins[w]
             epoch, window = epoch + 1, 0
 
-    def _to_device(self, slot: _Slot) -> tuple[torch.Tensor, torch.Tensor]:
-        """Widened copies on the device; the slot's buffers are free again once ``slot.ready`` is set."""
-        out = []
-        for t in (slot.tx, slot.ty):
-            if t is None:  # targets recomputed from the inputs, on the device
-                out.append(self._targets(out[0]))
-                continue
-            if self.store.dtype == "bf16":
-                t = t.view(torch.bfloat16)
-            out.append(t.to(self.device, non_blocking=self._pin).float())
-        if self._pin:  # the non-blocking copies still read the pinned buffers
-            slot.ready = torch.cuda.Event()
-            slot.ready.record(torch.cuda.current_stream(self.device))  # the copies' stream, not the current device's
-        return out[0], out[1]
+    def prefetch(self) -> None:
+        """Start reading the window at the current position now, so that it overlaps the rest of the start-up
+        (the optimiser's construction imports torch._dynamo: seconds). Iteration uses it if the position has
+        not moved since (a resume moves it: the read is then dropped)."""
+        if self._early is None:
+            epoch, window, chunks = next(self._schedule())
+            self._early = (epoch, window, self._submit(epoch, window, chunks))
 
-    def _gather(self, slot: _Slot, x: np.ndarray, y: np.ndarray, sel: np.ndarray) -> _Slot:
-        """The batch's rows straight into the slot's (pinned) buffers: one copy, off the consumer's thread."""
-        if slot.ready is not None:
-            slot.ready.synchronize()
-        # mode="clip": with the default "raise", numpy gathers into a hidden temporary and copies it to ``out``
-        # (1.9 vs 7 GB/s measured); ``sel`` always holds valid rows.
-        np.take(x, sel, axis=0, out=slot.x, mode="clip")
-        if y is not None:
-            np.take(y, sel, axis=0, out=slot.y, mode="clip")
-        return slot
-
-    def _new_slot(self) -> _Slot:
-        lay = self.store.layout
-        shape = (self.batch_size, lay.n_layers, lay.d_model)
-        ndt = self.store.array("mlp_in").dtype  # float16, or uint16 holding bf16 bits
-        tdt = torch.float16 if ndt == np.float16 else torch.int16
-        tx = torch.empty(shape, dtype=tdt, pin_memory=self._pin)
-        ty = None if self.store.recompute else torch.empty(shape, dtype=tdt, pin_memory=self._pin)
-        return _Slot(tx, ty, tx.numpy().view(ndt), None if ty is None else ty.numpy().view(ndt))
+    def _widen(self, t: torch.Tensor) -> torch.Tensor:
+        if t.dtype == torch.int16:
+            t = t.view(torch.bfloat16)
+        return t.float()
 
     def __iter__(self):
         B = self.batch_size
         schedule = self._schedule()
-        # Reads run PREFETCH_WINDOWS ahead, also across epochs, so the consumer never waits at a boundary.
-        ahead = deque((e, w, self._submit(chunks)) for e, w, chunks in islice(schedule, PREFETCH_WINDOWS))
-        slots = deque(self._new_slot() for _ in range(GATHER_AHEAD + 1))
+        early, self._early = self._early, None
+        first = next(schedule)
+        if early is not None and early[:2] == first[:2]:
+            ahead = deque([early])
+        else:
+            ahead = deque([(first[0], first[1], self._submit(*first))])
+        ahead.extend((e, w, self._submit(e, w, chunks)) for e, w, chunks in islice(schedule, PREFETCH_WINDOWS - 1))
         while True:
             epoch, window, read = ahead.popleft()
-            e2, w2, chunks = next(schedule)
-            ahead.append((e2, w2, self._submit(chunks)))
             t0 = time.perf_counter()
-            x, y, image = read.result()
+            try:
+                win = read.result()
+            except OSError as e:
+                raise StoreError(f"{self.store.url}: reading a window failed: {e}") from e
             self.waits["read_s"] += time.perf_counter() - t0
+            e2, w2, chunks = next(schedule)
+            ahead.append((e2, w2, self._submit(e2, w2, chunks)))
             if (epoch, window) != (self.epoch, self.window):
                 self.epoch, self.window, self.batch_in_window = epoch, window, 0
-            perm = np.random.default_rng([self.seed, epoch, window, 1]).permutation(len(x))
-            n_batches = len(perm) // B
-            sels = [np.sort(perm[b * B:(b + 1) * B]) for b in range(self.batch_in_window, n_batches)]
-            # On CUDA, gathers run GATHER_AHEAD batches ahead in their own threads, into a ring of buffers.
-            gathers: deque = deque()
-            submitted = 0
-            for i, sel in enumerate(sels):
+            n_batches = len(win.order) // B
+            if self.batch_in_window >= n_batches:
+                continue
+            # Sorted indices: the gather then walks memory forwards (CPU caches; coalescing on the GPU).
+            sels = np.sort(win.order[:n_batches * B].reshape(n_batches, B), axis=1)
+            sels_dev = torch.from_numpy(sels).to(self.device, non_blocking=False)
+            for b in range(self.batch_in_window, n_batches):
                 t0 = time.perf_counter()
-                if self.gather_pool is None:
-                    slot = self._gather(slots[0], x, y, sel)
-                else:
-                    while submitted < len(sels) and submitted <= i + GATHER_AHEAD:
-                        gathers.append(self.gather_pool.submit(self._gather, slots[0], x, y, sels[submitted]))
-                        slots.rotate(-1)
-                        submitted += 1
-                    slot = gathers.popleft().result()
+                bx = self._widen(win.x.index_select(0, sels_dev[b]))
+                by = self._targets(bx) if win.y is None else self._widen(win.y.index_select(0, sels_dev[b]))
                 self.waits["gather_s"] += time.perf_counter() - t0
                 self.batch_in_window += 1
-                bx, by = self._to_device(slot)
-                yield Batch(bx, by, image[sel])
+                yield Batch(bx, by, win.image[sels[b]])
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
-        if self.gather_pool is not None:
-            self.gather_pool.shutdown(wait=False, cancel_futures=True)
