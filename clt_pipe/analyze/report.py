@@ -299,7 +299,7 @@ def write_html(path: Path, results: dict, settings: dict, identity: dict, tables
         ("Fidelity", ["fidelity_aggregate", "fidelity"], ["fidelity"]),
         ("Attribution C_proj", ["attribution_columns"], ["attribution"]),
         ("Zero-shot substitution", ["substitution"], ["cascade"]),
-        ("Ablations", ["ablation"], ["ablation"]),
+        ("Ablations", ["ablation_ranking", "ablation"], ["ablation"]),
         ("Retrieval", ["retrieval_layers", "retrieval"], ["retrieval"]),
     ]
     for title, tnames, pnames in sections:
@@ -341,6 +341,9 @@ def write_report(out: str | Path, results: dict, settings: dict, identity: dict,
         tables["substitution"] = subs
     if "ablation" in results:
         tables["ablation"] = results["ablation"]["rows"]
+        tables["ablation_ranking"] = [  # HTML only: the scores behind the order (also in report.json)
+            {"tokens": t, "rank": pos, "layer": layer, "score": r["scores"][layer]}
+            for t, r in results["ablation"]["ranking"].items() for pos, layer in enumerate(r["order"])]
     if "retrieval" in results:
         tables["retrieval"] = results["retrieval"]["rows"]
         tables["retrieval_layers"] = results["retrieval"]["per_layer"]
