@@ -37,7 +37,7 @@ from clt_pipe.analyze import zeroshot as ZS  # noqa: E402
 from clt_pipe.backbone.loading import load_backbone, resolve_device  # noqa: E402
 from clt_pipe.clt.model import CrossLayerTranscoder  # noqa: E402
 from clt_pipe.clt.spec import CLTSpec  # noqa: E402
-from clt_pipe.config import HarvestConfig, build  # noqa: E402
+from clt_pipe.config import AnalyzeConfig, HarvestConfig, build  # noqa: E402
 from clt_pipe.datasets.registry import open_dataset  # noqa: E402
 from clt_pipe.harvest.run import run_harvest  # noqa: E402
 from clt_pipe.store.reader import ActivationStore  # noqa: E402
@@ -87,7 +87,7 @@ def main() -> None:
         idx = ZS.eval_images(store)
         clf = store.text_classifier("single")
         scale = ZS.logit_scale(store)
-        plan = SU.window_plan(args.tokens, window["first"], window["last"], False)
+        plan = SU.window_plan(args.tokens, window["first"], window["last"], AnalyzeConfig().sources_before_window)
 
         def run_open():
             with torch.inference_mode():

@@ -176,12 +176,27 @@ def store_ls(root: str = typer.Argument("storage/stores", help="Folder or URL pr
 
 @app.command("export")
 def export_cmd(clt: str = typer.Argument(..., help="Fitted CLT directory (fit --out)"),
-               out: str = typer.Argument(..., help="Destination directory")) -> None:
-    """Export a fitted CLT with standardisation folded in (raw activations in, raw activations out)."""
-    from clt_pipe.clt.rundir import export_run
+               out: str = typer.Argument(..., help="Destination directory"),
+               store: str = typer.Option("", "--store", help="Store to calibrate a relu_topk CLT's JumpReLU thresholds "
+                                         "on (required for relu_topk) and to measure circuit-tracer's agreement on"),
+               calibration_rows: int = typer.Option(8192, "--calibration-rows",
+                                                    help="Token rows for calibration, as many again for agreement"),
+               device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N")) -> None:
+    """Export a fitted CLT for circuit-tracer (standardisation folded; raw activations in and out)."""
+    from clt_pipe.analyze.circuit_tracer import export_for_circuit_tracer
 
-    path = export_run(clt, out)
-    console.print(f"exported to {path}")
+    summary = export_for_circuit_tracer(clt, out, store, device, calibration_rows)
+    console.print(f"exported to {summary['out']} as {summary['exported_as']} (trained: {summary['sparsifier']})")
+    agr = summary.get("agreement")
+    if agr:
+        console.print(f"agreement on {agr['n_rows']} held-out store rows, read by {summary['reader']}:")
+        for key, label in (("r2_vs_ours", "R² circuit-tracer vs ours"), ("r2_vs_targets", "R² circuit-tracer vs targets"),
+                           ("r2_ours_vs_targets", "R² ours vs targets"), ("l0_ours", "L0 ours"),
+                           ("l0_circuit_tracer", "L0 circuit-tracer")):
+            v = agr["summary"][key]
+            console.print(f"  {label:30s} mean {v['mean']:.4f}  min over layers {v['min']:.4f}")
+    else:
+        console.print("agreement not measured (pass --store to measure it)")
 
 
 @app.callback(invoke_without_command=True)

@@ -182,10 +182,10 @@ class AnalyzeConfig:
     template_set: str = opt("single", 'Zero-shot template set stored in the store (single | ensemble)')
     windows: list[str] = opt(lambda: ["0-11", "3-11", "7-11", "10-11"], 'Substitution windows FIRST-LAST (inclusive layer indices; clipped or rescaled for shallower models)', factory=True)
     window_tokens: list[str] = opt(lambda: ["cls", "all"], 'Token types substituted in closed-loop windows (cls | patches | all)', factory=True)
-    sources_before_window: bool = opt(False, 'True: features of layers before the window still write into it')
-    ablation_rank: str = opt("attribution", 'attribution (sum of |C_proj| row) | fvu (worst reconstructed first)')
+    sources_before_window: bool = opt(True, "True: substituted layers get the CLT's full reconstruction (sources 0..j, earlier layers encoded from their live inputs) | False: only sources inside the window write")
+    ablation_rank: str = opt("attribution", "attribution (each layer's share of the summed MLP write into the final residual) | final_layer (share of the last layer's reconstruction) | fvu (worst reconstructed first)")
     ablation_keep: int = opt(4, 'Layers kept by the keep-top-k ablation')
-    ablation_mode: str = opt("true", 'true: dropped layers keep their true MLP output | zero: dropped layers output 0')
+    ablation_mode: str = opt("features", "features: a dropped layer's CLT features write into no target (every MLP replaced) | true: a dropped layer's MLP keeps its real output | zero: a dropped layer's MLP outputs 0")
     retrieval_queries: int = opt(6, 'Query images for the retrieval grids')
     retrieval_k: int = opt(5, 'Neighbours shown per query and layer')
     max_images: int = opt(0, 'cap on images for closed-loop parts (0 = all in the store)')
@@ -209,8 +209,8 @@ class AnalyzeConfig:
             token_type(t, "window_tokens")
         if not self.window_tokens:
             raise ConfigError("window_tokens: empty token selection")
-        _check_choice("ablation_rank", self.ablation_rank, ("attribution", "fvu"))
-        _check_choice("ablation_mode", self.ablation_mode, ("true", "zero"))
+        _check_choice("ablation_rank", self.ablation_rank, ("attribution", "final_layer", "fvu"))
+        _check_choice("ablation_mode", self.ablation_mode, ("features", "true", "zero"))
         for key in ("batch_size", "retrieval_k", "read_threads"):
             _check_positive(key, getattr(self, key))
         for key in ("ablation_keep", "retrieval_queries", "max_images", "max_tokens"):

@@ -261,15 +261,21 @@ def test_run_analyze_full_report(env, tmp_path):
     assert res["closedloop_baseline"]["top1"] == pytest.approx(res["zeroshot"]["top1"])
     assert any("rescaled" in n for n in res["notes"])
 
-    # ablation: the ranking follows the attribution row sums; keep_top2 substitutes exactly those layers
+    # ablation: the ranking follows the residual shares (they sum to 1); keep_top2 keeps exactly those layers
     abl = res["ablation"]
-    mat = np.array(res["attribution"]["cls"]["matrix"])
+    share = np.array(res["attribution"]["cls"]["residual_share"])
+    assert share.sum() == pytest.approx(1.0, abs=1e-4)
     order = abl["ranking"]["cls"]["order"]
-    assert order[0] == int(np.argmax(np.abs(mat).sum(1)))
+    assert order[0] == int(np.argmax(share))
     keep = next(r for r in abl["rows"] if r["tokens"] == "cls" and r["variant"] == "keep_top2")
     assert keep["clt_layers"] == ",".join(map(str, sorted(order[:2])))
     drop = next(r for r in abl["rows"] if r["tokens"] == "cls" and r["variant"] == "drop_top1")
-    assert str(order[0]) not in drop["clt_layers"].split(",")
+    assert drop["dropped"] == str(order[0]) and str(order[0]) not in drop["clt_layers"].split(",")
+    # the report says which substitution rule, ranking and drop definition ran
+    assert res["substitution_rule"]["name"] == "full" and summary["substitution_rule"] == "full"
+    assert abl["rank"] == "attribution" and abl["mode"] == "features"
+    for text in ("Substitution rule", "full reconstruction", "Ablation ranking", "Ablation drop"):
+        assert text in html_text, text
 
     # retrieval: neighbours exclude the query; label agreement consistent with the table
     rrows = res["retrieval"]["rows"]
@@ -312,3 +318,147 @@ def test_closedloop_needs_data_root(env, tmp_path):
 def test_unknown_part_is_a_config_error():
     with pytest.raises(ConfigError, match="only"):
         build(AnalyzeConfig, {"only": ["nope"]})
+
+
+def _capture_mlp_io(bb):
+    """Hooks recording every block's LN2 output and (possibly substituted) MLP output; returns (dicts, handles)."""
+    ln2, mlp, handles = {}, {}, []
+    for layer, block in enumerate(bb.blocks):
+        handles.append(block.ln_2.register_forward_hook(lambda m, i, o, l=layer: ln2.__setitem__(l, o.detach())))
+        handles.append(block.mlp.register_forward_hook(lambda m, i, o, l=layer: mlp.__setitem__(l, o.detach())))
+    return ln2, mlp, handles
+
+
+def test_default_substitution_is_the_clt_reconstruction(env):
+    """Default rule: a substituted layer's MLP output is the CLT's own reconstruction from all sources 0..j."""
+    store, bb, clt = env["store"], env["bb"], env["clt"]
+    from clt_pipe.datasets.registry import open_dataset
+
+    ds = open_dataset("imagefolder", env["root"] / "data", "train")
+    x = torch.stack([bb.preprocess(ds.load_image(i)) for i in range(4)])
+    assert AnalyzeConfig().sources_before_window is True
+    first, last = 2, store.n_layers - 1
+    for default_rule, want_exact in ((AnalyzeConfig().sources_before_window, True), (False, False)):
+        plan = SU.window_plan("all", first, last, default_rule)
+        with torch.inference_mode(), SU.SubstitutionHooks(bb, clt, plan):
+            ln2, mlp, handles = _capture_mlp_io(bb)  # registered after the substitution: sees its output
+            try:
+                bb.model.encode_image(x)
+            finally:
+                for h in handles:
+                    h.remove()
+        bm = (lambda t: t) if getattr(bb.visual.transformer, "batch_first", True) else (lambda t: t.transpose(0, 1))
+        live = torch.stack([bm(ln2[j]).reshape(-1, store.d_model) for j in range(store.n_layers)], 1)
+        with torch.no_grad():
+            recon = clt(live.float()).recon
+        for j in range(first, last + 1):
+            got = bm(mlp[j]).reshape(-1, store.d_model)
+            close = torch.allclose(got, recon[:, j], atol=1e-4, rtol=1e-4)
+            assert close == want_exact, (default_rule, j)  # in-window only is a truncated ŷ_j
+
+
+class AdditiveStub:
+    """A synthetic CLT with exact, additive cross-layer writes whose ablations have a known effect.
+
+    Codes are the LN2 outputs. Source i writes a constant v[i, j] into every later target j, and its own target
+    gets mlp_i(z_i) − Σ_{k<i} v[k, i], so with every source the reconstruction is exactly the model's MLP.
+    """
+
+    def __init__(self, bb, seed=0):
+        self.blocks = bb.blocks
+        L, d = len(bb.blocks), bb.blocks[0].mlp[-1].out_features
+        self.v = torch.randn(L, L, d, generator=torch.Generator().manual_seed(seed)) * 0.3
+
+    def encode_layer(self, x, layer):
+        return x
+
+    def _mlp(self, j, h):
+        for sub in self.blocks[j].mlp:
+            h = sub(h)
+        return h
+
+    def decode_to(self, zs, j):
+        out = None
+        for i, z in enumerate(zs[:j + 1]):
+            if z is None:
+                continue
+            part = self._mlp(j, z) - self.v[:j, j].sum(0) if i == j else self.v[i, j].expand(z.shape[0], -1)
+            out = part if out is None else out + part
+        return out
+
+
+def _embed_with(bb, x, edits):
+    """Embeddings of the unmodified model with each block's MLP output passed through edits[j](out)."""
+    handles = [bb.blocks[j].mlp.register_forward_hook(lambda m, i, o, f=f: f(o)) for j, f in edits.items()]
+    try:
+        return SU.encode_images(bb, x, None, None)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_drop_layer_is_the_same_operation_for_every_layer(env):
+    from clt_pipe.analyze import ablation as AB
+    from clt_pipe.datasets.registry import open_dataset
+
+    store, bb = env["store"], env["bb"]
+    L = store.n_layers
+    stub = AdditiveStub(bb)
+    ds = open_dataset("imagefolder", env["root"] / "data", "train")
+    idx = np.arange(24)
+    x = torch.stack([bb.preprocess(ds.load_image(int(i))) for i in idx])
+    base = SU.encode_images(bb, x, None, None)
+    torch.testing.assert_close(SU.encode_images(bb, x, AB.drop_plan("full", "all", L, [], "features"), stub), base,
+                               atol=2e-4, rtol=1e-4)
+    clf = torch.from_numpy(store.text_classifier("single")).float()
+    scale = ZS.logit_scale(store)
+    labels = store.labels[idx]
+    plans, expected_top1 = [], {}
+    for i in range(L):
+        v = stub.v
+        expected = {
+            # features: source i gone everywhere: its own MLP keeps only earlier sources' writes, later ones lose v[i, j]
+            "features": _embed_with(bb, x, {i: lambda o, i=i: torch.zeros_like(o) + v[:i, i].sum(0),
+                                            **{j: (lambda o, i=i, j=j: o - v[i, j]) for j in range(i + 1, L)}}),
+            "zero": _embed_with(bb, x, {i: torch.zeros_like}),
+            "true": base,
+        }
+        for mode, want in expected.items():
+            plan = AB.drop_plan(f"drop{i}:{mode}", "all", L, [i], mode)
+            torch.testing.assert_close(SU.encode_images(bb, x, plan, stub), want, atol=2e-4, rtol=1e-4,
+                                       msg=lambda m, i=i, mode=mode: f"drop layer {i} ({mode}): {m}")
+            plans.append(plan)
+            pred = ZS.classify(want, clf, scale).argmax(1).numpy()
+            expected_top1[plan.name] = 100.0 * float((pred == labels).mean())
+    # and the accuracy change closed_loop reports is the one those edited models give
+    res = SU.closed_loop(bb, stub, plans, ds, idx, labels, clf.numpy(), scale, batch_size=8)
+    for p in plans:
+        assert res["plans"][p.name]["top1"] == pytest.approx(expected_top1[p.name]), p.name
+
+
+def test_ablation_ranking_finds_the_dominant_middle_layer(env):
+    """A CLT whose layer-3 features write 30× more into the last layer: the ranking must put layer 3 first."""
+    from clt_pipe.analyze import ablation as AB
+    from clt_pipe.analyze.fidelity import ChunkBatch
+
+    store = env["store"]
+    L, d, m = store.n_layers, store.d_model, 3
+    torch.manual_seed(3)
+    clt = CrossLayerTranscoder(CLTSpec(L, d, N_FEATURES, "relu_topk", 8))
+    with torch.no_grad():
+        clt.W_dec[m][:, L - 1 - m] *= 30.0
+    n_img, per = 16, 5
+    x = torch.randn(n_img * per, L, d) * 3
+    pos = np.tile(np.arange(per), n_img)
+    batch = ChunkBatch(0, x, torch.zeros_like(x), pos, np.repeat(np.arange(n_img), per), np.ones(n_img * per, bool))
+    acc = AT.AttributionAccumulator(clt)
+    acc.update(batch)
+    att = acc.result()
+    for t in ("cls", "all"):
+        assert att[t]["residual_share"].sum() == pytest.approx(1.0, abs=1e-6)
+        for rule in ("attribution", "final_layer"):
+            order, scores = AB.rank_layers(rule, t, att, None, L)
+            assert order[0] == m, (t, rule, scores)
+    # the old score (absolute C_proj row sum) ranks layer 0 above it: row 0 has the most entries and C[0→0] = 1
+    old = np.abs(att["all"]["matrix"]).sum(1)
+    assert int(np.argmax(old)) != m

@@ -2,24 +2,25 @@
 
 The paper does not state its protocol; this module's definitions (closed-loop, per token type T ∈ {cls, all}):
 
-Ranking (``ablation_rank``):
-* ``attribution`` (default): score(i) = Σ_j |C_proj_T[i→j]|, the absolute row sum of layer i in the attribution
-  matrix of token type T (how much layer i's features write into the reconstructions, either sign); highest
-  first. Ties break toward the earlier layer.
+Ranking (``ablation_rank``), a score per layer that does not grow with the number of targets a layer reaches
+(an absolute C_proj row sum does: row i has L−i entries and C_proj[0→0] = 1, so it ranks 0, 1, 2, … whatever
+the data):
+* ``attribution`` (default): layer i's share of the total MLP write into the final residual,
+  E_x[(1/T) Σ_t ⟨Σ_j c_t(i→j), Σ_j ŷ_t(j)⟩ / ‖Σ_j ŷ_t(j)‖²] (the shares sum to 1 over layers; for CLS this is
+  the part of the residual that ln_post and the projection turn into the embedding). Highest first.
+* ``final_layer``: C_proj_T[i→L−1], layer i's share of the last layer's reconstruction.
 * ``fvu``: the worst-reconstructed layers first (highest FVU of token type T from the fidelity part).
+Ties break toward the earlier layer.
 
-Variants (every one a closed-loop pass; the *replacement model* substitutes the CLT at every layer):
-* ``full``         — CLT replaces the MLP at all layers for tokens T (reference).
-* ``drop_top1``    — necessity: the replacement model *without* the top-ranked layer's CLT replacement; that
-  layer instead gets ``ablation_mode``: ``true`` = its real MLP output, ``zero`` = 0. With ``zero`` this reads
-  directly as "remove the top layer's contribution" (how much accuracy depends on it); with ``true`` it measures
-  how much of the replacement's error that one layer causes.
-* ``keep_topk``    — sufficiency: only the top-``ablation_keep`` layers are replaced by the CLT; every other
-  layer gets ``ablation_mode`` (``true``: real MLP, i.e. "CLT at the k most important layers suffices";
-  ``zero``: those MLPs are removed, i.e. "the k layers' CLT features alone carry the computation").
-
-Sources: a replaced layer j decodes from the live codes of layers floor..j, floor = the first replaced layer
-(0 with ``sources_before_window``) — the same rule as the substitution windows.
+Variants (closed-loop passes). "Drop layer i" is the same operation for every i; every CLT-replaced target
+decodes from all sources 0..j (the full reconstruction, whatever ``sources_before_window`` says):
+* ``full``       — the replacement model: the CLT replaces the MLP at every layer for tokens T (reference).
+* ``drop_top1``  — necessity, per ``ablation_mode``:
+  ``features`` (default): the replacement model with the top layer's *features* removed — they write into no
+  target (every MLP is still the CLT's). ``true`` / ``zero``: the top layer's MLP output is its real output / 0;
+  every other layer keeps the CLT reconstruction from all sources (the dropped layer's features included).
+* ``keep_topk``  — sufficiency: ``features``: only the top-``ablation_keep`` layers' features write (every MLP
+  replaced); ``true`` / ``zero``: only those layers' MLPs are replaced, the others keep their real output / 0.
 
 Δ accuracy (pp) is reported against the unmodified model's closed-loop baseline (and against ``full``).
 """
@@ -28,21 +29,34 @@ from __future__ import annotations
 
 import numpy as np
 
-from clt_pipe.analyze.attribution import layer_scores
 from clt_pipe.analyze.substitution import Plan
 from clt_pipe.errors import CltPipeError
 from clt_pipe.tokens import TokenType
 
 ABLATION_TOKENS: tuple[TokenType, ...] = ("cls", "all")
+RANK_RULES = ("attribution", "final_layer", "fvu")
+MODES = ("features", "true", "zero")
+RANK_DESCRIPTIONS = {
+    "attribution": "share of the total MLP write into the final residual (Σ_j ŷ_j), per source layer",
+    "final_layer": "C_proj[i→L−1]: share of the last layer's reconstruction, per source layer",
+    "fvu": "fraction of variance unexplained (worst reconstructed first)",
+}
+MODE_DESCRIPTIONS = {
+    "features": "drop layer i = its CLT features write into no target; every MLP is the CLT reconstruction",
+    "true": "drop layer i = its MLP keeps its real output; others are the CLT reconstruction from all sources",
+    "zero": "drop layer i = its MLP outputs 0; others are the CLT reconstruction from all sources",
+}
 
 
 def rank_layers(rule: str, tokens: TokenType, attribution: dict | None, fidelity_rows: list[dict] | None,
                 n_layers: int) -> tuple[list[int], list[float]]:
     """Layers ordered most important first, and their scores (by layer index)."""
-    if rule == "attribution":
+    if rule in ("attribution", "final_layer"):
         if not attribution or tokens not in attribution:
-            raise CltPipeError(f"ablation: ranking by attribution needs the {tokens} attribution matrix")
-        scores = layer_scores(attribution[tokens]["matrix"])
+            raise CltPipeError(f"ablation: ranking by {rule} needs the {tokens} attribution matrix")
+        a = attribution[tokens]
+        scores = np.asarray(a["residual_share"] if rule == "attribution" else np.asarray(a["matrix"])[:, -1],
+                            float)
     elif rule == "fvu":
         rows = [r for r in (fidelity_rows or []) if r["tokens"] == tokens]
         if len(rows) != n_layers:
@@ -54,23 +68,33 @@ def rank_layers(rule: str, tokens: TokenType, attribution: dict | None, fidelity
     return order, [float(s) for s in scores]
 
 
-def ablation_plans(tokens: TokenType, order: list[int], n_layers: int, keep: int, mode: str,
-                   sources_before_window: bool) -> list[Plan]:
-    other = "zero" if mode == "zero" else None
+def drop_plan(name: str, tokens: TokenType, n_layers: int, dropped: list[int], mode: str, meta: dict | None = None) -> Plan:
+    """The replacement model with the layers in ``dropped`` ablated as ``mode`` says (module docstring)."""
+    if mode not in MODES:
+        raise CltPipeError(f"ablation_mode: {mode!r} is not one of {', '.join(MODES)}")
+    replace = {j: "clt" for j in range(n_layers)}
+    gone = frozenset(dropped)
+    if mode == "features":
+        return Plan(name, tokens, replace, 0, meta=dict(meta or {}), dropped_sources=gone)
+    for j in gone:
+        if mode == "zero":
+            replace[j] = "zero"
+        else:
+            del replace[j]
+    return Plan(name, tokens, replace, 0, meta=dict(meta or {}))
 
-    def plan(variant: str, clt_layers: list[int]) -> Plan:
-        replace = {j: "clt" for j in clt_layers}
-        if other:
-            replace.update({j: other for j in range(n_layers) if j not in clt_layers})
-        floor = 0 if sources_before_window or not clt_layers else min(clt_layers)
-        return Plan(f"ablation:{tokens}:{variant}", tokens, replace, floor,
-                    meta={"variant": variant, "clt_layers": ",".join(map(str, sorted(clt_layers)))})
 
-    top1 = order[0]
+def ablation_plans(tokens: TokenType, order: list[int], n_layers: int, keep: int, mode: str) -> list[Plan]:
+    def plan(variant: str, dropped: list[int]) -> Plan:
+        kept = [j for j in range(n_layers) if j not in dropped]
+        return drop_plan(f"ablation:{tokens}:{variant}", tokens, n_layers, dropped, mode,
+                         meta={"variant": variant, "clt_layers": ",".join(map(str, kept)),
+                               "dropped": ",".join(map(str, sorted(dropped)))})
+
     k = max(0, min(keep, n_layers))
-    return [plan("full", list(range(n_layers))),
-            plan("drop_top1", [j for j in range(n_layers) if j != top1]),
-            plan(f"keep_top{k}", sorted(order[:k]))]
+    return [plan("full", []),
+            plan("drop_top1", [order[0]]),
+            plan(f"keep_top{k}", sorted(order[k:]))]
 
 
 def ablation_rows(result: dict, plans: list[Plan], ranking: dict) -> list[dict]:
@@ -82,7 +106,7 @@ def ablation_rows(result: dict, plans: list[Plan], ranking: dict) -> list[dict]:
     for p in plans:
         r = result["plans"][p.name]
         rows.append({"tokens": p.tokens, "variant": p.meta["variant"], "clt_layers": p.meta["clt_layers"],
-                     "ranking": ",".join(map(str, ranking[p.tokens]["order"])),
+                     "dropped": p.meta["dropped"], "ranking": ",".join(map(str, ranking[p.tokens]["order"])),
                      "top1": r["top1"], "top5": r["top5"], "n": r["n"], "cross_entropy": r["cross_entropy"],
                      "delta_top1_pp": r["delta_top1_pp"], "delta_top5_pp": r["delta_top5_pp"],
                      "delta_top1_vs_full_pp": r["top1"] - full.get(p.tokens, float("nan"))})

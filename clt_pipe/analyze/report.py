@@ -1,4 +1,7 @@
-"""The analysis report in ``--out``: report.json, Parquet tables, PNG plots (matplotlib Agg), report.html.
+"""The analysis report in ``--out``: report.json, Parquet tables, PNG plots, report.html.
+
+Plots use matplotlib's object API (``matplotlib.figure.Figure``), so importing this module selects no backend
+and leaves the caller's pyplot state alone.
 
 * ``report.json`` — every number, the exact settings, and the store / CLT identity.
 * ``fidelity.parquet`` (per layer × token type), ``fidelity_aggregate.parquet`` (paper form: averages over
@@ -18,13 +21,10 @@ import json
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from matplotlib.figure import Figure
 
 TOKEN_COLOURS = {"cls": "tab:red", "patches": "tab:blue", "all": "tab:green"}
 
@@ -78,7 +78,6 @@ def substitution_rows(results: dict) -> list[dict]:
 def _save(fig, path: Path) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return True
 
 
@@ -88,7 +87,8 @@ def plot_attribution(path: Path, attribution: dict) -> bool:
         return False
     L = attribution[kinds[0]]["matrix"].shape[0]
     vmax = max(float(np.abs(attribution[t]["matrix"]).max()) for t in kinds) or 1.0
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds) + 1, 4.8), squeeze=False)
+    fig = Figure(figsize=(5.2 * len(kinds) + 1, 4.8))
+    axes = fig.subplots(1, len(kinds), squeeze=False)
     im = None
     for ax, t in zip(axes[0], kinds):
         mat = np.array(attribution[t]["matrix"], float)
@@ -108,7 +108,6 @@ def plot_attribution(path: Path, attribution: dict) -> bool:
                             color="white" if abs(v) > 0.6 * vmax else "black")
     fig.colorbar(im, ax=list(axes[0]), shrink=0.85, label="share of ŷ_j (columns sum to 1)")
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return True
 
 
@@ -125,7 +124,8 @@ def plot_cascade(path: Path, results: dict) -> bool:
         return False
     base = results.get("closedloop_baseline") or (results.get("openloop") or {}).get("baseline_resid") \
         or results.get("zeroshot")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2)
     for ax, key in zip(axes, ("top1", "top5")):
         if base and base.get(key) is not None and base.get("n"):
             p, n = base[key] / 100, base["n"]
@@ -157,7 +157,8 @@ def plot_fidelity(path: Path, fidelity: dict) -> bool:
     rows = fidelity.get("per_layer") or []
     if not rows:
         return False
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig = Figure(figsize=(14, 4))
+    axes = fig.subplots(1, 3)
     for t in dict.fromkeys(r["tokens"] for r in rows):
         rs = sorted((r for r in rows if r["tokens"] == t), key=lambda r: r["layer"])
         xs = [r["layer"] for r in rs]
@@ -178,7 +179,8 @@ def plot_ablation(path: Path, ablation: dict) -> bool:
         return False
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     tokens = list(dict.fromkeys(r["tokens"] for r in rows))
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     w = 0.8 / len(tokens)
     for k, t in enumerate(tokens):
         vals = [next((r["delta_top1_pp"] for r in rows if r["tokens"] == t and r["variant"] == v), np.nan)
@@ -193,7 +195,7 @@ def plot_ablation(path: Path, ablation: dict) -> bool:
     ax.set_xticks(range(len(variants)))
     ax.set_xticklabels(variants)
     ax.set_ylabel("Δ top-1 vs baseline (pp)")
-    ax.set_title(f"ablations (rank={ablation['rank']}, non-CLT layers={ablation['mode']})", pad=12)
+    ax.set_title(f"ablations (rank={ablation['rank']}, drop={ablation['mode']})", pad=12)
     ax.legend(title="tokens")
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)
@@ -231,8 +233,8 @@ def plot_retrieval(out: Path, retrieval: dict, class_names: list[str], dataset=N
         if not qrows:
             continue
         qlabel = qrows[0]["query_label"]
-        fig, axes = plt.subplots(len(layers), k + 1, figsize=(1.25 * (k + 1) + 0.6, 1.25 * len(layers) + 0.6),
-                                 squeeze=False)
+        fig = Figure(figsize=(1.25 * (k + 1) + 0.6, 1.25 * len(layers) + 0.6))
+        axes = fig.subplots(len(layers), k + 1, squeeze=False)
         for li, layer in enumerate(layers):
             show(axes[li][0], q, qlabel, f"query #{q}\n{name(qlabel)}" if li == 0 else "query", "black")
             axes[li][0].set_ylabel(f"layer {layer}", fontsize=8)
@@ -249,7 +251,6 @@ def plot_retrieval(out: Path, retrieval: dict, class_names: list[str], dataset=N
         fig.tight_layout()
         p = out / f"retrieval_q{q}.png"
         fig.savefig(p, dpi=100)
-        plt.close(fig)
         paths.append(p)
     return paths
 
@@ -292,11 +293,13 @@ def write_html(path: Path, results: dict, settings: dict, identity: dict, tables
                  f"</code> ({html.escape(json.dumps(identity['clt']['spec']))})</p>")
     for n in results.get("notes", []):
         parts.append(f"<p><strong>Note:</strong> {html.escape(n)}</p>")
+    for label, text in rules(results):
+        parts.append(f"<p><strong>{html.escape(label)}:</strong> {html.escape(text)}</p>")
     sections = [
         ("Fidelity", ["fidelity_aggregate", "fidelity"], ["fidelity"]),
         ("Attribution C_proj", ["attribution_columns"], ["attribution"]),
         ("Zero-shot substitution", ["substitution"], ["cascade"]),
-        ("Ablations", ["ablation"], ["ablation"]),
+        ("Ablations", ["ablation_ranking", "ablation"], ["ablation"]),
         ("Retrieval", ["retrieval_layers", "retrieval"], ["retrieval"]),
     ]
     for title, tnames, pnames in sections:
@@ -338,6 +341,9 @@ def write_report(out: str | Path, results: dict, settings: dict, identity: dict,
         tables["substitution"] = subs
     if "ablation" in results:
         tables["ablation"] = results["ablation"]["rows"]
+        tables["ablation_ranking"] = [  # HTML only: the scores behind the order (also in report.json)
+            {"tokens": t, "rank": pos, "layer": layer, "score": r["scores"][layer]}
+            for t, r in results["ablation"]["ranking"].items() for pos, layer in enumerate(r["order"])]
     if "retrieval" in results:
         tables["retrieval"] = results["retrieval"]["rows"]
         tables["retrieval_layers"] = results["retrieval"]["per_layer"]
@@ -359,7 +365,6 @@ def write_report(out: str | Path, results: dict, settings: dict, identity: dict,
         pngs["ablation"] = [out / "ablation.png"]
     if "retrieval" in results:
         pngs["retrieval"] = plot_retrieval(out, results["retrieval"], class_names, dataset)
-        results["retrieval"]["grids"] = "images" if dataset is not None else "indices"
     files["png"] = [str(p) for ps in pngs.values() for p in ps]
     files["json"] = [str(out / "report.json")]
     files["html"] = [str(out / "report.html")]
@@ -373,9 +378,27 @@ def write_report(out: str | Path, results: dict, settings: dict, identity: dict,
     return files
 
 
+def rules(results: dict) -> list[tuple[str, str]]:
+    """The definitions this run used that change its numbers (also shown at the top of report.html)."""
+    out = []
+    if ("openloop" in results or "closedloop" in results) and results.get("substitution_rule"):
+        r = results["substitution_rule"]
+        out.append(("Substitution rule", f"{r['name']} — {r['text']}"))
+    if "ablation" in results:
+        a = results["ablation"]
+        out.append(("Ablation ranking", f"{a['rank']} — {a.get('rank_rule', '')}"))
+        out.append(("Ablation drop", f"{a['mode']} — {a.get('mode_rule', '')}"))
+    return out
+
+
 def summary(results: dict, files: dict) -> dict:
     """The short dict the CLI prints."""
     s: dict = {"parts": ",".join(results.get("computed", []))}
+    if ("openloop" in results or "closedloop" in results) and results.get("substitution_rule"):
+        s["substitution_rule"] = results["substitution_rule"]["name"]
+    if "ablation" in results:
+        s["ablation_rank"] = results["ablation"]["rank"]
+        s["ablation_mode"] = results["ablation"]["mode"]
     if "zeroshot" in results:
         s["baseline_top1"] = round(results["zeroshot"]["top1"], 2)
     for agg in (results.get("fidelity") or {}).get("aggregate", []):

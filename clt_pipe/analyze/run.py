@@ -1,13 +1,15 @@
 """`clt-pipe analyze`: validate inputs, run the selected parts, write the report.
 
-Cache-only parts (fidelity, attribution, openloop, retrieval) share one streamed pass over the store's chunks.
-Closed-loop parts (closedloop, ablation) re-run the ViT on the store's images. An ablation ranked by
-attribution (or fvu) computes that part too even when it was not selected (recorded in ``report.json``).
+Every part declares what it needs (``PARTS``): the parts whose results it reads, and whether it consumes the
+streamed pass over the store's chunks (fidelity, attribution, openloop, retrieval share one pass) or re-runs
+the ViT on the store's images (closedloop, ablation). A part needed by a selected one is computed too, and
+recorded in ``report.json`` (``computed``, ``notes``). Results are collected in ``AnalyzeResults``.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -16,6 +18,7 @@ from clt_pipe.analyze import ablation as AB
 from clt_pipe.analyze import attribution as AT
 from clt_pipe.analyze import report as R
 from clt_pipe.analyze import retrieval as RT
+from clt_pipe.analyze import sources as SRC
 from clt_pipe.analyze import substitution as SU
 from clt_pipe.analyze import zeroshot as ZS
 from clt_pipe.analyze.fidelity import FidelityAccumulator
@@ -106,6 +109,179 @@ def _retrieval_dataset(cfg: AnalyzeConfig, store: ActivationStore):
         return None
 
 
+@dataclass(frozen=True)
+class Part:
+    name: str
+    kind: str  # "store": per-image store arrays only | "stream": the chunk pass | "closedloop": re-runs the ViT
+    needs: tuple[str, ...] = ()  # parts whose results this one reads
+    cls_only: bool = False  # reads CLS slots
+
+
+PARTS: dict[str, Part] = {p.name: p for p in (
+    Part("zeroshot", "store"),
+    Part("fidelity", "stream"),
+    Part("attribution", "stream"),
+    Part("openloop", "stream", cls_only=True),
+    Part("retrieval", "stream", cls_only=True),
+    Part("closedloop", "closedloop"),
+    Part("ablation", "closedloop"),  # needs: by ablation_rank, see part_needs
+)}
+
+
+def part_needs(name: str, cfg: AnalyzeConfig) -> tuple[str, ...]:
+    if name == "ablation":
+        return ("fidelity",) if cfg.ablation_rank == "fvu" else ("attribution",)
+    return PARTS[name].needs
+
+
+@dataclass
+class AnalyzeResults:
+    """Everything ``analyze`` measured; ``to_dict`` is the ``results`` object of report.json."""
+
+    parts: list[str]
+    computed: list[str]
+    notes: list[str]
+    windows: list[dict]
+    substitution_rule: dict  # {"name": full | window, "text": ...}
+    zeroshot: dict | None = None
+    fidelity: dict | None = None
+    attribution: dict | None = None
+    openloop: dict | None = None
+    retrieval: dict | None = None
+    closedloop_baseline: dict | None = None
+    closedloop: dict | None = None
+    ablation: dict | None = None
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass
+class Context:
+    """What the parts read: the validated inputs of one analyze run."""
+
+    cfg: AnalyzeConfig
+    store: ActivationStore
+    clt: object
+    device: torch.device
+    windows: list[dict]
+    closed_loop: tuple | None = None  # closed_loop_inputs(...) when a closed-loop part runs
+
+    @property
+    def n_layers(self) -> int:
+        return self.store.n_layers
+
+
+def plan_parts(cfg: AnalyzeConfig) -> tuple[list[str], set[str], list[str]]:
+    """(selected parts, parts to compute, notes about parts added for others)."""
+    parts = list(dict.fromkeys(cfg.only))
+    need = set(parts)
+    notes: list[str] = []
+    for name in parts:
+        for dep in part_needs(name, cfg):
+            if dep not in need:
+                need.add(dep)
+                notes.append(f"{name} ranks by {cfg.ablation_rank}: computed the {dep} part for it"
+                             if name == "ablation" else f"{name} needs {dep}: computed it")
+    return parts, need, notes
+
+
+def _check_tokens(store: ActivationStore, need: set[str], cfg: AnalyzeConfig) -> None:
+    if bool((store.token_index == 0).any()):
+        return
+    cls_parts = [n for n in sorted(need) if PARTS[n].cls_only]
+    if cls_parts:
+        raise CltPipeError(f"{'/'.join(cls_parts)} use the CLS token but the store "
+                           f"({store.meta.tokens.policy} tokens) has no CLS slots; leave them out with --only")
+    if "ablation" in need and cfg.ablation_rank in ("attribution", "final_layer"):
+        raise CltPipeError("ablation: CLS attribution needs CLS slots and the store has none")
+
+
+def _stream_accumulators(ctx: Context, need: set[str]) -> dict:
+    cfg, store, clt = ctx.cfg, ctx.store, ctx.clt
+    makers = {
+        "fidelity": lambda: FidelityAccumulator(clt, store.stats()["var_out"]),
+        "attribution": lambda: AT.AttributionAccumulator(clt),
+        "openloop": lambda: ZS.OpenLoopAccumulator(store, clt, ctx.windows, cfg.template_set,
+                                                   cfg.sources_before_window, ctx.device),
+        "retrieval": lambda: RT.RetrievalAccumulator(store, clt, ctx.device, cfg.retrieval_queries,
+                                                     cfg.retrieval_k, read_threads=cfg.read_threads),
+    }
+    return {name: make() for name, make in makers.items() if name in need}
+
+
+def run_stream_parts(ctx: Context, need: set[str], res: AnalyzeResults, progress) -> None:
+    """One pass over the store's chunks feeding every selected cache-only part."""
+    accs = _stream_accumulators(ctx, need)
+    if not accs:
+        return
+    cfg, lay = ctx.cfg, ctx.store.layout
+    t0 = time.perf_counter()
+    n_chunks = lay.n_chunks if not cfg.max_tokens else min(lay.n_chunks, -(-cfg.max_tokens // lay.rows_per_chunk))
+    progress.start("analyze: " + " + ".join(accs), n_chunks)
+    try:
+        for batch in iter_chunks(ctx.store, ctx.device, cfg.max_tokens, cfg.read_threads):
+            for a in accs.values():
+                a.update(batch)
+            progress.advance(1, rows=batch.x.shape[0])
+    finally:
+        progress.stop()
+    res.timings_s["stream"] = time.perf_counter() - t0
+    for name, a in accs.items():
+        setattr(res, name, a.result())
+    if res.fidelity is not None and not res.fidelity["per_layer"]:
+        raise CltPipeError("fidelity: no valid token rows were evaluated (empty token selection)")
+
+
+def window_plans(ctx: Context) -> list[SU.Plan]:
+    plans = []
+    for tokens in ctx.cfg.window_tokens:
+        for w in ctx.windows:
+            p = SU.window_plan(tokens, w["first"], w["last"], ctx.cfg.sources_before_window)
+            p.meta = {"window": w["name"], "requested": w["requested"], "first": w["first"], "last": w["last"]}
+            plans.append(p)
+    return plans
+
+
+def ablation_setup(ctx: Context, res: AnalyzeResults) -> tuple[list[SU.Plan], dict]:
+    plans: list[SU.Plan] = []
+    ranking: dict = {}
+    cfg = ctx.cfg
+    for tokens in AB.ABLATION_TOKENS:
+        order, scores = AB.rank_layers(cfg.ablation_rank, tokens, res.attribution,
+                                       (res.fidelity or {}).get("per_layer"), ctx.n_layers)
+        ranking[tokens] = {"order": order, "scores": scores}
+        plans += AB.ablation_plans(tokens, order, ctx.n_layers, cfg.ablation_keep, cfg.ablation_mode)
+    return plans, ranking
+
+
+def run_closed_loop_parts(ctx: Context, need: set[str], res: AnalyzeResults, progress) -> None:
+    if ctx.closed_loop is None:
+        return
+    cfg = ctx.cfg
+    dataset, bb, idx, labels = ctx.closed_loop
+    plans = window_plans(ctx) if "closedloop" in need else []
+    abl_plans, ranking = ablation_setup(ctx, res) if "ablation" in need else ([], {})
+    t0 = time.perf_counter()
+    progress.start(f"closed loop: {len(plans) + len(abl_plans)} passes + baseline", len(idx))
+    try:
+        out = SU.closed_loop(bb, ctx.clt, plans + abl_plans, dataset, idx, labels,
+                             ctx.store.text_classifier(cfg.template_set), ZS.logit_scale(ctx.store),
+                             cfg.batch_size, progress)
+    finally:
+        progress.stop()
+    res.timings_s["closedloop"] = time.perf_counter() - t0
+    res.closedloop_baseline = out["baseline"]
+    if plans:
+        res.closedloop = {"baseline": out["baseline"], "rows": SU.window_rows(out, plans)}
+    if abl_plans:
+        res.ablation = {"rank": cfg.ablation_rank, "rank_rule": AB.RANK_DESCRIPTIONS[cfg.ablation_rank],
+                        "mode": cfg.ablation_mode, "mode_rule": AB.MODE_DESCRIPTIONS[cfg.ablation_mode],
+                        "keep": cfg.ablation_keep, "ranking": ranking, "baseline": out["baseline"],
+                        "rows": AB.ablation_rows(out, abl_plans, ranking)}
+
+
 def run_analyze(cfg: AnalyzeConfig, console=None) -> dict:
     t_start = time.perf_counter()
     progress = RichProgress(console) if console is not None else NullProgress()
@@ -114,112 +290,38 @@ def run_analyze(cfg: AnalyzeConfig, console=None) -> dict:
     check_clt_matches_store(store, clt, run_meta)
     device = resolve_device(cfg.device)
     clt = clt.to(device).eval()
-    L = store.n_layers
-    parts = list(dict.fromkeys(cfg.only))
-    need = set(parts)
-    notes: list[str] = []
-    if "ablation" in need:
-        dep = "attribution" if cfg.ablation_rank == "attribution" else "fidelity"
-        if dep not in need:
-            need.add(dep)
-            notes.append(f"ablation ranks by {cfg.ablation_rank}: computed the {dep} part for it")
-    windows = ZS.parse_windows(cfg.windows, L)
+    parts, need, notes = plan_parts(cfg)
+    windows = ZS.parse_windows(cfg.windows, store.n_layers)
     if any(w["rescaled"] for w in windows):
-        notes.append(f"windows rescaled to the store's {L} layers: " +
+        notes.append(f"windows rescaled to the store's {store.n_layers} layers: " +
                      ", ".join(f"{w['requested']}→{w['name']}" for w in windows))
-    has_cls = bool((store.token_index == 0).any())
-    if ("openloop" in need or "retrieval" in need) and not has_cls:
-        raise CltPipeError(f"openloop/retrieval use the CLS token but the store ({store.meta.tokens.policy} "
-                           f"tokens) has no CLS slots; leave them out with --only")
-    if "ablation" in need and cfg.ablation_rank == "attribution" and not has_cls:
-        raise CltPipeError("ablation: CLS attribution needs CLS slots and the store has none")
-    cl = None
-    if need & {"closedloop", "ablation"}:
-        cl = closed_loop_inputs(cfg, store, device)  # fail before the long streaming pass
+    _check_tokens(store, need, cfg)
+    ctx = Context(cfg, store, clt, device, windows)
+    if any(PARTS[n].kind == "closedloop" for n in need):
+        ctx.closed_loop = closed_loop_inputs(cfg, store, device)  # fail before the long streaming pass
 
-    results: dict = {"parts": parts, "computed": sorted(need), "notes": notes, "windows": windows}
-    timings: dict[str, float] = {}
+    res = AnalyzeResults(parts=parts, computed=sorted(need), notes=notes, windows=windows,
+                         substitution_rule={"name": SRC.rule(cfg.sources_before_window),
+                                            "text": SRC.describe(cfg.sources_before_window)})
     with torch.inference_mode():
         if "zeroshot" in need:
             t0 = time.perf_counter()
             base = ZS.baseline(store, cfg.template_set, device)
-            results["zeroshot"] = {k: v for k, v in base.items() if k not in ("predictions", "images")}
-            timings["zeroshot"] = time.perf_counter() - t0
-
-        accs: dict = {}
-        if "fidelity" in need:
-            accs["fidelity"] = FidelityAccumulator(clt, store.stats()["var_out"])
-        if "attribution" in need:
-            accs["attribution"] = AT.AttributionAccumulator(clt)
-        if "openloop" in need:
-            accs["openloop"] = ZS.OpenLoopAccumulator(store, clt, windows, cfg.template_set,
-                                                      cfg.sources_before_window, device)
-        if "retrieval" in need:
-            accs["retrieval"] = RT.RetrievalAccumulator(store, clt, device, cfg.retrieval_queries, cfg.retrieval_k,
-                                                        read_threads=cfg.read_threads)
-        if accs:
-            t0 = time.perf_counter()
-            lay = store.layout
-            n_chunks = lay.n_chunks if not cfg.max_tokens else min(
-                lay.n_chunks, -(-cfg.max_tokens // lay.rows_per_chunk))
-            progress.start("analyze: " + " + ".join(accs), n_chunks)
-            try:
-                for batch in iter_chunks(store, device, cfg.max_tokens, cfg.read_threads):
-                    for a in accs.values():
-                        a.update(batch)
-                    progress.advance(1, rows=batch.x.shape[0])
-            finally:
-                progress.stop()
-            timings["stream"] = time.perf_counter() - t0
-            for name, a in accs.items():
-                results[name] = a.result()
-            if "fidelity" in results and not results["fidelity"]["per_layer"]:
-                raise CltPipeError("fidelity: no valid token rows were evaluated (empty token selection)")
-
-        if cl is not None:
-            dataset, bb, idx, labels = cl
-            clf = store.text_classifier(cfg.template_set)
-            scale = ZS.logit_scale(store)
-            plans: list[SU.Plan] = []
-            if "closedloop" in need:
-                for tokens in cfg.window_tokens:
-                    for w in windows:
-                        p = SU.window_plan(tokens, w["first"], w["last"], cfg.sources_before_window)
-                        p.meta = {"window": w["name"], "requested": w["requested"], "first": w["first"],
-                                  "last": w["last"]}
-                        plans.append(p)
-            abl_plans: list[SU.Plan] = []
-            ranking: dict = {}
-            if "ablation" in need:
-                for tokens in AB.ABLATION_TOKENS:
-                    order, scores = AB.rank_layers(cfg.ablation_rank, tokens, results.get("attribution"),
-                                                   (results.get("fidelity") or {}).get("per_layer"), L)
-                    ranking[tokens] = {"order": order, "scores": scores}
-                    abl_plans += AB.ablation_plans(tokens, order, L, cfg.ablation_keep, cfg.ablation_mode,
-                                                   cfg.sources_before_window)
-            t0 = time.perf_counter()
-            progress.start(f"closed loop: {len(plans) + len(abl_plans)} passes + baseline", len(idx))
-            try:
-                res = SU.closed_loop(bb, clt, plans + abl_plans, dataset, idx, labels, clf, scale, cfg.batch_size,
-                                     progress)
-            finally:
-                progress.stop()
-            timings["closedloop"] = time.perf_counter() - t0
-            results["closedloop_baseline"] = res["baseline"]
-            if plans:
-                results["closedloop"] = {"baseline": res["baseline"], "rows": SU.window_rows(res, plans)}
-            if abl_plans:
-                results["ablation"] = {"rank": cfg.ablation_rank, "mode": cfg.ablation_mode,
-                                       "keep": cfg.ablation_keep, "ranking": ranking,
-                                       "baseline": res["baseline"], "rows": AB.ablation_rows(res, abl_plans, ranking)}
-    retrieval_ds = _retrieval_dataset(cfg, store) if "retrieval" in results else None
+            res.zeroshot = {k: v for k, v in base.items() if k not in ("predictions", "images")}
+            res.timings_s["zeroshot"] = time.perf_counter() - t0
+        run_stream_parts(ctx, need, res, progress)
+        run_closed_loop_parts(ctx, need, res, progress)
+    retrieval_ds = _retrieval_dataset(cfg, store) if res.retrieval is not None else None
+    if res.retrieval is not None:
+        res.retrieval["grids"] = "images" if retrieval_ds is not None else "indices"
     identity = {
         "store": {"url": cfg.store, "fingerprint": store.meta.fingerprint, "model": store.model,
                   "dataset": store.meta.dataset.without_class_names(), "tokens": store.meta.tokens.to_dict(),
                   "layout": store.layout.to_dict()},
         "clt": {"path": cfg.clt, "spec": clt.spec.to_dict(), "trained_on": run_meta.get("store")},
     }
-    results["timings_s"] = {**timings, "total": time.perf_counter() - t_start}
+    res.timings_s["total"] = time.perf_counter() - t_start
+    results = res.to_dict()
     files = R.write_report(cfg.out, results, settings=to_dict(cfg), identity=identity,
                            class_names=store.class_names, labels=store.labels, dataset=retrieval_ds)
     return R.summary(results, files)

@@ -7,8 +7,9 @@ A ``Plan`` says, per layer, what the MLP output at the selected token positions 
 * ``"zero"`` — 0;
 * absent    — the model's own MLP output (untouched).
 
-Sources i < ``source_floor`` do not write (None in ``decode_to``); the window plans use the window's first layer
-as the floor unless ``sources_before_window`` (floor 0). Token types: ``cls`` = position 0, ``patches`` =
+Which sources write is the source rule (``clt_pipe.analyze.sources``): sources i < ``source_floor`` and those in
+``dropped_sources`` do not write (None in ``decode_to``); window plans use floor 0 by default (the CLT's full
+reconstruction) and the window's first layer with ``sources_before_window = false``. Token types: ``cls`` = position 0, ``patches`` =
 1..N−1, ``all`` = every position. Forward hooks on ``ln_2`` (encode) and ``mlp`` (replace); nothing else of the
 model changes. The CLT object only needs ``encode_layer(x [N, d], layer)`` and ``decode_to(list, target)``,
 so a stub with the same interface can stand in (the tests use one that returns the true MLP output).
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from clt_pipe.analyze.sources import source_floor, sources_for
 from clt_pipe.analyze.zeroshot import accuracy, classify, cross_entropy, topk_hits
 from clt_pipe.precision import autocast_context
 from clt_pipe.errors import CltPipeError
@@ -38,11 +40,15 @@ class Plan:
     replace: dict[int, str] = field(default_factory=dict)  # layer -> "clt" | "zero"
     source_floor: int = 0
     meta: dict = field(default_factory=dict)  # carried into the result rows
+    dropped_sources: frozenset[int] = frozenset()  # source layers whose features write into no target
+
+    def writes(self, target: int) -> list[bool]:
+        return sources_for(target, self.source_floor, self.dropped_sources)
 
 
 def window_plan(tokens: TokenType, first: int, last: int, sources_before_window: bool, name: str = "") -> Plan:
     return Plan(name or f"{tokens}:{first}-{last}", tokens, {j: "clt" for j in range(first, last + 1)},
-                0 if sources_before_window else first)
+                source_floor(first, sources_before_window))
 
 
 class SubstitutionHooks:
@@ -56,7 +62,8 @@ class SubstitutionHooks:
         self.pos: torch.Tensor | None = None
         self.sparse_codes = sparse_codes
         clt_layers = [j for j, m in plan.replace.items() if m == "clt"]
-        self.encode_layers = set(range(plan.source_floor, max(clt_layers) + 1)) if clt_layers else set()
+        self.encode_layers = ({i for i in range(plan.source_floor, max(clt_layers) + 1)
+                               if i not in plan.dropped_sources} if clt_layers else set())
 
     def _bm(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.batch_first else t.transpose(0, 1)
@@ -85,9 +92,13 @@ class SubstitutionHooks:
             if mode == "zero":
                 new[:, pos] = 0
             elif mode == "clt":
-                srcs = [self.z.get(i) if i >= self.plan.source_floor else None for i in range(layer + 1)]
-                rec = self.clt.decode_to(srcs, layer)
-                new[:, pos] = rec.view(ob.shape[0], len(pos), ob.shape[-1]).to(new.dtype)
+                srcs = [self.z.get(i) if w else None for i, w in enumerate(self.plan.writes(layer))]
+                if any(z is not None for z in srcs):
+                    rec = self.clt.decode_to(srcs, layer).view(ob.shape[0], len(pos), ob.shape[-1])
+                else:  # every source dropped: only the decoder bias (if any) is left
+                    b_dec = getattr(self.clt, "b_dec", None)
+                    rec = torch.zeros_like(new[:, pos]) + (0 if b_dec is None else b_dec[layer].to(new.dtype))
+                new[:, pos] = rec.to(new.dtype)
             else:
                 raise ValueError(f"plan {self.plan.name}: unknown mode {mode!r} for layer {layer}")
             return new if self.batch_first else new.transpose(0, 1)

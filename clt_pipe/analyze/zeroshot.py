@@ -10,7 +10,8 @@ Open-loop substitution (no images, no model): for the CLS token only, the final 
     embedding'   = LayerNorm(resid_final'; ln_post weight/bias, eps) @ proj,   then normalise and classify.
 
 ŷ_l comes from codes of the *true* (cached) inputs, so errors do not cascade (that is what closed-loop does).
-As in closed-loop, sources before the window do not write into it unless ``sources_before_window``. This
+Which sources write into a substituted layer is the source rule of ``clt_pipe.analyze.sources`` (by default
+all 0..j: the CLT's full reconstruction; in-window only with ``sources_before_window = false``). This
 assumes ``ls_2`` is the identity (true for every CLIP ViT in open_clip). Both the stored-embedding baseline and
 the baseline recomputed from ``resid_final`` with the stored head are reported; open-loop deltas are against
 the latter (same arithmetic, so an exact CLT reproduces it bit for bit).
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from clt_pipe.analyze.stream import ChunkBatch, iter_chunks
+from clt_pipe.analyze.sources import source_floor, sources_for
 from clt_pipe.errors import CltPipeError
 
 DEFAULT_LN_EPS = 1e-5
@@ -103,10 +105,6 @@ def parse_windows(windows: list[str], n_layers: int) -> list[dict]:
     return out
 
 
-def source_floor(first: int, sources_before_window: bool) -> int:
-    return 0 if sources_before_window else first
-
-
 # ---------------------------------------------------------------------------------------------- baseline
 
 def baseline(store, template_set: str, device: torch.device | str = "cpu") -> dict:
@@ -172,7 +170,7 @@ class OpenLoopAccumulator:
             floor = source_floor(w["first"], self.sbw)
             delta = torch.zeros_like(resid)
             for j in range(w["first"], w["last"] + 1):
-                srcs = [zs[i] if i >= floor else None for i in range(j + 1)]
+                srcs = [zs[i] if w else None for i, w in enumerate(sources_for(j, floor))]
                 delta += self.clt.decode_to(srcs, j).float() - y[:, j].float()
             logits = classify(head_embed(resid + delta, self.head, self.eps), self.clf, self.scale)
             self.hits[w["name"]].append(topk_hits(logits, labels))
@@ -195,7 +193,7 @@ class OpenLoopAccumulator:
 
 
 def openloop_substitution(store, clt, windows: list[str], template_set: str = "single",
-                          sources_before_window: bool = False, device: torch.device | str = "cpu",
+                          sources_before_window: bool = True, device: torch.device | str = "cpu",
                           read_threads: int = 4) -> dict:
     """Stand-alone open-loop pass. Only chunks holding CLS slots are needed, but a chunk is read whole."""
     device = torch.device(device)

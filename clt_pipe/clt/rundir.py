@@ -70,13 +70,3 @@ def load_fitted(run_dir: str | Path):
     if not clt_dir.is_dir():
         raise CheckpointError(f"{run_dir}: no exported CLT in {clt_dir}")
     return load_clt(clt_dir), meta
-
-
-def export_run(run_dir: str | Path, out: str | Path) -> Path:
-    from clt_pipe.clt.export import save_clt
-
-    model, meta = load_fitted(run_dir)
-    save_clt(model, Path(out), extra_meta={"run": meta.get("store", {})})
-    return Path(out)
-
-
