@@ -19,6 +19,8 @@ from clt_pipe.analyze import retrieval as RT
 from clt_pipe.analyze import substitution as SU
 from clt_pipe.analyze import zeroshot as ZS
 from clt_pipe.analyze.fidelity import FidelityAccumulator, iter_chunks
+from clt_pipe.atlas import run as ATL
+from clt_pipe.atlas.scan import FeatureScan
 from clt_pipe.backbone.loading import load_backbone, resolve_device
 from clt_pipe.config import AnalyzeConfig, to_dict
 from clt_pipe.errors import CltPipeError
@@ -132,6 +134,11 @@ def run_analyze(cfg: AnalyzeConfig, console=None) -> dict:
                            f"tokens) has no CLS slots; leave them out with --only")
     if "ablation" in need and cfg.ablation_rank == "attribution" and not has_cls:
         raise CltPipeError("ablation: CLS attribution needs CLS slots and the store has none")
+    if "atlas" in need and not ATL.has_patches(store):
+        need.discard("atlas")
+        notes.append(f"atlas skipped: the store ({store.meta['tokens']['policy']} tokens) has no patch tokens")
+    if "atlas" in need:
+        ATL.parse_features(cfg.atlas_features, clt.spec.n_layers, clt.spec.n_features)  # fail before the pass
     cl = None
     if need & {"closedloop", "ablation"}:
         cl = closed_loop_inputs(cfg, store, device)  # fail before the long streaming pass
@@ -156,6 +163,8 @@ def run_analyze(cfg: AnalyzeConfig, console=None) -> dict:
         if "retrieval" in need:
             accs["retrieval"] = RT.RetrievalAccumulator(store, clt, device, cfg.retrieval_queries, cfg.retrieval_k,
                                                         read_threads=cfg.read_threads)
+        if "atlas" in need:
+            accs["atlas"] = FeatureScan(clt, cfg.atlas_top_images)
         if accs:
             t0 = time.perf_counter()
             lay = store.layout
@@ -172,6 +181,13 @@ def run_analyze(cfg: AnalyzeConfig, console=None) -> dict:
             timings["stream"] = time.perf_counter() - t0
             for name, a in accs.items():
                 results[name] = a.result()
+            if "atlas" in results:
+                results["atlas"] = ATL.finish_atlas(
+                    store, clt, results["atlas"], cfg.out, listed=cfg.atlas_features,
+                    top_per_layer=cfg.atlas_top_per_layer, template_set=cfg.template_set, device=device,
+                    data_root=cfg.data_root, read_threads=cfg.read_threads, store_url=cfg.store, clt_path=cfg.clt)
+                results["atlas"]["scan_s"] = accs["atlas"].seconds
+                timings["atlas"] = accs["atlas"].seconds + results["atlas"]["render_s"]
             if "fidelity" in results and not results["fidelity"]["per_layer"]:
                 raise CltPipeError("fidelity: no valid token rows were evaluated (empty token selection)")
 
