@@ -12,12 +12,13 @@ import numpy as np
 from PIL import Image
 
 from clt_pipe.errors import CltPipeError
+from clt_pipe.store import format as SF
 
 
 class ThumbnailSource:
     """``pixels(i, px)`` → [px, px, 3] uint8 or None; ``reason`` says why images are missing (or None)."""
 
-    def __init__(self, store, data_root: str = "", dataset=None):
+    def __init__(self, store, images: list[int], data_root: str = "", dataset=None):
         self.dataset, self.reason = dataset, None
         ds = store.meta["dataset"]
         if self.dataset is None:
@@ -30,9 +31,9 @@ class ThumbnailSource:
             except CltPipeError as e:
                 self.reason = f"dataset {ds['name']}/{ds['split']} not reachable at {root or '(no data root)'}: {e}"
         try:
-            self.sources = store.images().column("source").to_pylist()
+            self.sources = _sources(store, images)
         except Exception as e:  # noqa: BLE001 - any unreadable provenance means: no thumbnails
-            self.sources, self.dataset = None, None
+            self.sources, self.dataset = {}, None
             self.reason = f"images.parquet unreadable: {e}"
         self.mismatched: list[int] = []
 
@@ -40,7 +41,7 @@ class ThumbnailSource:
         if self.dataset is None:
             return None
         try:
-            if i >= len(self.dataset) or self.dataset.record(i).source != self.sources[i]:
+            if i >= len(self.dataset) or self.dataset.record(i).source != self.sources.get(i):
                 self.mismatched.append(i)
                 return None
             img = self.dataset.load_image(i).convert("RGB")
@@ -56,6 +57,17 @@ class ThumbnailSource:
             return (f"{len(self.mismatched)} image(s) (e.g. #{self.mismatched[0]}) are not the store's images "
                     f"(source differs from images.parquet) or could not be read; shown without pixels")
         return None
+
+
+def _sources(store, images: list[int]) -> dict[int, str]:
+    """images.parquet ``source`` of the given images only (row-group filtered read, not the whole column)."""
+    import pyarrow.parquet as pq
+
+    if not images:
+        return {}
+    with store.loc.fs.open(store.loc.path(SF.IMAGES_PARQUET), "rb") as fh:
+        t = pq.read_table(fh, columns=["image", "source"], filters=[("image", "in", [int(i) for i in images])])
+    return dict(zip(t.column("image").to_pylist(), t.column("source").to_pylist()))
 
 
 def center_square(img: Image.Image, px: int) -> np.ndarray:

@@ -20,12 +20,13 @@ from clt_pipe.atlas import render as RD
 from clt_pipe.atlas.images import ThumbnailSource
 from clt_pipe.atlas.scan import FeatureScan, stream_inputs, token_activations
 from clt_pipe.errors import CltPipeError
+from clt_pipe.store import format as SF
 
 ATLAS_DIR = "atlas"
 
 
 def has_patches(store) -> bool:
-    return bool((store.token_index > 0).any())
+    return store.meta["tokens"]["policy"] != "cls"  # patches, all and cls+K (K ≥ 1) all store patch slots
 
 
 def parse_features(specs: list[str], n_layers: int, n_features: int) -> list[tuple[int, int]]:
@@ -69,11 +70,16 @@ def finish_atlas(store, clt, scan: dict, out: str | Path, *, listed: list[str], 
         imgs = [int(i) for i, v in zip(scan["top_img"][layer, f], scan["top_val"][layer, f]) if v > 0 and i >= 0]
         wanted[(layer, f)] = imgs
     acts = token_activations(store, clt, {k: v for k, v in wanted.items() if v}, device, read_threads)
-    n_patches = max(int(store.model.get("n_positions", 0)) - 1, int(store.token_index.max()))
+    n_patches = max(int(store.model.get("n_positions", 0)) - 1,
+                    max((int(p.max()) for p, _ in acts.values()), default=0))
     grid = RD.patch_grid(store.model, n_patches)
-    thumbs = ThumbnailSource(store, data_root, dataset)
+    shown = sorted({i for imgs in wanted.values() for i in imgs})
+    thumbs = ThumbnailSource(store, shown, data_root, dataset)
     lens = EF.LogitLens(store, template_set)
-    labels, names = store.labels, store.class_names
+    # per-image arrays are read for the shown images only: nothing here grows with the store
+    labels = dict(zip(shown, store.group[SF.LABELS].get_coordinate_selection(np.array(shown, np.int64))
+                      if shown else []))
+    names = store.class_names
     nt = scan["n_tokens"]
     features, pixel_cache = [], {}
     for layer, f, is_listed in chosen:

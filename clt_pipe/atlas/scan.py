@@ -8,9 +8,11 @@ token row once. Per source layer l and feature f it keeps
   [L, F, k] each.
 
 The activation of a feature is |z| (z itself for the ReLU-family sparsifiers; abs_topk codes may be negative).
-Rows are encoded in groups of whole images, at most ``max_elems`` code values (rows × L × F) at a time, so the
-dense codes never exceed that bound. Nothing is kept per token or per image: memory is
-O(L·F·(k + 4) + one chunk + one encode group), independent of the number of images.
+Rows are encoded in groups of whole images, at most ``max_elems`` code values (rows × L × F) at a time (or one
+image's T × L × F when that is more), so the dense codes never exceed that bound. Nothing is kept per token or
+per image, and the per-image arrays are read chunk by chunk: memory is
+L·F·(12·k + 32) bytes of state + ~3 × 4 × max(max_elems, T·L·F) bytes of codes + ``read_threads`` + 1 decoded
+chunks, independent of the number of images. (Demo CLT, 6 × 512 features, k = 8: 0.4 MB of state.)
 
 Pass 2 (``token_activations``) re-reads only the chunks holding the shown features' top images — at most
 shown × k chunks, whole chunks as everywhere — and returns each (feature, image)'s per-token activations for
@@ -28,7 +30,7 @@ import torch
 
 from clt_pipe.store import format as SF
 
-DEFAULT_MAX_ELEMS = 1 << 25  # 128 MiB of float32 codes per encode group
+MAX_ELEMS = {"cpu": 1 << 25, "cuda": 1 << 28}  # float32 codes per encode group: 128 MiB on CPU, 1 GiB on a GPU
 
 
 @dataclass
@@ -100,11 +102,12 @@ def _image_groups(image: np.ndarray, max_rows: int):
 class FeatureScan:
     """Pass 1 accumulator (see the module docstring)."""
 
-    def __init__(self, clt, top_images: int, max_elems: int = DEFAULT_MAX_ELEMS):
+    def __init__(self, clt, top_images: int, max_elems: int = 0):
         self.clt = clt
         L, F = clt.spec.n_layers, clt.spec.n_features
         self.L, self.F, self.k = L, F, int(top_images)
         dev = next(clt.parameters()).device
+        max_elems = max_elems or MAX_ELEMS.get(dev.type, MAX_ELEMS["cpu"])
         self.max_rows = max(1, max_elems // (L * F))
         self.best_val = torch.zeros(L, F, self.k, device=dev)  # 0 = empty slot (an inactive feature never enters)
         self.best_img = torch.full((L, F, self.k), -1, dtype=torch.long, device=dev)
