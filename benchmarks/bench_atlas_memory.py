@@ -34,7 +34,8 @@ def vm(key):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
 store, clt, out = sys.argv[1:4]
-ActivationStore(store); load_fitted(clt)  # warm imports so the baseline holds them
+import clt_pipe.analyze.run, matplotlib.pyplot  # noqa: E401,F401 - warm imports so the baseline holds them
+ActivationStore(store); load_fitted(clt)
 base = vm("VmRSS")
 tracemalloc.start()
 t0 = time.perf_counter()

@@ -79,7 +79,7 @@ def heatmap_png(path: Path, heat: np.ndarray, vmax: float, px: int, base: np.nda
         canvas = base.astype(np.float64)
         alpha = (0.8 * up)[..., None]
     out = canvas * (1 - alpha) + colour * alpha
-    Image.fromarray(out.round().clip(0, 255).astype(np.uint8)).save(path, optimize=True)
+    Image.fromarray(out.round().clip(0, 255).astype(np.uint8)).save(path)
 
 
 def bars_svg(values: list[float], labels: list[str], title: str, highlight: int | None = None,
