@@ -208,3 +208,22 @@ def test_scan_memory_does_not_grow_with_the_store(tmp_path):
     large = _traced_peak(tmp_path / "l", 400)
     # numpy/python allocations of the streamed pass (torch's are not traced; they are per-chunk too)
     assert large < 1.5 * small + 256 * 1024, (small, large)
+
+
+def test_analyze_part_writes_atlas_linked_from_report(env, tmp_path):
+    from clt_pipe.analyze.run import run_analyze
+    from clt_pipe.config import AnalyzeConfig
+
+    cfg = build(AnalyzeConfig, {"store": env["store"], "clt": env["clt"], "out": str(tmp_path), "device": "cpu",
+                                "only": ["fidelity", "atlas"], "atlas_features": ["2:7"], "atlas_top_images": 3,
+                                "read_threads": 2})
+    summary = run_analyze(cfg)
+    assert Path(summary["atlas"]).is_file()
+    assert "href='atlas/index.html'" in (tmp_path / "report.html").read_text()
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["results"]["atlas"]["n_features"] >= 3 and "atlas" in rep["results"]["timings_s"]
+    atlas = json.loads((tmp_path / "atlas" / "atlas.json").read_text())
+    # the shared pass gives the same top images as the stand-alone command
+    assert [i["image"] for i in _feature(atlas, *P.PLANTED)["images"]] == sorted(
+        P.PLANTED_IMAGES, key=lambda i: -P.PLANTED_IMAGES[i][1])
+    assert static_problems(tmp_path / "atlas") == []
