@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from clt_pipe import __version__
-from clt_pipe.config import AnalyzeConfig, FitConfig, HarvestConfig
+from clt_pipe.config import AnalyzeConfig, AtlasConfig, FitConfig, HarvestConfig
 from clt_pipe.pipeline import stage_config
 from clt_pipe.errors import CltPipeError
 
@@ -108,6 +108,15 @@ def analyze_cmd(cfg: AnalyzeConfig) -> None:
 
     summary = run_analyze(cfg, console=err_console)
     _print_summary(f"analyze -> {cfg.out}", summary)
+
+
+@stage_command(AtlasConfig, "atlas", "Static HTML feature atlas of a fitted CLT: top images with patch heatmaps, "
+                                    "decoder footprints, logit effects.")
+def atlas_cmd(cfg: AtlasConfig) -> None:
+    from clt_pipe.analyze.atlas.run import run_atlas
+
+    summary = run_atlas(cfg, console=err_console)
+    _print_summary(f"atlas -> {summary['index']}", summary)
 
 
 @app.command("run")

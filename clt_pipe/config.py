@@ -19,7 +19,8 @@ from clt_pipe.errors import ConfigError
 from clt_pipe.tokens import TokenPolicy, token_type
 
 DEFAULT_STORE_ROOT = "storage/stores"
-ANALYZE_PARTS = ("fidelity", "attribution", "zeroshot", "openloop", "closedloop", "ablation", "retrieval")
+ANALYZE_PARTS = ("fidelity", "attribution", "zeroshot", "openloop", "closedloop", "ablation", "retrieval", "atlas")
+FEATURE_RE = re.compile(r"^\d+:\d+$")
 
 
 def opt(default: Any, help: str, factory: bool = False) -> Any:
@@ -193,8 +194,14 @@ class AnalyzeConfig:
     batch_size: int = opt(64, 'Images (harvest/analyze) or token rows (fit) per batch')
     device: str = opt("auto", 'auto | cpu | cuda | cuda:N')
     read_threads: int = opt(4, 'Threads decoding store chunks')
+    atlas_features: list[str] = opt(list, 'atlas: features always shown, LAYER:FEATURE comma-separated (e.g. 3:17,5:2)', factory=True)
+    atlas_top_per_layer: int = opt(8, 'atlas: features shown per layer, ranked by mean activation over all tokens')
+    atlas_top_images: int = opt(8, 'atlas: top images (by max activation over tokens) kept per feature')
 
     def validate(self) -> None:
+        _check_features("atlas_features", self.atlas_features)
+        _check_positive("atlas_top_images", self.atlas_top_images)
+        _check_positive("atlas_top_per_layer", self.atlas_top_per_layer, allow_zero=True)
         for part in self.only:
             _check_choice("only", part, ANALYZE_PARTS)
         if not self.only:
@@ -215,6 +222,41 @@ class AnalyzeConfig:
             _check_positive(key, getattr(self, key))
         for key in ("ablation_keep", "retrieval_queries", "max_images", "max_tokens"):
             _check_positive(key, getattr(self, key), allow_zero=True)
+
+
+def _check_features(key: str, features: list[str]) -> None:
+    for f in features:
+        if not FEATURE_RE.match(f):
+            raise ConfigError(f"{key}: {f!r} is not LAYER:FEATURE (e.g. 3:17)")
+
+
+@dataclass
+class AtlasConfig:
+    """`clt-pipe atlas`: a static HTML feature atlas (top images with patch heatmaps, decoder footprints,
+    logit effects) of a fitted CLT over a store."""
+
+    store: str = opt(f"{DEFAULT_STORE_ROOT}/default.zarr", 'Store: local path or fsspec URL')
+    clt: str = opt("runs/clt", 'Directory of a fitted CLT (clt-pipe fit --out)')
+    out: str = opt("runs/report", 'Output directory; the atlas goes to OUT/atlas/')
+    data_root: str = opt("", "Dataset root for thumbnails; default: the store's recorded data_root")
+    features: list[str] = opt(list, 'Features always shown, LAYER:FEATURE comma-separated (e.g. 3:17,5:2)', factory=True)
+    top_per_layer: int = opt(8, 'Features shown per layer, ranked by mean activation over all tokens')
+    top_images: int = opt(8, 'Top images (by max activation over tokens) kept per feature')
+    thumb_px: int = opt(96, 'Thumbnail size in pixels')
+    template_set: str = opt("single", 'Zero-shot template set whose text classifier scores the logit effects')
+    max_tokens: int = opt(0, 'cap on rows streamed (0 = all)')
+    device: str = opt("auto", 'auto | cpu | cuda | cuda:N')
+    read_threads: int = opt(4, 'Threads decoding store chunks')
+
+    def validate(self) -> None:
+        _check_features("features", self.features)
+        _check_positive("top_images", self.top_images)
+        _check_positive("thumb_px", self.thumb_px)
+        for key in ("top_per_layer", "max_tokens"):
+            _check_positive(key, getattr(self, key), allow_zero=True)
+        _check_positive("read_threads", self.read_threads)
+        if self.top_per_layer == 0 and not self.features:
+            raise ConfigError("atlas: top_per_layer is 0 and no --features given: nothing to show")
 
 
 STAGES: dict[str, type] = {"harvest": HarvestConfig, "fit": FitConfig, "analyze": AnalyzeConfig}

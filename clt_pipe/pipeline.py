@@ -109,8 +109,11 @@ def stage_config(cls: type, section: str, config_file: str | None, overrides: Ma
     if config_file:
         doc = load_toml(config_file)
         if any(s in doc for s in (*STAGES, "harvest_eval", "pipeline")):
-            staged = getattr(parse_pipeline(config_file), section)
-            table = to_dict(staged) if staged is not None else {}
+            if section in STAGES:
+                staged = getattr(parse_pipeline(config_file), section)
+                table = to_dict(staged) if staged is not None else {}
+            else:  # a command outside the pipeline (atlas) reads its own table of a pipeline file
+                table = dict(doc.get(section, {}))
         else:
             table = doc
     return build(cls, table, overrides, section=section)

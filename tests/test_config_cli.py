@@ -150,6 +150,7 @@ def test_readme_commands_parse(monkeypatch):
                         "bytes_uncompressed": 0})
     monkeypatch.setattr("clt_pipe.fit.trainer.run_fit", lambda cfg, **k: seen.append(cfg) or {})
     monkeypatch.setattr("clt_pipe.analyze.run.run_analyze", lambda cfg, **k: seen.append(cfg) or {})
+    monkeypatch.setattr("clt_pipe.analyze.atlas.run.run_atlas", lambda cfg, **k: seen.append(cfg) or {"index": ""})
     monkeypatch.setattr("clt_pipe.pipeline.run_pipeline", lambda path, **k: seen.append(parse_pipeline(
         REPO / path, env=PIPELINE_ENV)))
     monkeypatch.setattr("clt_pipe.demo.run.run_demo", lambda *a, **k: seen.append("demo"))

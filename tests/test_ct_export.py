@@ -110,7 +110,7 @@ def test_circuit_tracer_round_trip(store, tmp_path, sparsifier, monkeypatch):
     from circuit_tracer.utils import hf_utils
 
     from clt_pipe.clt.export import load_clt
-    from clt_pipe.fit.checkpoint import load_fitted
+    from clt_pipe.clt.rundir import load_fitted
 
     run = _fit(store, tmp_path / "run", sparsifier)
     out = tmp_path / "ct"

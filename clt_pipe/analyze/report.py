@@ -295,6 +295,12 @@ def write_html(path: Path, results: dict, settings: dict, identity: dict, tables
         parts.append(f"<p><strong>Note:</strong> {html.escape(n)}</p>")
     for label, text in rules(results):
         parts.append(f"<p><strong>{html.escape(label)}:</strong> {html.escape(text)}</p>")
+    if "atlas" in results:
+        a = results["atlas"]
+        parts.append(f"<h2>Feature atlas</h2><p><a href='atlas/index.html'>Open the feature atlas</a> — "
+                     f"{a['n_features']} features with their top images, patch heatmaps, decoder footprints and "
+                     f"logit effects" + (f" (no thumbnails: {html.escape(a['images_note'])})"
+                                         if a.get("images_note") else "") + ".</p>")
     sections = [
         ("Fidelity", ["fidelity_aggregate", "fidelity"], ["fidelity"]),
         ("Attribution C_proj", ["attribution_columns"], ["attribution"]),
@@ -410,6 +416,8 @@ def summary(results: dict, files: dict) -> dict:
         s[f"closedloop_{r['tokens']}_{r['window']}_top1"] = round(r["top1"], 2)
     for r in (results.get("ablation") or {}).get("rows", []):
         s[f"ablation_{r['tokens']}_{r['variant']}_dtop1_pp"] = round(r["delta_top1_pp"], 2)
+    if "atlas" in results:
+        s["atlas"] = results["atlas"]["index"]
     s["report"] = (files.get("html") or [""])[0]
     s["seconds"] = round(results.get("timings_s", {}).get("total", 0.0), 1)
     return s

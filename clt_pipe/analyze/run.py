@@ -23,33 +23,15 @@ from clt_pipe.analyze import substitution as SU
 from clt_pipe.analyze import zeroshot as ZS
 from clt_pipe.analyze.fidelity import FidelityAccumulator
 from clt_pipe.analyze.stream import iter_chunks
+from clt_pipe.analyze.atlas import run as ATL
+from clt_pipe.analyze.atlas.scan import FeatureScan
+from clt_pipe.analyze.inputs import check_clt_matches_store
 from clt_pipe.backbone.loading import load_backbone, resolve_device
 from clt_pipe.config import AnalyzeConfig, to_dict
 from clt_pipe.errors import CltPipeError
 from clt_pipe.clt.rundir import load_fitted
 from clt_pipe.progress import NullProgress, RichProgress
 from clt_pipe.store.reader import ActivationStore
-
-IDENTITY_KEYS = ("name", "weights_sha256", "n_layers", "d_model")
-
-
-def _describe_model(m: dict) -> str:
-    sha = str(m.get("weights_sha256", "?"))
-    return f"{m.get('name', '?')} ({m.get('n_layers', '?')} layers × {m.get('d_model', '?')}, weights {sha[:12]})"
-
-
-def check_clt_matches_store(store: ActivationStore, clt, run_meta: dict) -> None:
-    trained = dict((run_meta.get("store") or {}).get("model") or {})
-    trained.setdefault("n_layers", clt.spec.n_layers)
-    trained.setdefault("d_model", clt.spec.d_model)
-    held = store.model
-    spec_ok = clt.spec.n_layers == store.n_layers and clt.spec.d_model == store.d_model
-    ident_ok = all(trained.get(k) == held.get(k) for k in IDENTITY_KEYS if k in trained)
-    if not (spec_ok and ident_ok):
-        raise CltPipeError(f"CLT trained on {_describe_model(trained)} (CLT spec {clt.spec.n_layers} layers × "
-                           f"{clt.spec.d_model}) but store holds {_describe_model(held)}; analyse it with a store "
-                           f"of the same model")
-
 
 def closed_loop_inputs(cfg: AnalyzeConfig, store: ActivationStore, device: torch.device):
     """(dataset, backbone, image indices, labels) for the closed-loop parts, or a clear CltPipeError."""
@@ -123,6 +105,7 @@ PARTS: dict[str, Part] = {p.name: p for p in (
     Part("attribution", "stream"),
     Part("openloop", "stream", cls_only=True),
     Part("retrieval", "stream", cls_only=True),
+    Part("atlas", "stream"),
     Part("closedloop", "closedloop"),
     Part("ablation", "closedloop"),  # needs: by ablation_rank, see part_needs
 )}
@@ -151,6 +134,7 @@ class AnalyzeResults:
     closedloop_baseline: dict | None = None
     closedloop: dict | None = None
     ablation: dict | None = None
+    atlas: dict | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -207,6 +191,7 @@ def _stream_accumulators(ctx: Context, need: set[str]) -> dict:
                                                    cfg.sources_before_window, ctx.device),
         "retrieval": lambda: RT.RetrievalAccumulator(store, clt, ctx.device, cfg.retrieval_queries,
                                                      cfg.retrieval_k, read_threads=cfg.read_threads),
+        "atlas": lambda: FeatureScan(clt, cfg.atlas_top_images),
     }
     return {name: make() for name, make in makers.items() if name in need}
 
@@ -230,6 +215,13 @@ def run_stream_parts(ctx: Context, need: set[str], res: AnalyzeResults, progress
     res.timings_s["stream"] = time.perf_counter() - t0
     for name, a in accs.items():
         setattr(res, name, a.result())
+    if res.atlas is not None:
+        res.atlas = ATL.finish_atlas(ctx.store, ctx.clt, res.atlas, cfg.out, listed=cfg.atlas_features,
+                                     top_per_layer=cfg.atlas_top_per_layer, template_set=cfg.template_set,
+                                     device=ctx.device, data_root=cfg.data_root, read_threads=cfg.read_threads,
+                                     store_url=cfg.store, clt_path=cfg.clt)
+        res.atlas["scan_s"] = accs["atlas"].seconds
+        res.timings_s["atlas"] = accs["atlas"].seconds + res.atlas["render_s"]
     if res.fidelity is not None and not res.fidelity["per_layer"]:
         raise CltPipeError("fidelity: no valid token rows were evaluated (empty token selection)")
 
@@ -296,6 +288,11 @@ def run_analyze(cfg: AnalyzeConfig, console=None) -> dict:
         notes.append(f"windows rescaled to the store's {store.n_layers} layers: " +
                      ", ".join(f"{w['requested']}→{w['name']}" for w in windows))
     _check_tokens(store, need, cfg)
+    if "atlas" in need and not ATL.has_patches(store):
+        need.discard("atlas")
+        notes.append(f"atlas skipped: the store ({store.meta.tokens.policy} tokens) has no patch tokens")
+    if "atlas" in need:
+        ATL.parse_features(cfg.atlas_features, clt.spec.n_layers, clt.spec.n_features)  # fail before the pass
     ctx = Context(cfg, store, clt, device, windows)
     if any(PARTS[n].kind == "closedloop" for n in need):
         ctx.closed_loop = closed_loop_inputs(cfg, store, device)  # fail before the long streaming pass
