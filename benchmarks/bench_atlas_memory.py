@@ -26,7 +26,7 @@ import torch
 torch.set_num_threads(2)
 from clt_pipe.analyze.atlas.run import run_atlas
 from clt_pipe.config import AtlasConfig, build
-from clt_pipe.fit.checkpoint import load_fitted
+from clt_pipe.clt.rundir import load_fitted
 from clt_pipe.store.reader import ActivationStore
 
 def vm(key):
@@ -53,9 +53,9 @@ def make_synthetic(root: Path, n_images: int) -> dict:
 
     from clt_pipe.clt.model import CrossLayerTranscoder
     from clt_pipe.clt.spec import CLTSpec
-    from clt_pipe.fit.checkpoint import save_fitted
+    from clt_pipe.clt.rundir import save_fitted
     from clt_pipe.store.reader import ActivationStore
-    from tests.synthstore import RandomRows, write_store
+    from clt_pipe.testing.synthstore import RandomRows, write_store
 
     T, L, d = 17, 6, 64
     url = str(root / f"random-{n_images}.zarr")

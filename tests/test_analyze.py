@@ -439,7 +439,7 @@ def test_drop_layer_is_the_same_operation_for_every_layer(env):
 def test_ablation_ranking_finds_the_dominant_middle_layer(env):
     """A CLT whose layer-3 features write 30× more into the last layer: the ranking must put layer 3 first."""
     from clt_pipe.analyze import ablation as AB
-    from clt_pipe.analyze.fidelity import ChunkBatch
+    from clt_pipe.analyze.stream import ChunkBatch
 
     store = env["store"]
     L, d, m = store.n_layers, store.d_model, 3

@@ -1,4 +1,4 @@
-"""The feature atlas on a store with planted features (tests/plantedatlas.py): top images, heatmaps,
+"""The feature atlas on a store with planted features (clt_pipe/testing/plantedatlas.py): top images, heatmaps,
 footprints, logit effects, thumbnails through provenance, self-contained HTML, bad input, bounded memory."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from clt_pipe.datasets.base import ImageRecord
 from clt_pipe.errors import CltPipeError, ConfigError
 from clt_pipe.clt.rundir import load_fitted
 from clt_pipe.store.reader import ActivationStore
-from tests import plantedatlas as P
+from clt_pipe.testing import plantedatlas as P
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +176,7 @@ def test_cli_and_bad_input(env, tmp_path):
     assert (tmp_path / "atlas" / "features" / "L1-F3.html").is_file()
     toml = tmp_path / "atlas.toml"
     toml.write_text(f'store = "{env["store"]}"\nclt = "{env["clt"]}"\nout = "{tmp_path}"\ntop_images = 2\n')
-    from clt_pipe.config import stage_config
+    from clt_pipe.pipeline import stage_config
 
     assert stage_config(AtlasConfig, "atlas", str(toml), {}).top_images == 2
     with pytest.raises(CltPipeError, match="outside the CLT"):

@@ -77,7 +77,7 @@ def check_page(path: str | Path, screenshot: str | Path | None = None) -> list[s
 
 @needs_browser
 def test_atlas_pages_render_in_a_browser(tmp_path):
-    from tests import plantedatlas as P
+    from clt_pipe.testing import plantedatlas as P
     from tests.test_atlas import _FakeDataset, _finish
 
     env = P.build(tmp_path / "env")

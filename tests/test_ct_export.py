@@ -19,9 +19,9 @@ from clt_pipe.clt.model import CrossLayerTranscoder
 from clt_pipe.clt.spec import CLTSpec
 from clt_pipe.config import FitConfig, build
 from clt_pipe.errors import CltPipeError
-from clt_pipe.fit.checkpoint import save_fitted
+from clt_pipe.clt.rundir import save_fitted
 from clt_pipe.fit.trainer import run_fit
-from synthstore import CrossLayerData, write_store
+from clt_pipe.testing.synthstore import CrossLayerData, write_store
 
 L, D, T = 4, 32, 8
 # A relu_topk CLT exported as calibrated JumpReLU: measured 0.73-0.75 R² against our reconstruction per layer on

@@ -21,17 +21,19 @@ from clt_pipe.analyze import retrieval as RT
 from clt_pipe.analyze import sources as SRC
 from clt_pipe.analyze import substitution as SU
 from clt_pipe.analyze import zeroshot as ZS
-from clt_pipe.analyze.fidelity import FidelityAccumulator
-from clt_pipe.analyze.stream import iter_chunks
 from clt_pipe.analyze.atlas import run as ATL
 from clt_pipe.analyze.atlas.scan import FeatureScan
+from clt_pipe.analyze.fidelity import FidelityAccumulator
 from clt_pipe.analyze.inputs import check_clt_matches_store
-from clt_pipe.backbone.loading import load_backbone, resolve_device
-from clt_pipe.config import AnalyzeConfig, to_dict
-from clt_pipe.errors import CltPipeError
+from clt_pipe.analyze.stream import iter_chunks
+from clt_pipe.backbone.loading import load_backbone
 from clt_pipe.clt.rundir import load_fitted
+from clt_pipe.config import AnalyzeConfig, to_dict
+from clt_pipe.device import resolve_device
+from clt_pipe.errors import CltPipeError
 from clt_pipe.progress import NullProgress, RichProgress
 from clt_pipe.store.reader import ActivationStore
+
 
 def closed_loop_inputs(cfg: AnalyzeConfig, store: ActivationStore, device: torch.device):
     """(dataset, backbone, image indices, labels) for the closed-loop parts, or a clear CltPipeError."""

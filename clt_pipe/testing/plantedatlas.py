@@ -22,9 +22,9 @@ import torch
 
 from clt_pipe.clt.model import CrossLayerTranscoder
 from clt_pipe.clt.spec import CLTSpec
-from clt_pipe.fit.checkpoint import save_fitted
+from clt_pipe.clt.rundir import save_fitted
 from clt_pipe.store.reader import ActivationStore
-from tests.synthstore import write_store
+from clt_pipe.testing.synthstore import write_store
 
 T, L, D, N_FEATURES = 17, 3, 16, 8
 PLANTED = (1, 3)
