@@ -135,10 +135,20 @@ class Commits:
         self.counters = counters
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="clt-commit")
         self.futures: list = []
+        self.failed: BaseException | None = None
 
     def submit(self, sw: ShardWriter) -> None:
         self.check()
-        self.futures.append(self.pool.submit(_commit, sw, self.counters))
+        self.futures.append(self.pool.submit(self._commit, sw))
+
+    def _commit(self, sw: ShardWriter) -> None:
+        if self.failed is not None:  # fail fast, as when commits ran one after another on the writer thread
+            raise RuntimeError(f"shard {sw.shard} not committed: an earlier shard's commit failed")
+        try:
+            _commit(sw, self.counters)
+        except BaseException as e:
+            self.failed = e
+            raise
 
     def check(self) -> None:
         """Raise the first failed commit (e.g. a chunk write that failed); forget the finished ones."""
@@ -153,8 +163,9 @@ class Commits:
         self.futures = []
 
     def stop(self) -> None:
-        """Idempotent; after a failure, shards not yet committing are dropped (they are not complete)."""
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        """Idempotent; returns once no commit runs. After a failure elsewhere, shards already handed over are
+        complete and still commit (less to redo on resume); after a failed commit none is attempted."""
+        self.pool.shutdown(wait=True)
 
 
 class ShardHarvest:

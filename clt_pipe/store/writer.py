@@ -76,6 +76,9 @@ def _describe_difference(old: dict, new: dict) -> str:
 
 
 WRITE_GROUPS_IN_FLIGHT = 2  # at most 2 x write_threads full chunks wait in memory
+# fsyncs issued concurrently: the file system flushes them in one journal commit instead of one round trip per
+# file (24 small files of a commit, shared 2-core VM disk: 29-337 ms one by one, 2-57 ms on 8 threads).
+FSYNC_THREADS = 8
 
 
 def default_write_threads() -> int:
@@ -102,6 +105,8 @@ class StoreWriter:
         # Groups of up to write_threads chunks being written at once: bounds the memory held by full chunks.
         self._in_flight = threading.BoundedSemaphore(WRITE_GROUPS_IN_FLIGHT)
         self.times = StageTimes()  # per-stage seconds of this writer (and of the harvest loop feeding it)
+        self._fsync_pool: ThreadPoolExecutor | None = None
+        self._fsync_lock = threading.Lock()
 
     def array(self, name: str) -> zarr.Array:
         """An array of the group, opened once (each open reads its metadata from the store)."""
@@ -136,6 +141,21 @@ class StoreWriter:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=cancel)
             self._pool = None
+        if self._fsync_pool is not None:
+            self._fsync_pool.shutdown(wait=True)
+            self._fsync_pool = None
+
+    def fsync_files(self, keys: list[str]) -> None:
+        """``loc.fsync_files``, the files flushed concurrently."""
+        if len(keys) <= 1 or not self.loc.is_local:
+            self.loc.fsync_files(keys)
+            return
+        with self._fsync_lock:  # chunk-write threads and the commit thread both get here
+            if self._fsync_pool is None:
+                self._fsync_pool = ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="clt-fsync")
+            pool = self._fsync_pool
+        for _ in pool.map(lambda key: self.loc.fsync_files([key]), keys):
+            pass  # re-raises the first failure
 
     # ---- opening -------------------------------------------------------------------------------------
     @classmethod
@@ -437,7 +457,7 @@ class ShardWriter:
                    for c, bufs in group]
         # Flushed here, off the writer thread; commit()'s fsync of the same files then finds nothing to write.
         with times.stage("chunks: fsync"):
-            self.store.loc.fsync_files([self._chunk_key(name, c) for c, _ in group for name in self.store.act_names])
+            self.store.fsync_files([self._chunk_key(name, c) for c, _ in group for name in self.store.act_names])
         return out
 
     def _raise_failed_chunks(self) -> None:
@@ -491,7 +511,7 @@ class ShardWriter:
         with times.stage("commit: fsync"):
             # The activation chunks were fsynced by their writes (_write_chunks), which _wait_chunks waited for:
             # opening and fsyncing them again costs a round trip each on network file systems.
-            self.store.loc.fsync_files(self._chunk_keys(activations=False))
+            self.store.fsync_files(self._chunk_keys(activations=False))
         record = {
             "shard": self.shard, "fingerprint": self.store.fingerprint,
             "images": [self.images.start, self.images.stop],
