@@ -15,7 +15,7 @@ RANKS = {
     "errors": -1, "device": 0, "checksums": 0, "atomic": 0, "precision": 0, "progress": 0, "__init__": 0,
     "datasets": 1, "store": 1, "clt": 1, "backbone": 2,
     "config": 3, "testing": 3,
-    "harvest": 4, "fit": 4, "analyze": 4,
+    "harvest": 4, "fit": 4, "analyze": 4, "preflight": 4,
     "pipeline": 5,
     "demo": 6,
     "cli": 7, "__main__": 8,

@@ -35,7 +35,7 @@ def _worker_device(device: str) -> str:
 
 def harvest_shard_group(cfg_dict: dict, shards: list[int]) -> dict:
     cfg = build(HarvestConfig, cfg_dict)
-    cfg.device = _worker_device(cfg.device)
+    cfg = dataclasses.replace(cfg, device=_worker_device(cfg.device))
     dataset, bb = open_inputs(cfg)
     meta = store_meta(cfg, dataset, bb, plan(cfg, dataset, bb))
     writer = StoreWriter.open(cfg.store, meta, clean_temp=False, write_threads=cfg.write_threads)
