@@ -64,6 +64,8 @@ def _open_store(url: str):
 
 def _looks_like_path(pretrained: str) -> bool:
     """open_clip tags are bare words (openai, laion2b_s34b_b79k); a checkpoint is named by a file path."""
+    if pretrained.startswith("hf-hub:"):
+        return False
     return "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
 
 

@@ -18,8 +18,9 @@ def check_root(name: str, root: str | Path, split: str) -> None:
 
     if name not in NAMES:
         raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(NAMES)}")
-    module = importlib.import_module(f"clt_pipe.datasets.{name}")
-    splits = getattr(module, "SPLITS", None)  # imagefolder: any split folder, or none
+    # imagefolder: any split folder, or none (and its module would import torchvision just for this)
+    module = None if name == "imagefolder" else importlib.import_module(f"clt_pipe.datasets.{name}")
+    splits = getattr(module, "SPLITS", None)
     if splits is not None and split not in splits:
         raise DatasetError(f"{name} split must be one of {splits}, got {split!r}")
     if name == "digits":
