@@ -2,7 +2,9 @@
 
 Stage commands get one --option per field of their config dataclass (help text from the field), so the
 CLI, TOML files and the config types cannot drift apart. Options default to "not given", which lets a
-`--config` file's values stand unless a flag overrides them.
+`--config` file's values stand unless a flag overrides them; `--help` shows the dataclass default instead.
+Rich markup is off for help text: it would eat the brackets of ``[fit]`` and ``[default: ...]``. Each stage's
+inputs are checked (clt_pipe.preflight) before the stage's heavy imports and model loading.
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ from rich.console import Console
 from rich.table import Table
 
 from clt_pipe import __version__
+from clt_pipe import preflight
 from clt_pipe.config import AnalyzeConfig, AtlasConfig, FitConfig, HarvestConfig
 from clt_pipe.pipeline import stage_config
 from clt_pipe.errors import CltPipeError
 
 app = typer.Typer(help="Cross-Layer Transcoders for CLIP Vision Transformers: harvest -> fit -> analyze.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-store_app = typer.Typer(help="Inspect and check activation stores.", no_args_is_help=True)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode=None)
+store_app = typer.Typer(help="Inspect and check activation stores.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(store_app, name="store")
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -35,6 +39,16 @@ def _cli_type(tp: Any) -> type:
     if typing.get_origin(tp) is list:
         return str  # comma-separated on the command line
     return tp
+
+
+def default_text(f: dataclasses.Field) -> str:
+    """A field's default as `--help` shows it (the CLI's own default is None = "not given")."""
+    value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    if isinstance(value, bool):
+        return f.name.replace("_", "-") if value else "no-" + f.name.replace("_", "-")
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return '""' if value == "" else str(value)
 
 
 def stage_command(cls: type, name: str, help: str):
@@ -49,6 +63,7 @@ def stage_command(cls: type, name: str, help: str):
             tp = _cli_type(hints[f.name])
             flag = "--" + f.name.replace("_", "-")
             h = f.metadata.get("help", "")
+            h = f"{h}  [default: {default_text(f)}]"  # click's show_default=str would add parentheses
             if tp is bool:
                 opt = typer.Option(None, f"{flag}/--no-{f.name.replace('_', '-')}", help=h, show_default=False)
             else:
@@ -59,6 +74,7 @@ def stage_command(cls: type, name: str, help: str):
         def command(**kwargs):
             config_file = kwargs.pop("config")
             cfg = stage_config(cls, name, config_file, kwargs)
+            preflight.check(cfg)
             fn(cfg)
 
         command.__signature__ = inspect.Signature(params)

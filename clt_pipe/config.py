@@ -2,7 +2,8 @@
 
 Precedence: dataclass defaults < TOML file (one table per stage) < CLI flags that were given explicitly.
 Unknown keys and ill-typed values raise ``ConfigError`` naming the offending key, so a typo in a pipeline file
-never silently falls back to a default.
+never silently falls back to a default. Configs are frozen: a variant is ``dataclasses.replace(cfg, ...)``, so a
+validated config never changes under the code that checked it.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def _check_positive(key: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class HarvestConfig:
     """`clt-pipe harvest`: run a CLIP ViT over a dataset and write the activation store."""
 
@@ -97,7 +98,7 @@ class HarvestConfig:
             raise ConfigError("template_sets: name at least one template set (e.g. single)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class FitConfig:
     """`clt-pipe fit`: train a CLT on a committed store."""
 
@@ -170,7 +171,7 @@ class FitConfig:
                        jumprelu_threshold=self.jumprelu_threshold, jumprelu_bandwidth=self.jumprelu_bandwidth)
 
 
-@dataclass
+@dataclass(frozen=True)
 class AnalyzeConfig:
     """`clt-pipe analyze`: fidelity, attribution, zero-shot substitution, ablations, retrieval, report."""
 

@@ -18,4 +18,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
         raise CltPipeError(f"device: {device!r} is not a device (auto | cpu | cuda | cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CltPipeError(f"device: {device!r} requested but CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CltPipeError(f"device: {device!r} requested but this machine has {torch.cuda.device_count()} "
+                           f"CUDA device(s)")
     return dev

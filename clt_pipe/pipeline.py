@@ -13,12 +13,13 @@ import json
 import os
 import re
 import tomllib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 from clt_pipe.config import STAGES, AnalyzeConfig, FitConfig, HarvestConfig, build, to_dict
 from clt_pipe.errors import ConfigError
+from clt_pipe.preflight import check as preflight
 
 STAGE_ORDER = ("harvest", "harvest_eval", "fit", "analyze")
 _VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
@@ -140,6 +141,8 @@ def run_pipeline(path: str | Path, *, only: list[str] | None = None, force: bool
             raise ConfigError(f"only: unknown stage {s!r} (known: {', '.join(STAGE_ORDER)})")
         if getattr(pipe, s) is None:
             raise ConfigError(f"only: stage {s!r} has no table in {path}")
+    for i, s in enumerate(stages):  # every stage's inputs before the first model loads
+        preflight(getattr(pipe, s), made_upstream=i > 0)
     say = console.print if console else print
     progress = RichProgress(console) if console else NullProgress()
     results: dict[str, dict] = {}
@@ -147,13 +150,13 @@ def run_pipeline(path: str | Path, *, only: list[str] | None = None, force: bool
         cfg = getattr(pipe, s)
         if s.startswith("harvest"):
             if force:
-                cfg.overwrite = True
+                cfg = replace(cfg, overwrite=True)
             say(f"[bold]{pipe.name}: {s}[/] -> {cfg.store}")
             results[s] = run_harvest(cfg, progress, log=say)
         elif s == "fit":
             from clt_pipe.fit.trainer import run_fit
 
-            cfg.resume, cfg.overwrite = not force, force
+            cfg = replace(cfg, resume=not force, overwrite=force)
             say(f"[bold]{pipe.name}: fit[/] -> {cfg.out}")
             results[s] = run_fit(cfg, console=console)
         else:

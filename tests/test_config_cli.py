@@ -63,6 +63,7 @@ def test_precedence_defaults_toml_cli(tmp_path):
 
 def test_cli_override_reaches_config(monkeypatch, tmp_path):
     seen = {}
+    monkeypatch.setattr("clt_pipe.preflight.check", lambda cfg, **k: None)  # no store here; tested elsewhere
     monkeypatch.setattr("clt_pipe.fit.trainer.run_fit", lambda cfg, console=None: seen.setdefault("cfg", cfg) and {})
     f = tmp_path / "c.toml"
     f.write_text('[fit]\nk = 8\nsteps = 9\n')
@@ -146,6 +147,7 @@ def test_readme_commands_parse(monkeypatch):
     exists and each value validates. The commands that run for real (install, test, demo) run in CI.
     """
     seen = []
+    monkeypatch.setattr("clt_pipe.preflight.check", lambda cfg, **k: None)  # the README's data roots are not here
     monkeypatch.setattr("clt_pipe.harvest.run.run_harvest", lambda cfg, *a, **k: seen.append(cfg) or {"dry_run": 1,
                         "bytes_uncompressed": 0})
     monkeypatch.setattr("clt_pipe.fit.trainer.run_fit", lambda cfg, **k: seen.append(cfg) or {})

@@ -1,4 +1,4 @@
-"""Necessity / sufficiency ablations over layers (paper-notes.md "Necessity / sufficiency").
+"""Necessity / sufficiency ablations over layers (the paper's necessity / sufficiency table).
 
 The paper does not state its protocol; this module's definitions (closed-loop, per token type T ∈ {cls, all}):
 

@@ -1,4 +1,4 @@
-"""Layer-to-layer attribution C_proj (paper-notes.md "Attribution").
+"""Layer-to-layer attribution C_proj (the paper's C_proj).
 
     C_proj[i→j] = E_x[ (1/T) Σ_t ⟨c_t(i→j), ŷ_t(j)⟩ / ‖ŷ_t(j)‖² ],   c_t(i→j) = z_i,t W_dec^{i→j}
 

@@ -1,5 +1,5 @@
 """The chunk stream that every cache-only analysis part (fidelity, attribution, open-loop substitution, retrieval,
-atlas) consumes in one pass: whole chunks are read (never row gathers, see design.md), decoded to float32 on the
+atlas) consumes in one pass: whole chunks are read (never row gathers: ~230 MB/s cold), decoded to float32 on the
 analysis device and handed to accumulators with an ``update(batch)`` / ``result()`` interface.
 """
 

@@ -9,6 +9,45 @@ from clt_pipe.datasets.base import DatasetError, ImageDataset
 NAMES = ("cifar100", "imagenet100", "coco", "imagefolder", "digits")
 
 
+def check_root(name: str, root: str | Path, split: str) -> None:
+    """The cheap part of ``open_dataset``: the split name and the root's layout, without listing or decoding.
+
+    Raises the ``DatasetError`` that opening would raise, so a stage can fail on it before loading a model.
+    """
+    import importlib
+
+    if name not in NAMES:
+        raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(NAMES)}")
+    # imagefolder: any split folder, or none (and its module would import torchvision just for this)
+    module = None if name == "imagefolder" else importlib.import_module(f"clt_pipe.datasets.{name}")
+    splits = getattr(module, "SPLITS", None)
+    if splits is not None and split not in splits:
+        raise DatasetError(f"{name} split must be one of {splits}, got {split!r}")
+    if name == "digits":
+        return
+    layout = getattr(module, "LAYOUT", "root/[<split>/]<class>/*")
+    if not str(root):
+        raise DatasetError(f"{name} needs --data-root, the folder holding {layout}")
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{name} root {root} does not exist or is not a folder; expected {layout}")
+    if name == "cifar100":
+        folder = root / "cifar-100-python" if (root / "cifar-100-python").is_dir() else root
+        need = [folder / split, folder / "meta"]
+    elif name == "imagenet100":
+        need = [root / split]
+    elif name == "coco":
+        need = [root / f"{split}2017", root / "annotations" / f"instances_{split}2017.json"]
+    else:
+        base = root / split if (root / split).is_dir() else root
+        if not any(e.is_dir() for e in base.iterdir()):
+            raise DatasetError(f"imagefolder {base} has no class folders; expected {layout}")
+        need = []
+    for p in need:
+        if not p.exists():
+            raise DatasetError(f"{name}: {p} is missing; expected {layout}")
+
+
 def open_dataset(
     name: str, root: str | Path, split: str, *, coco_label_rule: str = "largest_area"
 ) -> ImageDataset:

@@ -61,7 +61,7 @@ def harvest_shard_group(cfg_dict: dict, shards: list[int], torch_threads: int = 
 
         torch.set_num_threads(torch_threads)
     cfg = build(HarvestConfig, cfg_dict)
-    cfg.device = _worker_device(cfg.device)
+    cfg = dataclasses.replace(cfg, device=_worker_device(cfg.device))
     dataset, bb, meta = _inputs(cfg)
     writer = StoreWriter.open(cfg.store, meta, clean_temp=False, write_threads=cfg.write_threads)
     try:
