@@ -163,6 +163,24 @@ def store_verify(url: str = typer.Argument(..., help="Store path or URL"),
         raise typer.Exit(1)
 
 
+@store_app.command("repair")
+def store_repair(url: str = typer.Argument(..., help="Store path or URL"),
+                 threads: int = typer.Option(4, help="Threads reading chunks")) -> None:
+    """Drop the commit records of bad shards (and COMPLETE.json) so the same harvest command rewrites them."""
+    from clt_pipe.store.inspect import repair_store
+
+    out = repair_store(url, threads=threads)
+    if not out["problems"]:
+        console.print(f"[green]ok[/]: {url} has no bad shards; nothing to repair")
+        return
+    for shard, why in out["problems"][:20]:
+        err_console.print(f"[yellow]shard {shard}[/]: {why}")
+    dropped = ", ".join(str(s) for s in out["dropped_shards"]) or "none"
+    groups = f"; dropped {', '.join(out['dropped_groups'])}" if out["dropped_groups"] else ""
+    console.print(f"repaired {url}: dropped the commits of shard(s) {dropped}{groups}; now re-run the same "
+                  f"`clt-pipe harvest` command to rewrite them")
+
+
 @store_app.command("ls")
 def store_ls(root: str = typer.Argument("storage/stores", help="Folder or URL prefix holding stores")) -> None:
     """List the stores under a root with their model, dataset and completeness."""

@@ -22,10 +22,11 @@ import pyarrow.parquet as pq
 import zarr
 
 from clt_pipe import __version__
-from clt_pipe.checksums import crc32c
+from clt_pipe.checksums import crc32c, sha256_bytes
 from clt_pipe.errors import StoreError
 from clt_pipe.store import commits
 from clt_pipe.store import format as F
+from clt_pipe.store import lock as store_lock
 from clt_pipe.store.location import StoreLocation
 from clt_pipe.store.stats import Moments
 from clt_pipe.store.zarrio import chunk_key, write_rows
@@ -97,6 +98,13 @@ class StoreWriter:
         self._pool: ThreadPoolExecutor | None = None
         # Groups of up to write_threads chunks being written at once: bounds the memory held by full chunks.
         self._in_flight = threading.BoundedSemaphore(WRITE_GROUPS_IN_FLIGHT)
+        self._lock: store_lock.HarvestLock | None = None
+
+    def release_lock(self) -> None:
+        """Let another harvest open this store (idempotent)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def array(self, name: str) -> zarr.Array:
         """An array of the group, opened once (each open reads its metadata from the store)."""
@@ -138,11 +146,28 @@ class StoreWriter:
         """Create the store, or reopen an identical one for resume; refuse a different one.
 
         ``clean_temp=False`` for the extra writers of a multi-writer harvest: only the coordinating process
-        may remove stray temp files, or one worker could delete another's in-flight commit.
+        may remove stray temp files, or one worker could delete another's in-flight commit. The coordinating
+        writer (``clean_temp=True``) holds the store's harvest lock (store/lock.py) until ``release_lock``;
+        a second harvest of the same store is refused in one line.
         """
+        loc = StoreLocation(url, storage_options)
+        lock = store_lock.acquire(loc) if clean_temp else None
+        try:
+            with loc.errors("open"):
+                writer = cls._open(loc, url, meta, overwrite=overwrite, clean_temp=clean_temp,
+                                   write_threads=write_threads)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        writer._lock = lock
+        return writer
+
+    @classmethod
+    def _open(cls, loc: StoreLocation, url: str, meta: dict, *, overwrite: bool, clean_temp: bool,
+              write_threads: int) -> "StoreWriter":
         version = F.version_for(meta["activations"].get("targets", "stored"))
         meta = dict(meta, format_version=version, fingerprint=fingerprint(meta))
-        loc = StoreLocation(url, storage_options)
         if loc.exists("zarr.json"):
             try:
                 old = zarr.open_group(loc.zarr_store(read_only=True), mode="r").attrs.get(F.ATTRS_KEY)
@@ -172,16 +197,19 @@ class StoreWriter:
                         loc.clean_partial_chunk_files()
                     return writer
                 # Killed while creating the arrays: nothing can be committed yet, so start afresh.
-            loc.remove("")
-        elif loc.exists() and loc.is_local and loc.listdir(""):
+            loc.remove_contents(keep=(store_lock.LOCK_FILE,))
+        elif [n for n in loc.listdir("") if n != store_lock.LOCK_FILE]:
+            # Local folder or object-store prefix alike: never delete what someone else put there.
             if not overwrite:
                 raise StoreError(f"{url} exists, is not empty and is not a clt-pipe store; pass --overwrite "
                                  f"to replace it")
-            loc.remove("")
+            loc.remove_contents(keep=(store_lock.LOCK_FILE,))
         meta["created"] = now()
         meta["tool_version"] = __version__
         # "initialised" turns true only once every array exists, so a kill in between is recognisable.
-        group = zarr.open_group(loc.zarr_store(), mode="w", attributes={F.ATTRS_KEY: dict(meta, initialised=False)})
+        # mode "a" on a root without zarr.json creates it: "w" would delete whatever else is under the prefix
+        # (on S3 too), the lock included, and "w-" counts the lock as existing data.
+        group = zarr.open_group(loc.zarr_store(), mode="a", attributes={F.ATTRS_KEY: dict(meta, initialised=False)})
         writer = cls(loc, meta, group, write_threads)
         writer._create_arrays()
         group.attrs[F.ATTRS_KEY] = dict(meta, initialised=True)
@@ -256,7 +284,7 @@ class StoreWriter:
         return set(commits.committed_shards(self.loc, self.fingerprint))
 
     def is_complete(self) -> bool:
-        return commits.is_complete(self.loc, self.fingerprint)
+        return commits.is_complete(self.loc, self.fingerprint, self.layout.n_shards)
 
     def shard(self, shard: int) -> "ShardWriter":
         return ShardWriter(self, shard)
@@ -286,10 +314,11 @@ class StoreWriter:
         for s in range(lay.n_shards):
             rec = self.loc.read_json(F.shard_commit_name(s))
             skipped.update({int(k): v for k, v in rec.get("skipped", {}).items()})
-        self._write_images_parquet(records, split, skipped)
+        parquet_sha = self._write_images_parquet(records, split, skipped)
         summary = {"fingerprint": self.fingerprint, "n_shards": lay.n_shards, "n_images": lay.n_images,
                    "n_tokens": lay.n_tokens, "n_valid_tokens": int(merged["in"].count),
-                   "n_skipped_images": len(skipped), "finished": now()}
+                   "n_skipped_images": len(skipped), "finished": now(),
+                   "checksums": {"arrays": self._final_array_crcs(), "files": {F.IMAGES_PARQUET: parquet_sha}}}
         self.loc.write_json_atomic(F.COMPLETE_FILE, summary)
         return summary
 
@@ -310,7 +339,21 @@ class StoreWriter:
         })
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
-        self.loc.write_bytes_atomic(F.IMAGES_PARQUET, sink.getvalue().to_pybytes())
+        data = sink.getvalue().to_pybytes()
+        self.loc.write_bytes_atomic(F.IMAGES_PARQUET, data)
+        return sha256_bytes(data)
+
+    def _final_array_crcs(self) -> dict[str, int]:
+        """crc32c (decoded bytes) of every array no commit record covers: merged statistics, per-shard moments,
+        head, zero-shot classifiers and (v2) MLP weights, as they read back now, before COMPLETE.json exists.
+        Per-shard moments are covered here too, so a damaged moment shows before it skews a re-finalisation."""
+        names = [f"{F.STATS_GROUP}/{k}" for k in (*F.STATS_ARRAYS, "shard_moments_in", "shard_moments_out",
+                                                   "shard_count")]
+        names += [f"{F.HEAD_GROUP}/{k}" for k in F.HEAD_ARRAYS]
+        names += [f"{F.TEXT_GROUP}/{k}" for k in sorted(self.group[F.TEXT_GROUP].array_keys())]
+        if self.recompute:
+            names += [f"{F.MLP_GROUP}/{k}" for k in F.MLP_WEIGHTS]
+        return {name: crc32c(self.group[name][:]) for name in names}
 
 
 @dataclass
@@ -478,9 +521,12 @@ class ShardWriter:
             g[name][sl] = arr
             per_image_crcs[name] = crc32c(arr)
         stats = g[F.STATS_GROUP]
+        moments_crcs = {}
         for side in ("in", "out"):
             m = self.moments[side]
-            stats[f"shard_moments_{side}"][self.shard] = np.stack([m.mean, m.m2])
+            moments = np.stack([m.mean, m.m2]).astype(np.float64)
+            stats[f"shard_moments_{side}"][self.shard] = moments
+            moments_crcs[side] = crc32c(moments)
         stats["shard_count"][self.shard] = self.moments["in"].count
         check_crc = None
         if self.check is not None:
@@ -491,7 +537,7 @@ class ShardWriter:
             "shard": self.shard, "fingerprint": self.store.fingerprint,
             "images": [self.images.start, self.images.stop],
             "rows": [self.images.start * lay.tokens_per_image, self.images.stop * lay.tokens_per_image],
-            "chunk_crc32c": self.chunk_crcs, "per_image_crc32c": per_image_crcs,
+            "chunk_crc32c": self.chunk_crcs, "per_image_crc32c": per_image_crcs, "moments_crc32c": moments_crcs,
             "valid_tokens": self.moments["in"].count, "skipped": {str(k): v for k, v in self.skipped.items()},
             "committed": now(),
         }
