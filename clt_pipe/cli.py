@@ -7,11 +7,13 @@ CLI, TOML files and the config types cannot drift apart. Options default to "not
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
 import sys
 import typing
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
@@ -79,6 +81,20 @@ def _print_summary(title: str, summary: dict) -> None:
     console.print(table)
 
 
+@contextlib.contextmanager
+def _io_errors(stage: str, out: str):
+    """A file-system failure of a stage (read-only --out, a file where a folder belongs, full disk) as one line
+    naming its cause; what was written before stays (checkpoints resume)."""
+    from clt_pipe.errors import describe_io_error
+
+    if out and Path(out).exists() and not Path(out).is_dir():
+        raise CltPipeError(f"{stage}: --out {out} is a file, not a directory")
+    try:
+        yield
+    except OSError as e:
+        raise CltPipeError(f"{stage}: {describe_io_error(e)} (writing under {out})") from None
+
+
 @stage_command(HarvestConfig, "harvest", "Run a CLIP ViT over a dataset and write the activation store.")
 def harvest_cmd(cfg: HarvestConfig) -> None:
     from clt_pipe.harvest.run import run_harvest
@@ -98,7 +114,8 @@ def harvest_cmd(cfg: HarvestConfig) -> None:
 def fit_cmd(cfg: FitConfig) -> None:
     from clt_pipe.fit.trainer import run_fit
 
-    summary = run_fit(cfg, console=err_console)
+    with _io_errors("fit", cfg.out):
+        summary = run_fit(cfg, console=err_console)
     _print_summary(f"fit -> {cfg.out}", summary)
 
 
@@ -106,7 +123,8 @@ def fit_cmd(cfg: FitConfig) -> None:
 def analyze_cmd(cfg: AnalyzeConfig) -> None:
     from clt_pipe.analyze.run import run_analyze
 
-    summary = run_analyze(cfg, console=err_console)
+    with _io_errors("analyze", cfg.out):
+        summary = run_analyze(cfg, console=err_console)
     _print_summary(f"analyze -> {cfg.out}", summary)
 
 

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 
 from clt_pipe.atomic import write_bytes_atomic, write_json_atomic
+from clt_pipe.checksums import file_sha256
 from clt_pipe.clt.model import CrossLayerTranscoder
 from clt_pipe.clt.spec import CLTSpec
 from clt_pipe.errors import CheckpointError
@@ -118,6 +119,9 @@ def save_clt(
     }
     if spec.sparsifier == "batchtopk":
         meta["batchtopk_updates"] = int(model.bt_updates.item())
+    # sha256 of every tensor file, in clt.json (written last): load_clt refuses flipped or swapped bytes.
+    names = [f"W_{kind}_{i}.safetensors" for i in range(n_layers) for kind in ("enc", "dec")]
+    meta["sha256"] = {name: file_sha256(out / name) for name in names + ([] if folded else [STD_FILE])}
     write_json_atomic(out / META_FILE, meta, indent=2)
     return out
 
@@ -165,6 +169,10 @@ def load_clt(path: str | Path, *, device: str | torch.device = "cpu") -> CrossLa
     """Rebuild a CLT saved by ``save_clt``; any missing, truncated or mis-shaped file raises CheckpointError."""
     root = Path(path)
     meta = _read_meta(root)
+    for name, want in (meta.get("sha256") or {}).items():  # CLTs exported before the checksums: not checked
+        if (root / name).is_file() and file_sha256(root / name) != want:
+            raise CheckpointError(f"{root / name}: does not match its sha256 in {META_FILE} (damaged or replaced); "
+                                  f"export or fit the CLT again")
     spec = CLTSpec.from_dict(meta["spec"])
     n_layers, d, n_feat = spec.n_layers, spec.d_model, spec.n_features
     for f in root.iterdir():
