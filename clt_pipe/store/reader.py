@@ -108,7 +108,13 @@ class ActivationStore:
 
     # ---- arrays ----------------------------------------------------------------------------------------
     def array(self, name: str) -> zarr.Array:
-        return self.group[name]
+        try:
+            return self.group[name]
+        except KeyError:
+            raise StoreError(f"{self.url}: array {name} is missing; {repair_hint(self.url)}") from None
+        except Exception as e:  # noqa: BLE001 - a damaged array zarr.json
+            raise StoreError(f"{self.url}: metadata of array {name} is unreadable ({type(e).__name__}: {e}); "
+                             f"re-harvest the store with --overwrite") from None
 
     def read_chunk(self, chunk: int, check: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Stored (undecoded) ``mlp_in``, ``mlp_out`` rows of one chunk: [rows, L, d]; ``mlp_out`` is None when
@@ -173,11 +179,7 @@ class ActivationStore:
 
     def _activation_arrays(self) -> list[zarr.Array]:
         if not hasattr(self, "_act_arrays"):  # each open reads the array's metadata from the store
-            try:
-                self._act_arrays = [self.group[name] for name in F.stored_activation_arrays(self.meta)]
-            except Exception as e:  # noqa: BLE001 - a damaged array zarr.json
-                raise StoreError(f"{self.url}: activation array metadata unreadable ({type(e).__name__}: {e}); "
-                                 f"the store must be re-harvested (--overwrite)") from None
+            self._act_arrays = [self.array(name) for name in F.stored_activation_arrays(self.meta)]
         return self._act_arrays
 
     def _check_chunk(self, chunk: int, arrays: list[zarr.Array], outs: tuple) -> None:
@@ -224,7 +226,11 @@ class ActivationStore:
 
     def _read_per_image(self, name: str) -> np.ndarray:
         """A whole per-image array, each committed shard's rows checked against its commit record."""
-        data = self._checked(name, lambda: self.group[name][:], None, "")
+        try:
+            data = self._checked(name, lambda: self.group[name][:], None, "")
+        except StoreError:
+            self._name_bad_per_image_chunk(name)
+            raise
         if self.check_reads:
             for shard, rec in self._records.items():
                 want = rec.get("per_image_crc32c", {}).get(name)
@@ -236,6 +242,19 @@ class ActivationStore:
 
     def decode(self, arr: np.ndarray) -> np.ndarray:
         return F.decode_activations(arr, self.dtype)
+
+    def _name_bad_per_image_chunk(self, name: str) -> None:
+        """Raise naming the first per-image chunk of ``name`` that does not decode (if one is to blame)."""
+        try:
+            arr = self.group[name]
+        except Exception:  # noqa: BLE001 - the array itself is damaged: the caller's message says so
+            return
+        for chunk in range(self.layout.n_chunks):
+            imgs = self.layout.chunk_images(chunk)
+            try:
+                arr[imgs.start:imgs.stop]
+            except Exception as e:  # noqa: BLE001
+                self._bad_chunk(arr, chunk, f"does not decode ({type(e).__name__}: {e})")
 
     def per_image(self, name: str) -> np.ndarray:
         return self._read_per_image(name)
