@@ -494,3 +494,37 @@ def test_s3_missing_bucket_and_bad_credentials_name_the_cause(s3, capsys, monkey
         assert_one_line_error(code, err, "s3://rel-bucket/copy.zarr", "credentials")
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+# ---- repair, end to end --------------------------------------------------------------------------------
+def test_repair_then_the_same_harvest_rewrites_exactly_the_bad_shards(tmp_path, tiny_model_config, capsys,
+                                                                      monkeypatch):
+    from clt_pipe.testing.fakedata import make_fake_imagefolder
+
+    data = make_fake_imagefolder(tmp_path / "d", classes=("a", "b"), per_class=6)["root"]
+    url = tmp_path / "h.zarr"
+    harvest = ["harvest", "--model", str(tiny_model_config), "--pretrained", "none", "--dataset", "imagefolder",
+               "--data-root", str(data), "--store", str(url), "--chunk-mb", "0.02", "--chunks-per-shard", "1",
+               "--batch-size", "4", "--template-sets", "single", "--device", "cpu"]
+    code, _, err = run_cli(capsys, monkeypatch, harvest)
+    assert code == 0, err
+    s = ActivationStore(str(url))
+    assert s.layout.n_shards >= 3
+    before = {n: s.array(n)[:] for n in (F.MLP_IN, F.MLP_OUT, F.LABELS)}
+    flip(chunk_file(url, F.MLP_OUT, 1))
+    (url / F.IMAGES_PARQUET).write_bytes(b"junk")
+    untouched = (url / F.shard_commit_name(0)).stat().st_mtime_ns
+    code, _, err = run_cli(capsys, monkeypatch, ["store", "verify", str(url)])
+    assert_one_line_error(code, err, "bad shard")
+    code, out, err = run_cli(capsys, monkeypatch, ["store", "repair", str(url)])
+    assert code == 0 and "dropped the commits of shard(s) 1" in out, out + err
+    with pytest.raises(StoreError, match="incomplete"):
+        ActivationStore(str(url))
+    code, _, err = run_cli(capsys, monkeypatch, harvest)
+    assert code == 0 and "resuming" in err, err
+    assert not verify_store(str(url))["bad_shards"]
+    s = ActivationStore(str(url))
+    for n, arr in before.items():
+        assert np.array_equal(s.array(n)[:], arr, equal_nan=True), n
+    assert s.images().num_rows == s.layout.n_images
+    assert (url / F.shard_commit_name(0)).stat().st_mtime_ns == untouched
