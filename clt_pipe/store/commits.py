@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from clt_pipe.errors import StoreError
 from clt_pipe.store import format as F
 from clt_pipe.store.location import StoreLocation
@@ -10,15 +12,23 @@ from clt_pipe.store.location import StoreLocation
 def commit_records(loc: StoreLocation, fingerprint: str) -> dict[int, dict]:
     """Readable commit records that belong to this store, by shard. An unreadable record (torn, flipped bytes)
     counts as no record: its shard is not committed, to readers and to resume alike."""
+    names = [n for n in loc.listdir(F.COMMITS_DIR) if n.startswith("shard-") and n.endswith(".json")]
+    paths = [loc.path(f"{F.COMMITS_DIR}/{n}") for n in names]
+    # One call for all records: object-store filesystems fetch them concurrently (thousands of shards on S3).
+    blobs = loc.fs.cat(paths, on_error="return") if paths else {}
     out = {}
-    for name in loc.listdir(F.COMMITS_DIR):
-        if name.startswith("shard-") and name.endswith(".json"):
-            try:
-                rec = loc.read_json(f"{F.COMMITS_DIR}/{name}")
-                if rec.get("fingerprint") == fingerprint:
-                    out[int(rec["shard"])] = rec
-            except (StoreError, FileNotFoundError, KeyError, TypeError, ValueError, AttributeError):
+    for path in paths:
+        data = blobs.get(path)
+        if isinstance(data, BaseException):
+            if isinstance(data, FileNotFoundError):
                 continue
+            raise data  # permission, network: not "uncommitted"; the caller names the cause
+        try:
+            rec = json.loads(data)
+            if rec.get("fingerprint") == fingerprint:
+                out[int(rec["shard"])] = rec
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue
     return out
 
 
