@@ -92,7 +92,7 @@ def _io_errors(stage: str, out: str):
     try:
         yield
     except OSError as e:
-        raise CltPipeError(f"{stage}: {describe_io_error(e)} (writing under {out})") from None
+        raise CltPipeError(f"{stage} failed: {describe_io_error(e)}") from None
 
 
 @stage_command(HarvestConfig, "harvest", "Run a CLIP ViT over a dataset and write the activation store.")
