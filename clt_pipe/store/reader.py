@@ -151,7 +151,7 @@ class ActivationStore:
         nothing is read for it) when targets are recomputed.
 
         Each chunk is then checked against its commit record's crc32c (crc32c runs at several GB/s, against
-        ~1.5 GB/s decoding; see benchmarks/bench_loader.py for the measured cost)."""
+        ~1.5 GB/s decoding; benchmarks/bench_read_checks.py measures the cost)."""
         check = self.check_reads if check is None else check
         arrays = self._activation_arrays()
         blocks = []
