@@ -154,13 +154,20 @@ class ActivationStore:
         ~1.5 GB/s decoding; benchmarks/bench_read_checks.py measures the cost)."""
         check = self.check_reads if check is None else check
         arrays = self._activation_arrays()
-        blocks = []
+        blocks, owners = [], []
         for chunk, x, y in pieces:
             rows = self.layout.chunk_rows(int(chunk))
-            blocks += [(arr, slice(rows.start, rows.stop), out) for arr, out in zip(arrays, (x, y))]
+            for arr, out in zip(arrays, (x, y)):
+                blocks.append((arr, slice(rows.start, rows.stop), out))
+                owners.append(int(chunk))
+
+        def check_block(i: int) -> None:
+            arr, _rows, out = blocks[i]
+            self._check_block(owners[i], arr, out)
+
         try:
-            read_rows_into(blocks)
-        except TypeError:  # a caller's buffer of the wrong dtype: a bug, not a damaged store
+            read_rows_into(blocks, after=check_block if check else None)
+        except (TypeError, StoreError):  # TypeError: a caller's buffer of the wrong dtype, a bug
             raise
         except Exception:  # noqa: BLE001 - find and name the chunk that does not decode
             for chunk, x, y in pieces:
@@ -173,30 +180,24 @@ class ActivationStore:
                     except Exception as e:  # noqa: BLE001
                         self._bad_chunk(arr, int(chunk), f"does not decode ({type(e).__name__}: {e})")
             raise
-        if check:
-            for chunk, x, y in pieces:
-                self._check_chunk(int(chunk), arrays, (x, y))
 
     def _activation_arrays(self) -> list[zarr.Array]:
         if not hasattr(self, "_act_arrays"):  # each open reads the array's metadata from the store
             self._act_arrays = [self.array(name) for name in F.stored_activation_arrays(self.meta)]
         return self._act_arrays
 
-    def _check_chunk(self, chunk: int, arrays: list[zarr.Array], outs: tuple) -> None:
+    def _check_block(self, chunk: int, arr: zarr.Array, out: np.ndarray) -> None:
+        """One decoded chunk of one activation array against its commit record's crc32c."""
         shard = chunk // self.layout.chunks_per_shard
         rec = self._records.get(shard)
         if rec is None:
             raise StoreError(f"{self.url}: chunk {chunk} belongs to shard {shard}, which has no readable commit "
                              f"record; {repair_hint(self.url)}")
-        want = rec.get("chunk_crc32c", {}).get(str(chunk), {})
-        for arr, out in zip(arrays, outs):
-            if out is None:
-                continue
-            name = arr.path
-            if name not in want:
-                self._bad_chunk(arr, chunk, "has no checksum in its commit record")
-            if crc32c(out) != want[name]:
-                self._bad_chunk(arr, chunk, "does not match its commit checksum")
+        want = rec.get("chunk_crc32c", {}).get(str(chunk), {}).get(arr.path)
+        if want is None:
+            self._bad_chunk(arr, chunk, "has no checksum in its commit record")
+        if crc32c(out) != want:
+            self._bad_chunk(arr, chunk, "does not match its commit checksum")
 
     def _bad_chunk(self, arr: zarr.Array, chunk: int, why: str) -> None:
         shard = chunk // self.layout.chunks_per_shard
