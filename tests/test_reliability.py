@@ -451,7 +451,7 @@ def test_s3_prefix_with_other_objects_is_refused(s3):
     with pytest.raises(StoreError, match="exists, is not empty and is not a clt-pipe store"):
         StoreWriter.open("s3://rel-bucket/shared", meta)
     assert s3.cat_file("rel-bucket/shared/notes.txt") == b"keep me"
-    assert not s3.exists("rel-bucket/shared/zarr.json")
+    assert not s3.exists("rel-bucket/shared/zarr.json") and not s3.exists("rel-bucket/shared/harvest.lock")
 
 
 def test_s3_lease_refuses_a_live_holder_and_takes_over_a_stale_one(s3):
@@ -528,3 +528,16 @@ def test_repair_then_the_same_harvest_rewrites_exactly_the_bad_shards(tmp_path, 
         assert np.array_equal(s.array(n)[:], arr, equal_nan=True), n
     assert s.images().num_rows == s.layout.n_images
     assert (url / F.shard_commit_name(0)).stat().st_mtime_ns == untouched
+
+
+def test_local_folder_with_other_files_is_refused_and_left_as_it_was(tmp_path):
+    from clt_pipe.store.writer import StoreWriter
+    from clt_pipe.testing.synthstore import synthetic_meta
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    meta = synthetic_meta(64, T, L, D, chunk_mb=CHUNK_MB, chunks_per_shard=2)
+    with pytest.raises(StoreError, match="exists, is not empty and is not a clt-pipe store"):
+        StoreWriter.open(str(folder), meta)
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]

@@ -151,6 +151,9 @@ class StoreWriter:
         a second harvest of the same store is refused in one line.
         """
         loc = StoreLocation(url, storage_options)
+        with loc.errors("open"):
+            if not overwrite and not loc.exists("zarr.json"):
+                cls._refuse_foreign(loc, url)  # before the lock, so a refused run leaves not even a lock file
         lock = store_lock.acquire(loc) if clean_temp else None
         try:
             with loc.errors("open"):
@@ -162,6 +165,12 @@ class StoreWriter:
             raise
         writer._lock = lock
         return writer
+
+    @staticmethod
+    def _refuse_foreign(loc: StoreLocation, url: str) -> None:
+        """Local folder or object-store prefix alike: never write into (or delete) what someone else put there."""
+        if [n for n in loc.listdir("") if n != store_lock.LOCK_FILE]:
+            raise StoreError(f"{url} exists, is not empty and is not a clt-pipe store; pass --overwrite to replace it")
 
     @classmethod
     def _open(cls, loc: StoreLocation, url: str, meta: dict, *, overwrite: bool, clean_temp: bool,
@@ -199,10 +208,8 @@ class StoreWriter:
                 # Killed while creating the arrays: nothing can be committed yet, so start afresh.
             loc.remove_contents(keep=(store_lock.LOCK_FILE,))
         elif [n for n in loc.listdir("") if n != store_lock.LOCK_FILE]:
-            # Local folder or object-store prefix alike: never delete what someone else put there.
             if not overwrite:
-                raise StoreError(f"{url} exists, is not empty and is not a clt-pipe store; pass --overwrite "
-                                 f"to replace it")
+                cls._refuse_foreign(loc, url)
             loc.remove_contents(keep=(store_lock.LOCK_FILE,))
         meta["created"] = now()
         meta["tool_version"] = __version__
