@@ -169,10 +169,6 @@ def load_clt(path: str | Path, *, device: str | torch.device = "cpu") -> CrossLa
     """Rebuild a CLT saved by ``save_clt``; any missing, truncated or mis-shaped file raises CheckpointError."""
     root = Path(path)
     meta = _read_meta(root)
-    for name, want in (meta.get("sha256") or {}).items():  # CLTs exported before the checksums: not checked
-        if (root / name).is_file() and file_sha256(root / name) != want:
-            raise CheckpointError(f"{root / name}: does not match its sha256 in {META_FILE} (damaged or replaced); "
-                                  f"export or fit the CLT again")
     spec = CLTSpec.from_dict(meta["spec"])
     n_layers, d, n_feat = spec.n_layers, spec.d_model, spec.n_features
     for f in root.iterdir():
@@ -217,4 +213,10 @@ def load_clt(path: str | Path, *, device: str | torch.device = "cpu") -> CrossLa
         model.in_mean.zero_()
         model.in_scale.fill_(1.0)
         model.out_scale.fill_(1.0)
+    # Last, after the structural checks (which name a missing, truncated or mis-shaped file more precisely):
+    # bytes that still parse but differ from the export. CLTs exported before the checksums: not checked.
+    for name, want in (meta.get("sha256") or {}).items():
+        if file_sha256(root / name) != want:
+            raise CheckpointError(f"{root / name}: does not match its sha256 in {META_FILE} (damaged or replaced); "
+                                  f"export or fit the CLT again")
     return model.eval()
