@@ -9,11 +9,13 @@ inputs are checked (clt_pipe.preflight) before the stage's heavy imports and mod
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
 import sys
 import typing
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
@@ -95,6 +97,20 @@ def _print_summary(title: str, summary: dict) -> None:
     console.print(table)
 
 
+@contextlib.contextmanager
+def _io_errors(stage: str, out: str):
+    """A file-system failure of a stage (read-only --out, a file where a folder belongs, full disk) as one line
+    naming its cause; what was written before stays (checkpoints resume)."""
+    from clt_pipe.errors import describe_io_error
+
+    if out and Path(out).exists() and not Path(out).is_dir():
+        raise CltPipeError(f"{stage}: --out {out} is a file, not a directory")
+    try:
+        yield
+    except OSError as e:
+        raise CltPipeError(f"{stage} failed: {describe_io_error(e)}") from None
+
+
 @stage_command(HarvestConfig, "harvest", "Run a CLIP ViT over a dataset and write the activation store.")
 def harvest_cmd(cfg: HarvestConfig) -> None:
     from clt_pipe.harvest.run import run_harvest
@@ -114,7 +130,8 @@ def harvest_cmd(cfg: HarvestConfig) -> None:
 def fit_cmd(cfg: FitConfig) -> None:
     from clt_pipe.fit.trainer import run_fit
 
-    summary = run_fit(cfg, console=err_console)
+    with _io_errors("fit", cfg.out):
+        summary = run_fit(cfg, console=err_console)
     _print_summary(f"fit -> {cfg.out}", summary)
 
 
@@ -122,7 +139,8 @@ def fit_cmd(cfg: FitConfig) -> None:
 def analyze_cmd(cfg: AnalyzeConfig) -> None:
     from clt_pipe.analyze.run import run_analyze
 
-    summary = run_analyze(cfg, console=err_console)
+    with _io_errors("analyze", cfg.out):
+        summary = run_analyze(cfg, console=err_console)
     _print_summary(f"analyze -> {cfg.out}", summary)
 
 
@@ -186,6 +204,24 @@ def store_verify(url: str = typer.Argument(..., help="Store path or URL"),
                   f"shards match their checksums; store is {status}")
     if not report["complete"]:
         raise typer.Exit(1)
+
+
+@store_app.command("repair")
+def store_repair(url: str = typer.Argument(..., help="Store path or URL"),
+                 threads: int = typer.Option(4, help="Threads reading chunks")) -> None:
+    """Drop the commit records of bad shards (and COMPLETE.json) so the same harvest command rewrites them."""
+    from clt_pipe.store.inspect import repair_store
+
+    out = repair_store(url, threads=threads)
+    if not out["problems"]:
+        console.print(f"[green]ok[/]: {url} has no bad shards; nothing to repair")
+        return
+    for shard, why in out["problems"][:20]:
+        err_console.print(f"[yellow]shard {shard}[/]: {why}")
+    dropped = ", ".join(str(s) for s in out["dropped_shards"]) or "none"
+    groups = f"; dropped {', '.join(out['dropped_groups'])}" if out["dropped_groups"] else ""
+    console.print(f"repaired {url}: dropped the commits of shard(s) {dropped}{groups}; now re-run the same "
+                  f"`clt-pipe harvest` command to rewrite them")
 
 
 @store_app.command("ls")

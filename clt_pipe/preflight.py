@@ -47,12 +47,12 @@ def _analyze(cfg: AnalyzeConfig) -> None:
     store = _open_store(cfg.store)
     read_run(cfg.clt)
     if {"closedloop", "ablation"} & set(cfg.only):
-        ds = store.meta["dataset"]
-        if ds["name"] != "digits" and not cfg.data_root:
-            raise CltPipeError(f"closedloop/ablation re-run the ViT on the store's {ds['name']} images: pass "
-                               f"--data-root (the store was harvested from {ds.get('data_root') or '?'}), or "
+        ds = store.meta.dataset
+        if ds.name != "digits" and not cfg.data_root:
+            raise CltPipeError(f"closedloop/ablation re-run the ViT on the store's {ds.name} images: pass "
+                               f"--data-root (the store was harvested from {ds.data_root or '?'}), or "
                                f"leave them out with --only")
-        check_root(ds["name"], cfg.data_root, cfg.split or ds["split"])
+        check_root(ds.name, cfg.data_root, cfg.split or ds.split)
 
 
 def _open_store(url: str):

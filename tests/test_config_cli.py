@@ -159,6 +159,8 @@ def test_readme_commands_parse(monkeypatch):
     monkeypatch.setattr("clt_pipe.store.inspect.store_info", lambda url: seen.append(url) or {})
     monkeypatch.setattr("clt_pipe.store.inspect.verify_store", lambda url, threads=4: seen.append(url) or {
         "bad_shards": [], "complete": True, "checked_chunks": 0, "checked_shards": 0})
+    monkeypatch.setattr("clt_pipe.store.inspect.repair_store", lambda url, threads=4: seen.append(url) or {
+        "problems": [], "dropped_shards": [], "dropped_groups": [], "was_complete": True})
     cmds = _readme_commands()
     assert len(cmds) >= 8
     for args in cmds:

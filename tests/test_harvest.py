@@ -85,10 +85,11 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> str:
 
 
 def snapshot(path: Path) -> dict:
-    """relative path -> (sha256 of the bytes, mtime_ns) of every file under ``path``."""
+    """relative path -> (sha256 of the bytes, mtime_ns) of every file under ``path`` (not the harvest lock,
+    which every harvest takes, refused or not: it holds no data)."""
     out = {}
     for p in sorted(Path(path).rglob("*")):
-        if p.is_file():
+        if p.is_file() and p.name != "harvest.lock":
             out[p.relative_to(path).as_posix()] = (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
     return out
 

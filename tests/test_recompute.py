@@ -130,8 +130,12 @@ def test_verify_catches_weights_that_do_not_belong(stores, tmp_path):
     report = verify_store(str(bad))  # the checksum of the weights catches it first
     assert report["bad_shards"] == [-1] and "fc_bias: missing or damaged" in report["problems"][0][1]
     # Intact (checksummed) weights of another model: the stored samples catch that.
-    g["mlp_weights"].attrs["crc32c"] = {**g["mlp_weights"].attrs["crc32c"],
-                                        "fc_bias": crc32c.crc32c(np.ascontiguousarray(g["mlp_weights/fc_bias"][:]).data)}
+    new_crc = crc32c.crc32c(np.ascontiguousarray(g["mlp_weights/fc_bias"][:]).data)
+    g["mlp_weights"].attrs["crc32c"] = {**g["mlp_weights"].attrs["crc32c"], "fc_bias": new_crc}
+    # as if the wrong weights had been written from the start (finalisation checksums them into COMPLETE.json)
+    done = json.loads((bad / "COMPLETE.json").read_text())
+    done["checksums"]["arrays"]["mlp_weights/fc_bias"] = new_crc
+    (bad / "COMPLETE.json").write_text(json.dumps(done))
     report = verify_store(str(bad))
     assert sorted(report["bad_shards"]) == list(range(ActivationStore(str(bad)).layout.n_shards))
     assert all("MLP weights do not match" in p for _, p in report["problems"])

@@ -247,7 +247,7 @@ def plot_retrieval(out: Path, retrieval: dict, class_names: list[str], dataset=N
                          "tab:green" if r["same_label"] else "tab:red")
                 else:
                     ax.axis("off")
-        fig.suptitle(f"nearest images by each layer's CLS code (green = same label as the query)", fontsize=9)
+        fig.suptitle("nearest images by each layer's CLS code (green = same label as the query)", fontsize=9)
         fig.tight_layout()
         p = out / f"retrieval_q{q}.png"
         fig.savefig(p, dpi=100)

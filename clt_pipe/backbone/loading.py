@@ -11,7 +11,7 @@ import hashlib
 import logging
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -157,8 +157,9 @@ def load_backbone(model: str, pretrained: str, device: str | torch.device = "cpu
             torch.manual_seed(0)
             clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=dev,
                                                                         **kwargs)
-    except (RuntimeError, KeyError, ValueError, OSError) as e:
-        raise ModelError(f"pretrained: could not load {pretrained!r} into {name}: {str(e).splitlines()[0][:200]}") \
+    except Exception as e:  # noqa: BLE001 - a garbage file raises UnpicklingError, safetensors' own types, ...
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise ModelError(f"pretrained: could not load {pretrained!r} into {name}: {type(e).__name__}: {first}") \
             from None
     clip.eval()
     if weights is None:

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 
 from clt_pipe.atomic import write_bytes_atomic, write_json_atomic
+from clt_pipe.checksums import file_sha256
 from clt_pipe.clt.model import CrossLayerTranscoder
 from clt_pipe.clt.spec import CLTSpec
 from clt_pipe.errors import CheckpointError
@@ -118,6 +119,9 @@ def save_clt(
     }
     if spec.sparsifier == "batchtopk":
         meta["batchtopk_updates"] = int(model.bt_updates.item())
+    # sha256 of every tensor file, in clt.json (written last): load_clt refuses flipped or swapped bytes.
+    names = [f"W_{kind}_{i}.safetensors" for i in range(n_layers) for kind in ("enc", "dec")]
+    meta["sha256"] = {name: file_sha256(out / name) for name in names + ([] if folded else [STD_FILE])}
     write_json_atomic(out / META_FILE, meta, indent=2)
     return out
 
@@ -209,4 +213,10 @@ def load_clt(path: str | Path, *, device: str | torch.device = "cpu") -> CrossLa
         model.in_mean.zero_()
         model.in_scale.fill_(1.0)
         model.out_scale.fill_(1.0)
+    # Last, after the structural checks (which name a missing, truncated or mis-shaped file more precisely):
+    # bytes that still parse but differ from the export. CLTs exported before the checksums: not checked.
+    for name, want in (meta.get("sha256") or {}).items():
+        if file_sha256(root / name) != want:
+            raise CheckpointError(f"{root / name}: does not match its sha256 in {META_FILE} (damaged or replaced); "
+                                  f"export or fit the CLT again")
     return model.eval()

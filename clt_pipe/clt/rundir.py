@@ -48,8 +48,12 @@ def save_fitted(run_dir: str | Path, model, run_meta: dict) -> Path:
     final = run_dir / CLT_DIR
     tmp = run_dir / f"{CLT_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_clt(fold_standardization(model), tmp, extra_meta={"run": run_meta.get("store", {})})
-    replace_dir(tmp, final)
+    try:
+        save_clt(fold_standardization(model), tmp, extra_meta={"run": run_meta.get("store", {})})
+        replace_dir(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written export only fills the disk further
+        raise
     write_run(run_dir, run_meta, finished=True)
     return final
 

@@ -67,6 +67,10 @@ class Cifar100Dataset(ImageDataset):
             raise DatasetError(f"CIFAR-100 file {folder / split} lacks data/fine_labels: {e}") from e
         if raw.ndim != 2 or raw.shape[1] != 3072 or raw.shape[0] != len(labels):
             raise DatasetError(f"CIFAR-100 file {folder / split}: data {raw.shape} vs {len(labels)} labels")
+        bad = [i for i, lab in enumerate(labels) if not 0 <= lab < len(self.class_names)]
+        if bad:  # would be stored and later index past the zero-shot classifier
+            raise DatasetError(f"CIFAR-100 file {folder / split}: label {labels[bad[0]]} at index {bad[0]} is outside "
+                               f"the {len(self.class_names)} classes of {folder / 'meta'} ({len(bad)} such labels)")
         # rows are three 32x32 planes (R, G, B); store as HWC once so each image is a zero-copy view
         self._images = np.ascontiguousarray(raw.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         self._labels = labels

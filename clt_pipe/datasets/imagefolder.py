@@ -61,6 +61,10 @@ class ClassFolders(ImageDataset):
         return open_rgb(self._paths[i])
 
 
+# Folder names that mean a split, not a class: root/<one of these>/ marks the root/<split>/<class>/* layout.
+SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing", "dev", "eval"}
+
+
 class ImageFolderDataset(ClassFolders):
     """``root/<split>/<class>/*`` when that split folder exists, else ``root/<class>/*``; classes sorted by name.
 
@@ -75,6 +79,10 @@ class ImageFolderDataset(ClassFolders):
         if not self.root.is_dir():
             raise DatasetError(f"imagefolder root {self.root} does not exist (expected root/[<split>/]<class>/*)")
         base = self.root / split if (self.root / split).is_dir() else self.root
+        splits_here = sorted(d.name for d in self.root.iterdir() if d.is_dir() and d.name.lower() in SPLIT_NAMES)
+        if base == self.root and splits_here:  # root/<split>/<class>/* without the wanted split: not classes
+            raise DatasetError(f"imagefolder {self.root} has no {split!r} split folder (it has: "
+                               f"{', '.join(splits_here)}); pass --split {splits_here[0]} or add {self.root / split}")
         class_dirs = sorted(d for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
         if not class_dirs:
             raise DatasetError(f"imagefolder {base} has no class folders (expected root/[<split>/]<class>/*)")

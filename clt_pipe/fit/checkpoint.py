@@ -9,7 +9,7 @@ from pathlib import Path
 from clt_pipe.atomic import replace_dir, write_json_atomic
 from clt_pipe.checksums import file_sha256
 from clt_pipe.clt.rundir import read_json
-from clt_pipe.errors import CheckpointError
+from clt_pipe.errors import CheckpointError, describe_io_error
 
 CHECKPOINTS_DIR = "checkpoints"
 # ---- resumable training checkpoints -----------------------------------------------------------------------
@@ -29,6 +29,19 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(p for p in base.iterdir() if p.is_dir() and p.name.startswith("step-") and "." not in p.name)
 
 
+def _os_cause(e: BaseException) -> BaseException:
+    """The OSError behind ``e`` if there is one (torch wraps write failures in RuntimeError)."""
+    seen = e
+    while seen is not None and not isinstance(seen, OSError):
+        seen = seen.__cause__ or seen.__context__
+    text = str(e).lower()
+    if seen is None and ("file write failed" in text or "no space" in text):
+        import errno
+
+        return OSError(errno.ENOSPC, "No space left on device")
+    return seen or e
+
+
 def save_checkpoint(run_dir: str | Path, step: int, weights: dict, state: dict, meta: dict) -> Path:
     """Weights (safetensors) + state (torch) + DONE with their sha256, written to a temp dir then renamed."""
     import torch
@@ -38,13 +51,18 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict, state: dict, 
     final = _step_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"))
-    torch.save(state, tmp / "state.pt")
-    done = {"step": step, "config": meta.get("config", {}), "spec": meta.get("spec", {}),
-            "sha256": {name: file_sha256(tmp / name) for name in ("model.safetensors", "state.pt")}}
-    write_json_atomic(tmp / DONE_FILE, done)
-    replace_dir(tmp, final)
+    try:
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+        torch.save(state, tmp / "state.pt")
+        done = {"step": step, "config": meta.get("config", {}), "spec": meta.get("spec", {}),
+                "sha256": {name: file_sha256(tmp / name) for name in ("model.safetensors", "state.pt")}}
+        write_json_atomic(tmp / DONE_FILE, done)
+        replace_dir(tmp, final)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError (its zip writer)
+        shutil.rmtree(tmp, ignore_errors=True)  # the half-written checkpoint would only fill the disk further
+        raise CheckpointError(f"cannot write checkpoint {final}: {describe_io_error(_os_cause(e))}; the previous "
+                              f"checkpoint is kept, fix that and re-run with --resume") from None
     for old in list_checkpoints(run_dir)[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -21,7 +21,7 @@ from clt_pipe.backbone.capture import Captured, run_capture
 from clt_pipe.backbone.loading import Backbone
 from clt_pipe.config import HarvestConfig
 from clt_pipe.datasets.base import BadImageError, ImageDataset
-from clt_pipe.errors import StoreError
+from clt_pipe.errors import StoreError, describe_io_error
 from clt_pipe.prefetch import prefetched
 from clt_pipe.progress import NullProgress
 from clt_pipe.store.stats import Moments, tensor_moments
@@ -237,9 +237,11 @@ class ShardHarvest:
 
 
 def disk_error(e: OSError, url: str) -> StoreError:
-    what = "disk full" if e.errno == errno.ENOSPC else f"write failed ({e.strerror or e})"
-    return StoreError(f"{what} while writing {url}; the shard in progress was not committed, "
-                      f"free space and re-run the same command to resume")
+    if e.errno == errno.ENOSPC:
+        return StoreError(f"disk full while writing {url}; the shard in progress was not committed, "
+                          f"free space and re-run the same command to resume")
+    return StoreError(f"cannot write {url}: {describe_io_error(e)}; the shard in progress was not committed, "
+                      f"fix that and re-run the same command to resume")
 
 
 def _copy_to_pinned_host(cap):

@@ -76,6 +76,8 @@ def _write_store(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, meta: 
     except BaseException:
         writer.close(cancel=True)
         raise
+    finally:
+        writer.release_lock()
 
 
 def _fill_store(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, writer: StoreWriter, progress,

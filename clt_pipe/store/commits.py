@@ -2,23 +2,56 @@
 
 from __future__ import annotations
 
+import json
+
+from clt_pipe.errors import StoreError
 from clt_pipe.store import format as F
 from clt_pipe.store.location import StoreLocation
 
 
-def committed_shards(loc: StoreLocation, fingerprint: str) -> list[int]:
-    """Shards whose commit record exists and belongs to this store (sorted)."""
-    done = []
-    for name in loc.listdir(F.COMMITS_DIR):
-        if name.startswith("shard-") and name.endswith(".json"):
-            rec = loc.read_json(f"{F.COMMITS_DIR}/{name}")
+def commit_records(loc: StoreLocation, fingerprint: str) -> dict[int, dict]:
+    """Readable commit records that belong to this store, by shard. An unreadable record (torn, flipped bytes)
+    counts as no record: its shard is not committed, to readers and to resume alike."""
+    names = [n for n in loc.listdir(F.COMMITS_DIR) if n.startswith("shard-") and n.endswith(".json")]
+    paths = [loc.path(f"{F.COMMITS_DIR}/{n}") for n in names]
+    # One call for all records: object-store filesystems fetch them concurrently (thousands of shards on S3).
+    blobs = loc.fs.cat(paths, on_error="return") if paths else {}
+    out = {}
+    for path in paths:
+        data = blobs.get(path)
+        if isinstance(data, BaseException):
+            if isinstance(data, FileNotFoundError):
+                continue
+            raise data  # permission, network: not "uncommitted"; the caller names the cause
+        try:
+            rec = json.loads(data)
             if rec.get("fingerprint") == fingerprint:
-                done.append(int(rec["shard"]))
-    return sorted(done)
+                out[int(rec["shard"])] = rec
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue
+    return out
 
 
-def is_complete(loc: StoreLocation, fingerprint: str) -> bool:
-    """COMPLETE.json is written last, after finalisation; it must name this store's fingerprint."""
+def committed_shards(loc: StoreLocation, fingerprint: str) -> list[int]:
+    """Shards whose commit record exists, is readable and belongs to this store (sorted)."""
+    return sorted(commit_records(loc, fingerprint))
+
+
+def complete_record(loc: StoreLocation, fingerprint: str) -> dict | None:
+    """COMPLETE.json if it is readable and names this store's fingerprint, else None."""
     if not loc.exists(F.COMPLETE_FILE):
+        return None
+    try:
+        rec = loc.read_json(F.COMPLETE_FILE)
+    except (StoreError, FileNotFoundError):
+        return None
+    return rec if isinstance(rec, dict) and rec.get("fingerprint") == fingerprint else None
+
+
+def is_complete(loc: StoreLocation, fingerprint: str, n_shards: int | None = None) -> bool:
+    """COMPLETE.json is written last, after finalisation; it must name this store's fingerprint. With
+    ``n_shards``, every shard's commit record must also still be there and readable (a record deleted or
+    damaged after finalisation makes the store incomplete to every reader, not only to ``verify``)."""
+    if complete_record(loc, fingerprint) is None:
         return False
-    return loc.read_json(F.COMPLETE_FILE).get("fingerprint") == fingerprint
+    return n_shards is None or set(committed_shards(loc, fingerprint)) == set(range(n_shards))

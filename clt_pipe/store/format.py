@@ -36,8 +36,10 @@ TOKEN_INDEX = "token_index"
 IMAGE_OK = "image_ok"
 PER_IMAGE_ARRAYS = (RESID_FINAL, EMBEDDING, LABELS, TOKEN_INDEX, IMAGE_OK)
 HEAD_GROUP = "head"  # ln_post_weight, ln_post_bias, proj
+HEAD_ARRAYS = ("ln_post_weight", "ln_post_bias", "proj")
 TEXT_GROUP = "text_classifier"  # one [n_classes, embed_dim] array per template set
 STATS_GROUP = "stats"
+STATS_ARRAYS = ("mean_in", "var_in", "mean_out", "var_out")  # merged at finalisation (COMPLETE.json checksums)
 
 COMMITS_DIR = "commits"
 COMPLETE_FILE = "COMPLETE.json"

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from clt_pipe.checksums import crc32c
+from clt_pipe.checksums import crc32c, sha256_bytes
 from clt_pipe.errors import StoreError
 from clt_pipe.store import format as F
 from clt_pipe.store.location import StoreLocation
@@ -52,7 +52,14 @@ def store_info(url: str) -> dict:
         "fingerprint": m.fingerprint,
     }
     if s.is_complete:
-        info["finished"] = s.loc.read_json(F.COMPLETE_FILE).get("finished", "")
+        info["finished"] = s.complete_record.get("finished", "")
+        info["checksums"] = ("every named array and file" if s.file_checksums is not None else
+                             "chunks and per-image rows only (written before stats/head/text_classifier/"
+                             "images.parquet checksums; re-harvest with --overwrite to add them)")
+    elif s.complete_record is not None:
+        lost = sorted(set(range(lay.n_shards)) - set(committed))
+        info["status"] = (f"INCOMPLETE: commit record(s) of shard(s) {lost[:5]} missing or unreadable; "
+                          f"run `clt-pipe store repair {url}`, then the same harvest command")
     return info
 
 
@@ -72,7 +79,7 @@ def _check_shard(s: ActivationStore, shard: int, weights_ok: bool) -> list[str]:
             problems.append(f"chunk {chunk}: no checksum in commit record")
             continue
         try:
-            arrays = s.read_chunk(chunk)
+            arrays = s.read_chunk(chunk, check=False)
         except Exception as e:  # noqa: BLE001 - a corrupt chunk fails to decode
             problems.append(f"chunk {chunk}: unreadable ({type(e).__name__}: {e})")
             continue
@@ -81,9 +88,50 @@ def _check_shard(s: ActivationStore, shard: int, weights_ok: bool) -> list[str]:
                 problems.append(f"chunk {chunk} of {name}: checksum mismatch")
     if s.recompute and weights_ok:
         problems += _check_recomputed_targets(s, shard, rec)
+    for side, want in rec.get("moments_crc32c", {}).items():
+        try:
+            ok = crc32c(s.group[f"{F.STATS_GROUP}/shard_moments_{side}"][shard]) == want
+        except Exception:  # noqa: BLE001
+            ok = False
+        if not ok:
+            problems.append(f"{F.STATS_GROUP}/shard_moments_{side}[{shard}]: checksum mismatch or unreadable")
     for name, want in rec.get("per_image_crc32c", {}).items():
-        if crc32c(s.group[name][imgs.start:imgs.stop]) != want:
+        try:
+            ok = crc32c(s.group[name][imgs.start:imgs.stop]) == want
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"{name} rows {imgs.start}-{imgs.stop}: unreadable ({type(e).__name__}: {e})")
+            continue
+        if not ok:
             problems.append(f"{name} rows {imgs.start}-{imgs.stop}: checksum mismatch")
+    return problems
+
+
+def _check_final(s: ActivationStore) -> list[str]:
+    """COMPLETE.json's checksums: every finalised array and images.parquet (stores that have them)."""
+    sums = s.file_checksums
+    if sums is None:
+        return []
+    problems = []
+    for name, want in (sums.get("arrays") or {}).items():
+        try:
+            got = crc32c(s.group[name][:])
+        except KeyError:
+            problems.append(f"{name}: missing")
+            continue
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"{name}: unreadable ({type(e).__name__}: {e})")
+            continue
+        if got != want:
+            problems.append(f"{name}: checksum mismatch")
+    for name, want in (sums.get("files") or {}).items():
+        try:
+            with s.loc.fs.open(s.loc.path(name), "rb") as fh:
+                got = sha256_bytes(fh.read())
+        except FileNotFoundError:
+            problems.append(f"{name}: missing")
+            continue
+        if got != want:
+            problems.append(f"{name}: checksum mismatch")
     return problems
 
 
@@ -117,6 +165,11 @@ def _check_recomputed_targets(s: ActivationStore, shard: int, rec: dict) -> list
 
 def verify_store(url: str, threads: int = 4) -> dict:
     s = ActivationStore(url, require_complete=False)
+    with s.loc.errors("read"):
+        return _verify(s, threads)
+
+
+def _verify(s: ActivationStore, threads: int) -> dict:
     shards = s.committed_shards()
     weights_problem = None
     if s.recompute:  # checked (checksums of every weight array) once for the store, not per shard
@@ -131,17 +184,50 @@ def verify_store(url: str, threads: int = 4) -> dict:
     if weights_problem is not None:
         problems.append((-1, weights_problem))
         bad.append(-1)
-    if s.is_complete and len(shards) != s.layout.n_shards:
-        problems.append((-1, f"COMPLETE.json present but only {len(shards)}/{s.layout.n_shards} shards committed"))
+    if s.complete_record is not None and len(shards) != s.layout.n_shards:
+        lost = sorted(set(range(s.layout.n_shards)) - set(shards))
+        problems += [(sh, "commit record missing or unreadable") for sh in lost]
+        bad += lost
+    final_problems = _check_final(s) if s.complete_record is not None else []
+    problems += [(-1, p) for p in final_problems]
+    if final_problems:
         bad.append(-1)
-    if s.is_complete:
-        stats = s.group[F.STATS_GROUP]
-        if not np.isfinite(stats["mean_in"][:]).all():
+    if s.is_complete and not final_problems:
+        try:
+            finite = np.isfinite(s.group[F.STATS_GROUP]["mean_in"][:]).all()
+        except Exception as e:  # noqa: BLE001
+            finite = False
+            problems.append((-1, f"merged statistics unreadable ({type(e).__name__})"))
+        if not finite:
             problems.append((-1, "merged statistics contain NaN"))
             bad.append(-1)
+    bad = sorted(set(bad))
     return {"complete": s.is_complete, "checked_shards": len(shards),
             "checked_chunks": sum(len(s.layout.shard_chunks(sh)) for sh in shards),
             "bad_shards": bad, "problems": problems}
+
+
+def repair_store(url: str, threads: int = 4) -> dict:
+    """Make a damaged store re-harvestable: verify it, then drop the commit records of the bad shards and, if
+    anything is wrong, COMPLETE.json, plus any damaged head/text_classifier/mlp_weights group (written again
+    before any shard). Re-running the same harvest command then rewrites exactly those shards and finalises
+    again (merged statistics and images.parquet are recomputed by every finalisation)."""
+    report = verify_store(url, threads=threads)
+    s = ActivationStore(url, require_complete=False)
+    shards = [sh for sh in report["bad_shards"] if sh >= 0]
+    groups = sorted({p.split("/")[0] for sh, p in report["problems"] if sh < 0 and "/" in p.split(":")[0]}
+                    & {F.HEAD_GROUP, F.TEXT_GROUP, F.MLP_GROUP})
+    if s.recompute and any(sh < 0 and "weights" in p.lower() for sh, p in report["problems"]):
+        groups = sorted(set(groups) | {F.MLP_GROUP})
+    with s.loc.errors("repair"):
+        for sh in shards:
+            s.loc.remove(F.shard_commit_name(sh))
+        for g in groups:
+            s.loc.remove(g)
+        if report["bad_shards"]:
+            s.loc.remove(F.COMPLETE_FILE)
+    return {"dropped_shards": shards, "dropped_groups": groups, "problems": report["problems"],
+            "was_complete": report["complete"]}
 
 
 def list_stores(root: str) -> list[dict]:

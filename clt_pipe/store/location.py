@@ -6,6 +6,7 @@ Local paths and ``file://`` URLs use zarr's LocalStore (fast path, fsync availab
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -15,7 +16,12 @@ import zarr
 import zarr.storage
 
 from clt_pipe.atomic import fsync_file, json_bytes, write_bytes_atomic
-from clt_pipe.errors import StoreError
+from clt_pipe.errors import CltPipeError, StoreError, describe_io_error
+
+
+def is_backend_error(e: BaseException) -> bool:
+    """An I/O failure of the file system or object store (not a bug): OSError, or botocore's own types."""
+    return isinstance(e, OSError) or type(e).__module__.split(".")[0] in ("botocore", "aiobotocore")
 
 
 class StoreLocation:
@@ -26,8 +32,23 @@ class StoreLocation:
             self.root = os.path.abspath(url.removeprefix("file://"))
             self.fs = fsspec.filesystem("file")
         else:
-            self.fs, self.root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+            try:
+                self.fs, self.root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+            except (ValueError, ImportError) as e:
+                raise StoreError(f"{url}: unsupported store URL ({e})") from None
         self.storage_options = storage_options or {}
+
+    @contextlib.contextmanager
+    def errors(self, action: str):
+        """Turn a backend failure inside the block into one StoreError line naming its actual cause."""
+        try:
+            yield
+        except CltPipeError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            if not is_backend_error(e):
+                raise
+            raise StoreError(f"cannot {action} {self.url}: {describe_io_error(e)}") from None
 
     def zarr_store(self, read_only: bool = False) -> zarr.abc.store.Store:
         if self.is_local:
@@ -73,6 +94,12 @@ class StoreLocation:
             self.fs.rm(self.path(key), recursive=True)
         except FileNotFoundError:
             pass
+
+    def remove_contents(self, keep: tuple[str, ...] = ()) -> None:
+        """Everything under the root except the names in ``keep`` (the harvest lock its holder stands on)."""
+        for name in self.listdir(""):
+            if name not in keep:
+                self.remove(name)
 
     def clean_temp_files(self, key: str) -> int:
         """Drop ``*.tmp`` leftovers of a killed atomic write; returns how many."""

@@ -1,4 +1,10 @@
-"""Open a v1 store for reading; refuse anything that is not a complete store of a known format version."""
+"""Open a v1 store for reading; refuse anything that is not a complete store of a known format version.
+
+Every read is checked (``check_reads``, on by default): activation chunks against their commit record's crc32c
+of the decoded bytes, per-image arrays shard by shard against theirs, and the finalised arrays and files against
+COMPLETE.json's checksums. A mismatch, a missing chunk (zarr would silently return fill values) or an undecodable
+one raises one StoreError naming the array, the chunk and the shard, and how to repair the store.
+"""
 
 from __future__ import annotations
 
@@ -10,21 +16,30 @@ import pyarrow.parquet as pq
 import torch
 import zarr
 
+from clt_pipe.checksums import crc32c, sha256_bytes
 from clt_pipe.errors import CltPipeError, StoreError
 from clt_pipe.store import commits
 from clt_pipe.store import format as F
 from clt_pipe.store.location import StoreLocation
 from clt_pipe.store.meta import StoreMeta
 from clt_pipe.store.targets import RecomputedTargets
-from clt_pipe.store.zarrio import read_rows_into
+from clt_pipe.store.zarrio import chunk_key, read_rows_into
 from clt_pipe.tokens import TokenType, token_mask
 
 
+def repair_hint(url: str) -> str:
+    return f"run `clt-pipe store repair {url}`, then re-run the same harvest command to rewrite it"
+
+
 class ActivationStore:
-    def __init__(self, url: str, *, require_complete: bool = True, storage_options: dict | None = None):
+    def __init__(self, url: str, *, require_complete: bool = True, storage_options: dict | None = None,
+                 check_reads: bool = True):
         self.url = url
+        self.check_reads = check_reads
         self.loc = StoreLocation(url, storage_options)
-        if not self.loc.exists("zarr.json"):
+        with self.loc.errors("open"):
+            found = self.loc.exists("zarr.json")
+        if not found:
             raise StoreError(f"store {url!r} not found (no zarr.json there)")
         try:
             self.group = zarr.open_group(self.loc.zarr_store(read_only=True), mode="r")
@@ -45,20 +60,39 @@ class ActivationStore:
         self._targets: dict[str, RecomputedTargets] = {}
         self.layout = self.meta.layout
         self.dtype = self.meta.activations.dtype
+        with self.loc.errors("read"):
+            self._records = commits.commit_records(self.loc, self.meta.fingerprint)
+            self._complete = commits.complete_record(self.loc, self.meta.fingerprint)
         if require_complete and not self.is_complete:
-            done = len(self.committed_shards())
+            done = len(self._records)
+            if self._complete is not None:
+                lost = sorted(set(range(self.layout.n_shards)) - set(self._records))
+                raise StoreError(f"store {url!r} is incomplete: the commit record of shard(s) {lost[:5]} is missing "
+                                 f"or unreadable; {repair_hint(url)}")
             raise StoreError(f"store {url!r} is incomplete ({done}/{self.layout.n_shards} shards committed, no "
                              f"{F.COMPLETE_FILE}); re-run the same harvest command to resume it")
 
     @property
     def is_complete(self) -> bool:
-        return commits.is_complete(self.loc, self.meta.fingerprint)
+        """COMPLETE.json of this store and every shard's commit record readable."""
+        return self._complete is not None and set(self._records) == set(range(self.layout.n_shards))
 
     def committed_shards(self) -> list[int]:
-        return commits.committed_shards(self.loc, self.meta.fingerprint)
+        return sorted(self._records)
 
     def commit_record(self, shard: int) -> dict:
+        if shard in self._records:
+            return self._records[shard]
         return self.loc.read_json(F.shard_commit_name(shard))
+
+    @property
+    def complete_record(self) -> dict | None:
+        return self._complete
+
+    @property
+    def file_checksums(self) -> dict | None:
+        """COMPLETE.json's checksums of the finalised arrays and files; None for a store written before them."""
+        return (self._complete or {}).get("checksums")
 
     # ---- identity ------------------------------------------------------------------------------------
     @property
@@ -80,14 +114,25 @@ class ActivationStore:
 
     # ---- arrays ----------------------------------------------------------------------------------------
     def array(self, name: str) -> zarr.Array:
-        return self.group[name]
+        try:
+            return self.group[name]
+        except KeyError:
+            raise StoreError(f"{self.url}: array {name} is missing; {repair_hint(self.url)}") from None
+        except Exception as e:  # noqa: BLE001 - a damaged array zarr.json
+            raise StoreError(f"{self.url}: metadata of array {name} is unreadable ({type(e).__name__}: {e}); "
+                             f"re-harvest the store with --overwrite") from None
 
-    def read_chunk(self, chunk: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def read_chunk(self, chunk: int, check: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Stored (undecoded) ``mlp_in``, ``mlp_out`` rows of one chunk: [rows, L, d]; ``mlp_out`` is None when
-        the store recomputes its targets (``targets_on``)."""
+        the store recomputes its targets (``targets_on``). Checked against the commit record unless ``check``
+        is False (``verify`` does its own checking, to list every problem instead of stopping at the first)."""
         rows = self.layout.chunk_rows(chunk)
-        y = None if self.recompute else self.group[F.MLP_OUT][rows.start:rows.stop]
-        return self.group[F.MLP_IN][rows.start:rows.stop], y
+        shape = (len(rows), self.n_layers, self.d_model)
+        dtype = F.storage_dtype(self.dtype)
+        x = np.empty(shape, dtype)
+        y = None if self.recompute else np.empty(shape, dtype)
+        self.read_chunks_into([(chunk, x, y)], check=check)
+        return x, y
 
     def targets_on(self, device: torch.device | str) -> RecomputedTargets:
         """The MLPs that turn decoded ``mlp_in`` rows into targets, on ``device`` (format v2 stores only)."""
@@ -103,55 +148,168 @@ class ActivationStore:
         """``read_chunk`` decoded straight into caller-owned buffers (no intermediate copy)."""
         self.read_chunks_into([(chunk, x, y)])
 
-    def read_chunks_into(self, pieces: list[tuple[int, np.ndarray, np.ndarray | None]]) -> None:
+    def read_chunks_into(self, pieces: list[tuple[int, np.ndarray, np.ndarray | None]],
+                         check: bool | None = None) -> None:
         """Several chunks' ``mlp_in``/``mlp_out`` rows decoded straight into caller-owned buffers, in one zarr
         call: zarr decodes them concurrently on its own threads. Measured on 2 cores, 1.57 GB/s against
         1.14-1.29 GB/s for one synchronous call per chunk from a thread pool (each such call round-trips through
         zarr's single event-loop thread), and no intermediate copy (~20 % per chunk). ``y`` is None (and
-        nothing is read for it) when targets are recomputed."""
-        arrays = [self.group[name] for name in self.meta.activation_arrays]
-        blocks = []
+        nothing is read for it) when targets are recomputed.
+
+        Each chunk is then checked against its commit record's crc32c (crc32c runs at several GB/s, against
+        ~1.5 GB/s decoding; benchmarks/bench_read_checks.py measures the cost)."""
+        check = self.check_reads if check is None else check
+        arrays = self._activation_arrays()
+        blocks, owners = [], []
         for chunk, x, y in pieces:
             rows = self.layout.chunk_rows(int(chunk))
-            blocks += [(arr, slice(rows.start, rows.stop), out) for arr, out in zip(arrays, (x, y))]
-        read_rows_into(blocks)
+            for arr, out in zip(arrays, (x, y)):
+                blocks.append((arr, slice(rows.start, rows.stop), out))
+                owners.append(int(chunk))
+
+        def check_block(i: int) -> None:
+            arr, _rows, out = blocks[i]
+            self._check_block(owners[i], arr, out)
+
+        try:
+            read_rows_into(blocks, after=check_block if check else None)
+        except (TypeError, StoreError):  # TypeError: a caller's buffer of the wrong dtype, a bug
+            raise
+        except Exception:  # noqa: BLE001 - find and name the chunk that does not decode
+            for chunk, x, y in pieces:
+                rows = self.layout.chunk_rows(int(chunk))
+                for arr, out in zip(arrays, (x, y)):
+                    if out is None:
+                        continue
+                    try:
+                        read_rows_into([(arr, slice(rows.start, rows.stop), out)])
+                    except Exception as e:  # noqa: BLE001
+                        self._bad_chunk(arr, int(chunk), f"does not decode ({type(e).__name__}: {e})")
+            raise
+
+    def _activation_arrays(self) -> list[zarr.Array]:
+        if not hasattr(self, "_act_arrays"):  # each open reads the array's metadata from the store
+            self._act_arrays = [self.array(name) for name in self.meta.activation_arrays]
+        return self._act_arrays
+
+    def _check_block(self, chunk: int, arr: zarr.Array, out: np.ndarray) -> None:
+        """One decoded chunk of one activation array against its commit record's crc32c."""
+        shard = chunk // self.layout.chunks_per_shard
+        rec = self._records.get(shard)
+        if rec is None:
+            raise StoreError(f"{self.url}: chunk {chunk} belongs to shard {shard}, which has no readable commit "
+                             f"record; {repair_hint(self.url)}")
+        want = rec.get("chunk_crc32c", {}).get(str(chunk), {}).get(arr.path)
+        if want is None:
+            self._bad_chunk(arr, chunk, "has no checksum in its commit record")
+        if crc32c(out) != want:
+            self._bad_chunk(arr, chunk, "does not match its commit checksum")
+
+    def _bad_chunk(self, arr: zarr.Array, chunk: int, why: str) -> None:
+        shard = chunk // self.layout.chunks_per_shard
+        key = chunk_key(arr, chunk)
+        try:
+            if not self.loc.exists(key):
+                why = f"is missing ({key} not in the store)"
+        except Exception:  # noqa: BLE001 - keep the first diagnosis
+            pass
+        raise StoreError(f"{self.url}: chunk {chunk} of {arr.path} (shard {shard}) {why}; {repair_hint(self.url)}")
+
+    def _checked(self, name: str, read, crc: int | None, where: str) -> np.ndarray:
+        try:
+            data = read()
+        except KeyError:
+            raise StoreError(f"{self.url}: {name} is missing; {repair_hint(self.url)}") from None
+        except Exception as e:  # noqa: BLE001 - undecodable chunk or damaged metadata
+            raise StoreError(f"{self.url}: {name} is unreadable ({type(e).__name__}: {e}); "
+                             f"{repair_hint(self.url)}") from None
+        if self.check_reads and crc is not None and crc32c(np.ascontiguousarray(data)) != crc:
+            raise StoreError(f"{self.url}: {name}{where} does not match its checksum; {repair_hint(self.url)}")
+        return data
+
+    def _final_crc(self, name: str) -> int | None:
+        """COMPLETE.json's crc32c of a finalised array (None: an older store, or not complete)."""
+        return ((self.file_checksums or {}).get("arrays") or {}).get(name)
+
+    def _read_per_image(self, name: str) -> np.ndarray:
+        """A whole per-image array, each committed shard's rows checked against its commit record."""
+        try:
+            data = self._checked(name, lambda: self.group[name][:], None, "")
+        except StoreError:
+            self._name_bad_per_image_chunk(name)
+            raise
+        if self.check_reads:
+            for shard, rec in self._records.items():
+                want = rec.get("per_image_crc32c", {}).get(name)
+                imgs = self.layout.shard_images(shard)
+                if want is not None and crc32c(np.ascontiguousarray(data[imgs.start:imgs.stop])) != want:
+                    raise StoreError(f"{self.url}: {name} rows {imgs.start}-{imgs.stop} (shard {shard}) do not "
+                                     f"match their commit checksum; {repair_hint(self.url)}")
+        return data
 
     def decode(self, arr: np.ndarray) -> np.ndarray:
         return F.decode_activations(arr, self.dtype)
 
+    def _name_bad_per_image_chunk(self, name: str) -> None:
+        """Raise naming the first per-image chunk of ``name`` that does not decode (if one is to blame)."""
+        try:
+            arr = self.group[name]
+        except Exception:  # noqa: BLE001 - the array itself is damaged: the caller's message says so
+            return
+        for chunk in range(self.layout.n_chunks):
+            imgs = self.layout.chunk_images(chunk)
+            try:
+                arr[imgs.start:imgs.stop]
+            except Exception as e:  # noqa: BLE001
+                self._bad_chunk(arr, chunk, f"does not decode ({type(e).__name__}: {e})")
+
     def per_image(self, name: str) -> np.ndarray:
-        return self.group[name][:]
+        return self._read_per_image(name)
 
     @cached_property
     def token_index(self) -> np.ndarray:
-        return self.group[F.TOKEN_INDEX][:]
+        return self._read_per_image(F.TOKEN_INDEX)
 
     @cached_property
     def image_ok(self) -> np.ndarray:
-        return self.group[F.IMAGE_OK][:].astype(bool)
+        return self._read_per_image(F.IMAGE_OK).astype(bool)
 
     @cached_property
     def labels(self) -> np.ndarray:
-        return self.group[F.LABELS][:]
+        return self._read_per_image(F.LABELS)
+
+    def _final_array(self, name: str) -> np.ndarray:
+        return self._checked(name, lambda: self.group[name][:], self._final_crc(name), "")
 
     def head(self) -> dict[str, np.ndarray]:
-        g = self.group[F.HEAD_GROUP]
-        return {name: g[name][:] for name in ("ln_post_weight", "ln_post_bias", "proj")}
+        return {name: self._final_array(f"{F.HEAD_GROUP}/{name}") for name in F.HEAD_ARRAYS}
 
     def text_classifier(self, template_set: str) -> np.ndarray:
-        g = self.group[F.TEXT_GROUP]
+        try:
+            g = self.group[F.TEXT_GROUP]
+        except KeyError:
+            raise StoreError(f"{self.url}: {F.TEXT_GROUP} is missing; {repair_hint(self.url)}") from None
         if template_set not in g:
             raise StoreError(f"template set {template_set!r} not in store (has: {', '.join(sorted(g.array_keys()))})")
-        return g[template_set][:]
+        return self._final_array(f"{F.TEXT_GROUP}/{template_set}")
 
     def stats(self) -> dict[str, np.ndarray]:
         """Merged per-layer, per-dimension mean/var of inputs and targets (float64, [L, d])."""
-        g = self.group[F.STATS_GROUP]
-        return {k: g[k][:] for k in ("mean_in", "var_in", "mean_out", "var_out")}
+        return {k: self._final_array(f"{F.STATS_GROUP}/{k}") for k in F.STATS_ARRAYS}
 
     def images(self) -> pa.Table:
-        with self.loc.fs.open(self.loc.path(F.IMAGES_PARQUET), "rb") as fh:
-            return pq.read_table(fh)
+        try:
+            with self.loc.fs.open(self.loc.path(F.IMAGES_PARQUET), "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            raise StoreError(f"{self.url}: {F.IMAGES_PARQUET} is missing; {repair_hint(self.url)}") from None
+        want = ((self.file_checksums or {}).get("files") or {}).get(F.IMAGES_PARQUET)
+        if self.check_reads and want is not None and sha256_bytes(data) != want:
+            raise StoreError(f"{self.url}: {F.IMAGES_PARQUET} does not match its checksum; {repair_hint(self.url)}")
+        try:
+            return pq.read_table(pa.BufferReader(data))
+        except Exception as e:  # noqa: BLE001
+            raise StoreError(f"{self.url}: {F.IMAGES_PARQUET} is unreadable ({e}); {repair_hint(self.url)}") from None
 
     def token_type_mask(self, chunk: int, tokens: TokenType) -> np.ndarray:
         """Boolean mask over a chunk's rows: valid rows of the wanted token type."""

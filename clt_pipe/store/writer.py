@@ -22,10 +22,11 @@ import pyarrow.parquet as pq
 import zarr
 
 from clt_pipe import __version__
-from clt_pipe.checksums import crc32c
+from clt_pipe.checksums import crc32c, sha256_bytes
 from clt_pipe.errors import StoreError
 from clt_pipe.store import commits
 from clt_pipe.store import format as F
+from clt_pipe.store import lock as store_lock
 from clt_pipe.store.location import StoreLocation
 from clt_pipe.store.meta import StoreMeta
 from clt_pipe.store.stats import Moments
@@ -107,6 +108,13 @@ class StoreWriter:
         self.times = StageTimes()  # per-stage seconds of this writer (and of the harvest loop feeding it)
         self._fsync_pool: ThreadPoolExecutor | None = None
         self._fsync_lock = threading.Lock()
+        self._lock: store_lock.HarvestLock | None = None
+
+    def release_lock(self) -> None:
+        """Let another harvest open this store (idempotent)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def array(self, name: str) -> zarr.Array:
         """An array of the group, opened once (each open reads its metadata from the store)."""
@@ -164,13 +172,39 @@ class StoreWriter:
         """Create the store, or reopen an identical one for resume; refuse a different one.
 
         ``clean_temp=False`` for the extra writers of a multi-writer harvest: only the coordinating process
-        may remove stray temp files, or one worker could delete another's in-flight commit.
+        may remove stray temp files, or one worker could delete another's in-flight commit. The coordinating
+        writer (``clean_temp=True``) holds the store's harvest lock (store/lock.py) until ``release_lock``;
+        a second harvest of the same store is refused in one line.
         """
+        loc = StoreLocation(url, storage_options)
+        with loc.errors("open"):
+            if not overwrite and not loc.exists("zarr.json"):
+                cls._refuse_foreign(loc, url)  # before the lock, so a refused run leaves not even a lock file
+        lock = store_lock.acquire(loc) if clean_temp else None
+        try:
+            with loc.errors("open"):
+                writer = cls._open(loc, url, meta, overwrite=overwrite, clean_temp=clean_temp,
+                                   write_threads=write_threads)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        writer._lock = lock
+        return writer
+
+    @staticmethod
+    def _refuse_foreign(loc: StoreLocation, url: str) -> None:
+        """Local folder or object-store prefix alike: never write into (or delete) what someone else put there."""
+        if [n for n in loc.listdir("") if n != store_lock.LOCK_FILE]:
+            raise StoreError(f"{url} exists, is not empty and is not a clt-pipe store; pass --overwrite to replace it")
+
+    @classmethod
+    def _open(cls, loc: StoreLocation, url: str, meta: StoreMeta | dict, *, overwrite: bool, clean_temp: bool,
+              write_threads: int) -> "StoreWriter":
         if not isinstance(meta, StoreMeta):
             meta = StoreMeta.from_dict(meta)
         version = F.version_for("recompute" if meta.recompute else "stored")
         meta = meta.replace(format_version=version, fingerprint=fingerprint(meta))
-        loc = StoreLocation(url, storage_options)
         if loc.exists("zarr.json"):
             try:
                 old = zarr.open_group(loc.zarr_store(read_only=True), mode="r").attrs.get(F.ATTRS_KEY)
@@ -200,15 +234,16 @@ class StoreWriter:
                         loc.clean_partial_chunk_files()
                     return writer
                 # Killed while creating the arrays: nothing can be committed yet, so start afresh.
-            loc.remove("")
-        elif loc.exists() and loc.is_local and loc.listdir(""):
+            loc.remove_contents(keep=(store_lock.LOCK_FILE,))
+        elif [n for n in loc.listdir("") if n != store_lock.LOCK_FILE]:
             if not overwrite:
-                raise StoreError(f"{url} exists, is not empty and is not a clt-pipe store; pass --overwrite "
-                                 f"to replace it")
-            loc.remove("")
+                cls._refuse_foreign(loc, url)
+            loc.remove_contents(keep=(store_lock.LOCK_FILE,))
         meta = meta.replace(created=now(), tool_version=__version__)
         # "initialised" turns true only once every array exists, so a kill in between is recognisable.
-        group = zarr.open_group(loc.zarr_store(), mode="w",
+        # mode "a" on a root without zarr.json creates it: "w" would delete whatever else is under the prefix
+        # (on S3 too), the lock included, and "w-" counts the lock as existing data.
+        group = zarr.open_group(loc.zarr_store(), mode="a",
                                 attributes={F.ATTRS_KEY: meta.replace(initialised=False).to_dict()})
         writer = cls(loc, meta, group, write_threads)
         writer._create_arrays()
@@ -283,7 +318,7 @@ class StoreWriter:
         return set(commits.committed_shards(self.loc, self.fingerprint))
 
     def is_complete(self) -> bool:
-        return commits.is_complete(self.loc, self.fingerprint)
+        return commits.is_complete(self.loc, self.fingerprint, self.layout.n_shards)
 
     def shard(self, shard: int) -> "ShardWriter":
         return ShardWriter(self, shard)
@@ -313,10 +348,11 @@ class StoreWriter:
         for s in range(lay.n_shards):
             rec = self.loc.read_json(F.shard_commit_name(s))
             skipped.update({int(k): v for k, v in rec.get("skipped", {}).items()})
-        self._write_images_parquet(records, split, skipped)
+        parquet_sha = self._write_images_parquet(records, split, skipped)
         summary = {"fingerprint": self.fingerprint, "n_shards": lay.n_shards, "n_images": lay.n_images,
                    "n_tokens": lay.n_tokens, "n_valid_tokens": int(merged["in"].count),
-                   "n_skipped_images": len(skipped), "finished": now()}
+                   "n_skipped_images": len(skipped), "finished": now(),
+                   "checksums": {"arrays": self._final_array_crcs(), "files": {F.IMAGES_PARQUET: parquet_sha}}}
         self.loc.write_json_atomic(F.COMPLETE_FILE, summary)
         return summary
 
@@ -337,7 +373,21 @@ class StoreWriter:
         })
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
-        self.loc.write_bytes_atomic(F.IMAGES_PARQUET, sink.getvalue().to_pybytes())
+        data = sink.getvalue().to_pybytes()
+        self.loc.write_bytes_atomic(F.IMAGES_PARQUET, data)
+        return sha256_bytes(data)
+
+    def _final_array_crcs(self) -> dict[str, int]:
+        """crc32c (decoded bytes) of every array no commit record covers: merged statistics, per-shard moments,
+        head, zero-shot classifiers and (v2) MLP weights, as they read back now, before COMPLETE.json exists.
+        Per-shard moments are covered here too, so a damaged moment shows before it skews a re-finalisation."""
+        names = [f"{F.STATS_GROUP}/{k}" for k in (*F.STATS_ARRAYS, "shard_moments_in", "shard_moments_out",
+                                                   "shard_count")]
+        names += [f"{F.HEAD_GROUP}/{k}" for k in F.HEAD_ARRAYS]
+        names += [f"{F.TEXT_GROUP}/{k}" for k in sorted(self.group[F.TEXT_GROUP].array_keys())]
+        if self.recompute:
+            names += [f"{F.MLP_GROUP}/{k}" for k in F.MLP_WEIGHTS]
+        return {name: crc32c(self.group[name][:]) for name in names}
 
 
 @dataclass
@@ -507,7 +557,7 @@ class ShardWriter:
         with times.stage("commit: wait for its chunk writes"):
             self._wait_chunks()
         with times.stage("commit: per-image rows + moments"):
-            per_image_crcs, check_crc = self._write_per_shard()
+            per_image_crcs, moments_crcs, check_crc = self._write_per_shard()
         with times.stage("commit: fsync"):
             # The activation chunks were fsynced by their writes (_write_chunks), which _wait_chunks waited for:
             # opening and fsyncing them again costs a round trip each on network file systems.
@@ -516,7 +566,7 @@ class ShardWriter:
             "shard": self.shard, "fingerprint": self.store.fingerprint,
             "images": [self.images.start, self.images.stop],
             "rows": [self.images.start * lay.tokens_per_image, self.images.stop * lay.tokens_per_image],
-            "chunk_crc32c": self.chunk_crcs, "per_image_crc32c": per_image_crcs,
+            "chunk_crc32c": self.chunk_crcs, "per_image_crc32c": per_image_crcs, "moments_crc32c": moments_crcs,
             "valid_tokens": self.moments["in"].count, "skipped": {str(k): v for k, v in self.skipped.items()},
             "committed": now(),
         }
@@ -526,7 +576,7 @@ class ShardWriter:
             self.store.loc.write_json_atomic(F.shard_commit_name(self.shard), record)
         return record
 
-    def _write_per_shard(self) -> tuple[dict, int | None]:
+    def _write_per_shard(self) -> tuple[dict, dict, int | None]:
         """The shard's per-image rows, moments and (recompute) check; their crc32c."""
         arr_of = self.store.array  # opened once per store: each group lookup reads the array's metadata
         sl = slice(self.images.start, self.images.stop)
@@ -534,12 +584,15 @@ class ShardWriter:
         for name, arr in self.per_image.items():
             arr_of(name)[sl] = arr
             per_image_crcs[name] = crc32c(arr)
+        moments_crcs = {}
         for side in ("in", "out"):
             m = self.moments[side]
-            arr_of(f"{F.STATS_GROUP}/shard_moments_{side}")[self.shard] = np.stack([m.mean, m.m2])
+            moments = np.stack([m.mean, m.m2]).astype(np.float64)
+            arr_of(f"{F.STATS_GROUP}/shard_moments_{side}")[self.shard] = moments
+            moments_crcs[side] = crc32c(moments)
         arr_of(f"{F.STATS_GROUP}/shard_count")[self.shard] = self.moments["in"].count
         check_crc = None
         if self.check is not None:
             arr_of(F.MLP_OUT_CHECK)[self.shard] = self.check
             check_crc = crc32c(self.check)
-        return per_image_crcs, check_crc
+        return per_image_crcs, moments_crcs, check_crc

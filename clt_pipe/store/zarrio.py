@@ -9,6 +9,7 @@ zarr call per chunk from a thread pool round-trips through zarr's single event-l
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import numpy as np
 import zarr
@@ -19,15 +20,21 @@ from zarr.core.sync import sync
 RowBlock = tuple[zarr.Array, slice, np.ndarray]
 
 
-def read_rows_into(blocks: list[RowBlock]) -> None:
-    """Decode every block straight into its buffer (no intermediate copy), all concurrently."""
+def read_rows_into(blocks: list[RowBlock], after: Callable[[int], None] | None = None) -> None:
+    """Decode every block straight into its buffer (no intermediate copy), all concurrently. ``after(i)`` runs
+    in a worker thread as soon as block ``i`` is decoded (its exception is raised here): a check of the block
+    then overlaps the other blocks' decoding and reads the buffer while it is still in cache."""
     for arr, _rows, out in blocks:
         if out.dtype != arr.dtype:  # zarr would convert values silently (uint16 bf16 bits into float16)
             raise TypeError(f"read_rows_into: {arr.path} is {arr.dtype}, the buffer {out.dtype}")
 
+    async def read_one(i: int, arr: zarr.Array, rows: slice, out: np.ndarray):
+        await arr._async_array.get_orthogonal_selection((rows,), out=NDBuffer.from_numpy_array(out))
+        if after is not None:
+            await asyncio.to_thread(after, i)
+
     async def read_all():
-        await asyncio.gather(*(arr._async_array.get_orthogonal_selection((rows,), out=NDBuffer.from_numpy_array(out))
-                               for arr, rows, out in blocks))
+        await asyncio.gather(*(read_one(i, *block) for i, block in enumerate(blocks)))
 
     sync(read_all())
 
