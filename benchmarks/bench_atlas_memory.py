@@ -64,7 +64,7 @@ def make_synthetic(root: Path, n_images: int) -> dict:
     torch.manual_seed(0)
     run = root / f"clt-{n_images}"
     save_fitted(run, CrossLayerTranscoder(CLTSpec(L, d, 512, "relu_topk", 16)),
-                {"store": {"url": url, "fingerprint": store.meta["fingerprint"], "model": store.model,
+                {"store": {"url": url, "fingerprint": store.meta.fingerprint, "model": store.model,
                            "n_layers": L, "d_model": d}})
     return {"store": url, "clt": str(run), "n_images": n_images}
 

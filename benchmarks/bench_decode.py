@@ -107,7 +107,8 @@ def main() -> None:
         zero()
         recon = None
         for s, w in enumerate(model.W_dec):
-            part = F.embedding_bag(idx[:, s].contiguous(), w.view(n_feat, -1), per_sample_weights=val[:, s].contiguous(),
+            part = F.embedding_bag(idx[:, s].contiguous(), w.view(n_feat, -1),
+                                   per_sample_weights=val[:, s].contiguous(),
                                    mode="sum").view(b, n_layers - s, d)
             if recon is None:
                 recon = part
@@ -142,7 +143,8 @@ def main() -> None:
         fns["embedding_bag"] = decode_embedding_bag
     t = interleaved(fns, args.repeats, device)
     lines = [
-        f"| decode fwd+bwd (zero_grad in place) | {shape} | sparse {t['sparse'] * 1e3:.0f} ms, dense {t['dense'] * 1e3:.0f} ms"
+        f"| decode fwd+bwd (zero_grad in place) | {shape} | sparse {t['sparse'] * 1e3:.0f} ms, "
+        f"dense {t['dense'] * 1e3:.0f} ms"
         + (f", old embedding_bag sparse {t['embedding_bag'] * 1e3:.0f} ms" if "embedding_bag" in t else "")
         + f", of which zero_grad(set_to_none=False) {t['zero_grad'] * 1e3:.0f} ms"
         + f" (median of {args.repeats}) | dense/sparse {t['dense'] / t['sparse']:.1f}x"
@@ -152,7 +154,8 @@ def main() -> None:
         ts = interleaved({"sparse": step("sparse"), "dense": step("dense")}, args.repeats, device)
         lines.append(
             f"| CLT step fwd+bwd (zero_grad in place) | {shape} | sparse {ts['sparse'] * 1e3:.0f} ms, "
-            f"dense {ts['dense'] * 1e3:.0f} ms (median of {args.repeats}) | dense/sparse {ts['dense'] / ts['sparse']:.1f}x |"
+            f"dense {ts['dense'] * 1e3:.0f} ms (median of {args.repeats}) | "
+            f"dense/sparse {ts['dense'] / ts['sparse']:.1f}x |"
         )
     for line in lines:
         print(line)

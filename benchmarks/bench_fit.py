@@ -8,8 +8,8 @@ short ``--dead-tokens`` (default: two batches) so AuxK is active in the timed st
 AdamW, dead-latent counters) is timed in interleaved blocks of steps fed by:
 
 1. **product**: the trainer's own ``ChunkLoader`` (default shuffle window and memory budget, the device data
-   path) reading a synthetic store (clt_pipe/testing/synthstore.py ``CrossLayerData``: a sparse cross-layer dictionary of 48
-   features, so that many CLT latents go quiet and AuxK has dead latents to work on; default codec);
+   path) reading a synthetic store (clt_pipe/testing/synthstore.py ``CrossLayerData``: a sparse cross-layer
+   dictionary of 48 features, so that many CLT latents go quiet and AuxK has dead latents to work on; default codec);
 2. **preloaded**: the same store's rows already on the device (fp16), batches by random index widened to
    float32 there: no host work at all;
 3. **preloaded, --aux-k 0**: the same, with AuxK off (the only other difference), for the AuxK cost.
@@ -204,7 +204,8 @@ def main() -> None:
     if args.write:
         append_result(f"| bench_fit | {sizes} | product {med['product']:.2f}, preloaded {med['preloaded']:.2f}, "
                       f"AuxK off {med['preloaded_aux0']:.2f} steps/s{line} | product/preloaded "
-                      f"{med['product'] / med['preloaded']:.3f}, AuxK on/off {med['preloaded'] / med['preloaded_aux0']:.3f} |")
+                      f"{med['product'] / med['preloaded']:.3f}, "
+                      f"AuxK on/off {med['preloaded'] / med['preloaded_aux0']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
     python benchmarks/bench_loader.py [--images 1400] [--repeats 5] [--fit-steps 15] [--write]
 
-One synthetic store (clt_pipe/testing/synthstore.py, Gaussian fp16 rows, the default blosc-lz4-bitshuffle codec, no ViT) of
-``images x tokens`` rows of ``L x d`` (defaults: 1400 x 50 rows, L 6, d 128: ~215 MB of mlp_in + mlp_out,
+One synthetic store (clt_pipe/testing/synthstore.py, Gaussian fp16 rows, the default blosc-lz4-bitshuffle codec,
+no ViT) of ``images x tokens`` rows of ``L x d`` (defaults: 1400 x 50 rows, L 6, d 128: ~215 MB of mlp_in + mlp_out,
 chunks of --chunk-mb) is written to --dir once (reused when it already has these settings).
 Everything is read from a warm page cache (the files were just written; nothing drops caches).
 
@@ -15,7 +15,8 @@ Everything is read from a warm page cache (the files were just written; nothing 
    converted to float32 tensors exactly as the loader does. No permutation, no gather, no decode, no
    threads: the bytes-to-batches floor. Ratio = loader / memmap (goal >= 0.9).
 2. Fit steps/s, AuxK active (dead_tokens = two batches, as in bench_fit.py). ``Trainer.train_step``
-   (relu_topk CLT, expansion --expansion, batch --batch) fed by the store's ``ChunkLoader`` vs. fed from the same rows preloaded as fp16 tensors with batches by random index
+   (relu_topk CLT, expansion --expansion, batch --batch) fed by the store's ``ChunkLoader`` vs. fed from the
+   same rows preloaded as fp16 tensors with batches by random index
    (``X[randint]`` -> float32). Both trainers are built once; blocks of --fit-steps steps alternate and the
    medians are compared. Ratio = loader / preloaded (goal >= 0.95).
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_common import append_result, machine  # noqa: E402
 from clt_pipe.analyze import substitution as SU  # noqa: E402
 from clt_pipe.analyze import zeroshot as ZS  # noqa: E402
-from clt_pipe.backbone.loading import load_backbone
+from clt_pipe.backbone.loading import load_backbone  # noqa: E402
 from clt_pipe.device import resolve_device  # noqa: E402
 from clt_pipe.clt.model import CrossLayerTranscoder  # noqa: E402
 from clt_pipe.clt.spec import CLTSpec  # noqa: E402

@@ -15,7 +15,6 @@ import inspect
 import json
 import sys
 import typing
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
@@ -103,8 +102,6 @@ def _io_errors(stage: str, out: str):
     naming its cause; what was written before stays (checkpoints resume)."""
     from clt_pipe.errors import describe_io_error
 
-    if out and Path(out).exists() and not Path(out).is_dir():
-        raise CltPipeError(f"{stage}: --out {out} is a file, not a directory")
     try:
         yield
     except OSError as e:
@@ -251,7 +248,8 @@ def export_cmd(clt: str = typer.Argument(..., help="Fitted CLT directory (fit --
     agr = summary.get("agreement")
     if agr:
         console.print(f"agreement on {agr['n_rows']} held-out store rows, read by {summary['reader']}:")
-        for key, label in (("r2_vs_ours", "R² circuit-tracer vs ours"), ("r2_vs_targets", "R² circuit-tracer vs targets"),
+        for key, label in (("r2_vs_ours", "R² circuit-tracer vs ours"),
+                           ("r2_vs_targets", "R² circuit-tracer vs targets"),
                            ("r2_ours_vs_targets", "R² ours vs targets"), ("l0_ours", "L0 ours"),
                            ("l0_circuit_tracer", "L0 circuit-tracer")):
             v = agr["summary"][key]

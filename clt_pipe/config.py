@@ -53,7 +53,8 @@ class HarvestConfig:
     store: str = opt(f"{DEFAULT_STORE_ROOT}/default.zarr", 'Store: local path or fsspec URL (s3://bucket/key)')
     tokens: str = opt("all", 'cls | patches | all | cls+K (CLS plus K random patches per image)')
     dtype: str = opt("fp16", 'fp16 | bf16 (bf16 is stored as its uint16 bit pattern, see storage/FORMAT.md)')
-    compressor: str = opt("blosc-lz4-bitshuffle", 'none | blosc-lz4-bitshuffle | blosc-lz4-shuffle | blosc-zstd-bitshuffle')
+    compressor: str = opt("blosc-lz4-bitshuffle",
+                          'none | blosc-lz4-bitshuffle | blosc-lz4-shuffle | blosc-zstd-bitshuffle')
     chunk_mb: float = opt(16.0, 'target uncompressed chunk size along the token axis')
     chunks_per_shard: int = opt(4, 'a shard (commit unit) is this many chunks')
     batch_size: int = opt(64, 'Images (harvest/analyze) or token rows (fit) per batch')
@@ -61,7 +62,8 @@ class HarvestConfig:
     precision: str = opt("auto", 'auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16')
     limit: int = opt(0, '0 = every image of the split')
     seed: int = opt(0, 'picks the random patches of cls+K')
-    template_sets: list[str] = opt(lambda: ["single", "ensemble"], 'Zero-shot template sets embedded in the store (comma-separated)', factory=True)
+    template_sets: list[str] = opt(lambda: ["single", "ensemble"],
+                                   'Zero-shot template sets embedded in the store (comma-separated)', factory=True)
     coco_label_rule: str = opt("largest_area", 'largest_area | most_instances | first_annotation')
     on_bad_image: str = opt("fail", 'fail | skip (skipped images are recorded, their rows stay NaN)')
     data_workers: int = opt(2, 'threads decoding/preprocessing images')
@@ -180,14 +182,27 @@ class AnalyzeConfig:
     out: str = opt("runs/report", 'Output directory')
     data_root: str = opt("", 'needed by closed-loop substitution (re-runs the ViT on the images)')
     split: str = opt("", "split for closed-loop images; default: the store's split")
-    only: list[str] = opt(lambda: list(ANALYZE_PARTS), 'Parts to run, comma-separated: ' + ', '.join(ANALYZE_PARTS), factory=True)
+    only: list[str] = opt(lambda: list(ANALYZE_PARTS), 'Parts to run, comma-separated: ' + ', '.join(ANALYZE_PARTS),
+                          factory=True)
     template_set: str = opt("single", 'Zero-shot template set stored in the store (single | ensemble)')
-    windows: list[str] = opt(lambda: ["0-11", "3-11", "7-11", "10-11"], 'Substitution windows FIRST-LAST (inclusive layer indices; clipped or rescaled for shallower models)', factory=True)
-    window_tokens: list[str] = opt(lambda: ["cls", "all"], 'Token types substituted in closed-loop windows (cls | patches | all)', factory=True)
-    sources_before_window: bool = opt(True, "True: substituted layers get the CLT's full reconstruction (sources 0..j, earlier layers encoded from their live inputs) | False: only sources inside the window write")
-    ablation_rank: str = opt("attribution", "attribution (each layer's share of the summed MLP write into the final residual) | final_layer (share of the last layer's reconstruction) | fvu (worst reconstructed first)")
+    windows: list[str] = opt(lambda: ["0-11", "3-11", "7-11", "10-11"],
+                             'Substitution windows FIRST-LAST (inclusive layer indices; '
+                             'clipped or rescaled for shallower models)', factory=True)
+    window_tokens: list[str] = opt(lambda: ["cls", "all"],
+                                   'Token types substituted in closed-loop windows (cls | patches | all)', factory=True)
+    sources_before_window: bool = opt(True,
+                                      "True: substituted layers get the CLT's full reconstruction (sources 0..j, "
+                                      "earlier layers encoded from their live inputs) | "
+                                      "False: only sources inside the window write")
+    ablation_rank: str = opt("attribution",
+                             "attribution (each layer's share of the summed MLP write into the final residual) | "
+                             "final_layer (share of the last layer's reconstruction) | "
+                             "fvu (worst reconstructed first)")
     ablation_keep: int = opt(4, 'Layers kept by the keep-top-k ablation')
-    ablation_mode: str = opt("features", "features: a dropped layer's CLT features write into no target (every MLP replaced) | true: a dropped layer's MLP keeps its real output | zero: a dropped layer's MLP outputs 0")
+    ablation_mode: str = opt("features",
+                             "features: a dropped layer's CLT features write into no target (every MLP replaced) | "
+                             "true: a dropped layer's MLP keeps its real output | "
+                             "zero: a dropped layer's MLP outputs 0")
     retrieval_queries: int = opt(6, 'Query images for the retrieval grids')
     retrieval_k: int = opt(5, 'Neighbours shown per query and layer')
     max_images: int = opt(0, 'cap on images for closed-loop parts (0 = all in the store)')
@@ -195,7 +210,8 @@ class AnalyzeConfig:
     batch_size: int = opt(64, 'Images (harvest/analyze) or token rows (fit) per batch')
     device: str = opt("auto", 'auto | cpu | cuda | cuda:N')
     read_threads: int = opt(4, 'Threads decoding store chunks')
-    atlas_features: list[str] = opt(list, 'atlas: features always shown, LAYER:FEATURE comma-separated (e.g. 3:17,5:2)', factory=True)
+    atlas_features: list[str] = opt(list, 'atlas: features always shown, LAYER:FEATURE comma-separated '
+                                          '(e.g. 3:17,5:2)', factory=True)
     atlas_top_per_layer: int = opt(8, 'atlas: features shown per layer, ranked by mean activation over all tokens')
     atlas_top_images: int = opt(8, 'atlas: top images (by max activation over tokens) kept per feature')
 
@@ -240,7 +256,8 @@ class AtlasConfig:
     clt: str = opt("runs/clt", 'Directory of a fitted CLT (clt-pipe fit --out)')
     out: str = opt("runs/report", 'Output directory; the atlas goes to OUT/atlas/')
     data_root: str = opt("", "Dataset root for thumbnails; default: the store's recorded data_root")
-    features: list[str] = opt(list, 'Features always shown, LAYER:FEATURE comma-separated (e.g. 3:17,5:2)', factory=True)
+    features: list[str] = opt(list, 'Features always shown, LAYER:FEATURE comma-separated (e.g. 3:17,5:2)',
+                              factory=True)
     top_per_layer: int = opt(8, 'Features shown per layer, ranked by mean activation over all tokens')
     top_images: int = opt(8, 'Top images (by max activation over tokens) kept per feature')
     thumb_px: int = opt(96, 'Thumbnail size in pixels')

@@ -18,6 +18,9 @@ def check(cfg: HarvestConfig | FitConfig | AnalyzeConfig, *, made_upstream: bool
     from clt_pipe.device import resolve_device
 
     resolve_device(cfg.device)
+    out = getattr(cfg, "out", "")
+    if out and Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"out: --out {out} is a file, not a directory")
     if isinstance(cfg, HarvestConfig):
         _harvest(cfg)
     elif made_upstream:

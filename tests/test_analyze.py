@@ -417,7 +417,8 @@ def test_drop_layer_is_the_same_operation_for_every_layer(env):
     for i in range(L):
         v = stub.v
         expected = {
-            # features: source i gone everywhere: its own MLP keeps only earlier sources' writes, later ones lose v[i, j]
+            # features: source i gone everywhere: its own MLP keeps only earlier sources' writes,
+            # later ones lose v[i, j]
             "features": _embed_with(bb, x, {i: lambda o, i=i: torch.zeros_like(o) + v[:i, i].sum(0),
                                             **{j: (lambda o, i=i, j=j: o - v[i, j]) for j in range(i + 1, L)}}),
             "zero": _embed_with(bb, x, {i: torch.zeros_like}),

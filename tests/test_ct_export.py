@@ -35,7 +35,8 @@ try:
     CT_WHY = ""
 except Exception as e:  # noqa: BLE001 - any import failure means: skip, and say why
     HAVE_CT = False
-    CT_WHY = f"circuit-tracer is not importable ({type(e).__name__}: {e}); pip install -c constraints.txt circuit-tracer"
+    CT_WHY = (f"circuit-tracer is not importable ({type(e).__name__}: {e}); "
+              "pip install -c constraints.txt circuit-tracer")
 
 
 @pytest.fixture(autouse=True)

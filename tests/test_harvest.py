@@ -169,7 +169,7 @@ def reference(folder, ckpt) -> dict:
     return direct_capture(model, preprocess, folder["paths"])
 
 
-# ------------------------------------------------------------------------------------------ cached pieces reproduce the model
+# ------------------------------------------------------------------------------------ cached pieces reproduce the model
 
 
 def test_cls_residual_is_sum_of_cached_pieces(base_store, folder, ckpt):
@@ -381,7 +381,8 @@ def test_bf16_round_trip(tmp_path, base_store, folder, ckpt, reference):
         want_bits = want.view(torch.int16).numpy().view(np.uint16)
         dec = bf16_decode(bits)
         # decoding is exact: re-encoding the decoded floats gives the stored bits back
-        np.testing.assert_array_equal(torch.from_numpy(dec).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), bits)
+        np.testing.assert_array_equal(
+            torch.from_numpy(dec).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), bits)
         # and the stored bits are the reference values rounded to bf16 (allow 1 ulp for fp32 noise)
         diff = np.abs(bits.astype(np.int32) - want_bits.astype(np.int32))
         assert diff.max() <= 1 and (diff == 0).mean() > 0.99

@@ -42,7 +42,8 @@ def test_claimed_python_is_one_every_dependency_supports():
             continue
         if needs:
             checked.append(name)
-            assert f"{lowest}.0" in SpecifierSet(needs), f"requires-python {claim} admits {lowest}, {name} needs {needs}"
+            assert f"{lowest}.0" in SpecifierSet(needs), \
+                f"requires-python {claim} admits {lowest}, {name} needs {needs}"
     assert "zarr" in checked
 
 

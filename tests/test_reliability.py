@@ -104,7 +104,8 @@ def fit_args(url, out) -> list[str]:
 def test_flipped_activation_chunk_stops_every_reader(store, capsys, monkeypatch, tmp_path):
     flip(chunk_file(store, F.MLP_IN, 3))
     s = ActivationStore(str(store))
-    with pytest.raises(StoreError, match=r"chunk 3 of mlp_in \(shard 1\) does not match its commit checksum.*store repair"):
+    with pytest.raises(StoreError,
+                       match=r"chunk 3 of mlp_in \(shard 1\) does not match its commit checksum.*store repair"):
         s.read_chunk(3)
     s.read_chunk(0)  # the good chunks still read
     from clt_pipe.analyze.stream import iter_chunks

@@ -76,7 +76,7 @@ def report(tmp_path_factory):
     store = ActivationStore(store_url)
     torch.manual_seed(1)
     clt = CrossLayerTranscoder(CLTSpec(store.n_layers, store.d_model, 128, "relu_topk", 8))
-    save_fitted(root / "clt", clt, {"store": {"url": store_url, "fingerprint": store.meta["fingerprint"],
+    save_fitted(root / "clt", clt, {"store": {"url": store_url, "fingerprint": store.meta.fingerprint,
                                               "model": store.model, "n_layers": store.n_layers,
                                               "d_model": store.d_model}})
     cfg = build(AnalyzeConfig, {"store": store_url, "clt": str(root / "clt"), "out": str(root / "report"),

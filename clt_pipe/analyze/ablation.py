@@ -68,7 +68,8 @@ def rank_layers(rule: str, tokens: TokenType, attribution: dict | None, fidelity
     return order, [float(s) for s in scores]
 
 
-def drop_plan(name: str, tokens: TokenType, n_layers: int, dropped: list[int], mode: str, meta: dict | None = None) -> Plan:
+def drop_plan(name: str, tokens: TokenType, n_layers: int, dropped: list[int], mode: str,
+              meta: dict | None = None) -> Plan:
     """The replacement model with the layers in ``dropped`` ablated as ``mode`` says (module docstring)."""
     if mode not in MODES:
         raise CltPipeError(f"ablation_mode: {mode!r} is not one of {', '.join(MODES)}")

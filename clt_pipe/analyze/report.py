@@ -289,7 +289,8 @@ def write_html(path: Path, results: dict, settings: dict, identity: dict, tables
     parts.append(f"<p>Store <code>{html.escape(str(st['url']))}</code> — model "
                  f"{html.escape(str(st['model'].get('name')))} ({st['model'].get('n_layers')} layers × "
                  f"{st['model'].get('d_model')}), dataset {html.escape(str(st['dataset'].get('name')))}/"
-                 f"{html.escape(str(st['dataset'].get('split')))}; CLT <code>{html.escape(str(identity['clt']['path']))}"
+                 f"{html.escape(str(st['dataset'].get('split')))}; "
+                 f"CLT <code>{html.escape(str(identity['clt']['path']))}"
                  f"</code> ({html.escape(json.dumps(identity['clt']['spec']))})</p>")
     for n in results.get("notes", []):
         parts.append(f"<p><strong>Note:</strong> {html.escape(n)}</p>")

@@ -9,10 +9,11 @@ A ``Plan`` says, per layer, what the MLP output at the selected token positions 
 
 Which sources write is the source rule (``clt_pipe.analyze.sources``): sources i < ``source_floor`` and those in
 ``dropped_sources`` do not write (None in ``decode_to``); window plans use floor 0 by default (the CLT's full
-reconstruction) and the window's first layer with ``sources_before_window = false``. Token types: ``cls`` = position 0, ``patches`` =
-1..N−1, ``all`` = every position. Forward hooks on ``ln_2`` (encode) and ``mlp`` (replace); nothing else of the
-model changes. The CLT object only needs ``encode_layer(x [N, d], layer)`` and ``decode_to(list, target)``,
-so a stub with the same interface can stand in (the tests use one that returns the true MLP output).
+reconstruction) and the window's first layer with ``sources_before_window = false``. Token types: ``cls`` =
+position 0, ``patches`` = 1..N−1, ``all`` = every position. Forward hooks on ``ln_2`` (encode) and ``mlp``
+(replace); nothing else of the model changes. The CLT object only needs ``encode_layer(x [N, d], layer)`` and
+``decode_to(list, target)``, so a stub with the same interface can stand in (the tests use one that returns the
+true MLP output).
 
 The model runs in fp32 (autocast disabled) so substituted and baseline passes share arithmetic.
 """

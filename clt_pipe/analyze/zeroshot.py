@@ -17,8 +17,8 @@ the baseline recomputed from ``resid_final`` with the stored head are reported; 
 the latter (same arithmetic, so an exact CLT reproduces it bit for bit).
 
 Windows are "first-last" layer ranges. The defaults are written for 12-layer ViTs: when a window ends past
-the store's last layer, every window is rescaled by (L−1)/max_end (start rounded down, end to nearest; e.g. 6 layers: 0-11→0-5,
-3-11→1-5, 7-11→3-5, 10-11→4-5); duplicates are dropped and the mapping is recorded.
+the store's last layer, every window is rescaled by (L−1)/max_end (start rounded down, end to nearest; e.g.
+6 layers: 0-11→0-5, 3-11→1-5, 7-11→3-5, 10-11→4-5); duplicates are dropped and the mapping is recorded.
 """
 
 from __future__ import annotations

@@ -90,7 +90,8 @@ def asset_config_path() -> Path:
 
 
 def default_cache_dir(seed: int = 0) -> Path:
-    """``$CLT_PIPE_CACHE/tiny-clip-seed{seed}`` if the variable is set, else ``~/.cache/clt-pipe/tiny-clip-seed{seed}``."""
+    """``$CLT_PIPE_CACHE/tiny-clip-seed{seed}`` if the variable is set,
+    else ``~/.cache/clt-pipe/tiny-clip-seed{seed}``."""
     root = os.environ.get("CLT_PIPE_CACHE")
     base = Path(root).expanduser() if root else Path.home() / ".cache" / "clt-pipe"
     return base / f"tiny-clip-seed{seed}"

@@ -285,7 +285,8 @@ class StoreWriter:
         if F.HEAD_GROUP not in g or F.TEXT_GROUP not in g:
             return True
         have_head = set(g[F.HEAD_GROUP].array_keys()) >= {"ln_post_weight", "ln_post_bias", "proj"}
-        if self.recompute and (F.MLP_GROUP not in g or set(g[F.MLP_GROUP].attrs.get("crc32c", {})) != set(F.MLP_WEIGHTS)):
+        if self.recompute and (F.MLP_GROUP not in g
+                               or set(g[F.MLP_GROUP].attrs.get("crc32c", {})) != set(F.MLP_WEIGHTS)):
             return True
         return not have_head or not set(template_sets) <= set(g[F.TEXT_GROUP].array_keys())
 

@@ -105,7 +105,8 @@ def finish_atlas(store, clt, scan: dict, out: str | Path, *, listed: list[str], 
         features.append({
             "layer": layer, "feature": f, "listed": is_listed, "score": float(scan["score"][layer, f]),
             "density_cls": _ratio(fired["cls"], nt["cls"]), "density_patches": _ratio(fired["patches"], nt["patches"]),
-            "mean_act_cls": _ratio(mass["cls"], fired["cls"]), "mean_act_patches": _ratio(mass["patches"], fired["patches"]),
+            "mean_act_cls": _ratio(mass["cls"], fired["cls"]),
+            "mean_act_patches": _ratio(mass["patches"], fired["patches"]),
             "footprint": [float(v) for v in EF.footprint(clt, layer, f)],
             "logits": lens.feature_effects(clt, layer, f), "images": images,
         })
