@@ -1,5 +1,6 @@
 """Test-wide settings: never touch the network, keep torch to the machine's cores."""
 
+import contextlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,3 +30,68 @@ def tiny_clip_one_epoch(tmp_path_factory):
     from clt_pipe.demo import tinyclip as tc
 
     return tc.train_tiny_clip(tmp_path_factory.mktemp("tiny-clip-1ep"), seed=0, epochs=1)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models: one intra-op thread is ~10x faster than two fighting other processes."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def run_cli(capsys, monkeypatch, args: list[str]) -> tuple[int, str, str]:
+    """Run the real `clt-pipe` entry point in-process; (exit code, stdout, stderr)."""
+    import sys
+
+    from clt_pipe.cli import main
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["clt-pipe", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> str:
+    """A failed command printed exactly one ``error:`` line, no traceback, naming every needle."""
+    assert code != 0
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip().startswith("error:")]
+    assert len(lines) == 1, err
+    for n in needles:
+        assert n.lower() in lines[0].lower(), lines[0]
+    return lines[0]
+
+
+@contextlib.contextmanager
+def moto_s3(bucket: str):
+    """A local S3 server (moto, on 127.0.0.1 only) with ``bucket`` made; the S3 environment points at it
+    while the context lasts. Yields the s3fs file system."""
+    import logging
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    mp = pytest.MonkeyPatch()
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+        mp.setenv(k, v)
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        fs = s3fs.S3FileSystem()
+        fs.mkdir(bucket)
+        yield fs
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()
+        mp.undo()

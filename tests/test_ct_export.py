@@ -39,12 +39,7 @@ except Exception as e:  # noqa: BLE001 - any import failure means: skip, and say
               "pip install -c constraints.txt circuit-tracer")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

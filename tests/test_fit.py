@@ -31,13 +31,7 @@ L, D, T = 4, 32, 8
 TIMING_FIELDS = ("time", "steps_per_s", "tokens_per_s")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is ~10x faster than two fighting other processes."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class RowIdRows:

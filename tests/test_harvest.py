@@ -29,6 +29,7 @@ from clt_pipe.config import HarvestConfig, build
 from clt_pipe.errors import ConfigError, StoreError
 from clt_pipe.harvest.run import run_harvest
 from clt_pipe.store.reader import ActivationStore
+from tests.conftest import assert_one_line_error, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "clt_pipe" / "demo" / "assets" / "tiny-clip.json"
@@ -56,32 +57,6 @@ def cli_args(store, folder, ckpt, *extra) -> list[str]:
     return ["harvest", "--model", str(TINY), "--pretrained", str(ckpt), "--dataset", "imagefolder",
             "--data-root", str(folder), "--store", str(store), "--chunk-mb", "0.02", "--chunks-per-shard", "2",
             "--batch-size", "4", "--template-sets", "single", *extra]
-
-
-def run_cli(capsys, monkeypatch, args: list[str]) -> tuple[int, str, str]:
-    """Run the real `clt-pipe` entry point in-process; (exit code, stdout, stderr)."""
-    from clt_pipe.cli import main
-
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["clt-pipe", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> str:
-    assert code != 0
-    assert "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.strip().startswith("error:")]
-    assert len(lines) == 1, err
-    line = lines[0]
-    for n in needles:
-        assert n.lower() in line.lower(), line
-    return line
 
 
 def snapshot(path: Path) -> dict:

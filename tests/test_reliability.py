@@ -26,34 +26,11 @@ from clt_pipe.store.inspect import repair_store, store_info, verify_store
 from clt_pipe.store.reader import ActivationStore
 from clt_pipe.store.zarrio import chunk_key
 from clt_pipe.testing.synthstore import RandomRows, write_store
+from tests.conftest import assert_one_line_error, moto_s3, run_cli
 
 T, L, D = 4, 2, 8
 IMAGES_PER_CHUNK = 16
 CHUNK_MB = IMAGES_PER_CHUNK * T * L * D * 2 / 2**20
-
-
-def run_cli(capsys, monkeypatch, args: list[str]) -> tuple[int, str, str]:
-    from clt_pipe.cli import main
-
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["clt-pipe", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> str:
-    assert code != 0
-    assert "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.strip().startswith("error:")]
-    assert len(lines) == 1, err
-    for n in needles:
-        assert n.lower() in lines[0].lower(), lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -420,27 +397,8 @@ def test_two_identical_harvests_at_once(tmp_path, tiny_model_config):
 # ---- S3 (moto server, like tests/test_s3.py) --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def s3():
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    mp = pytest.MonkeyPatch()
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                 "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
-        mp.setenv(k, v)
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem()
-    fs.mkdir("rel-bucket")
-    yield fs
-    s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
-    mp.undo()
+    with moto_s3("rel-bucket") as fs:
+        yield fs
 
 
 def test_s3_prefix_with_other_objects_is_refused(s3):

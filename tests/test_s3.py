@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 from clt_pipe.testing.fakedata import make_fake_imagefolder
@@ -13,28 +11,13 @@ from clt_pipe.harvest.run import run_harvest
 from clt_pipe.store.inspect import verify_store
 from clt_pipe.store.loader import ChunkLoader
 from clt_pipe.store.reader import ActivationStore
+from tests.conftest import moto_s3
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    from moto.server import ThreadedMotoServer
-
-    mp = pytest.MonkeyPatch()
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                 "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
-        mp.setenv(k, v)
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-    s3fs.S3FileSystem().mkdir("team-bucket")
-    yield "s3://team-bucket"
-    s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
-    mp.undo()
+def s3():
+    with moto_s3("team-bucket"):
+        yield "s3://team-bucket"
 
 
 def test_harvest_to_s3_then_verify_and_stream(s3, tmp_path, tiny_model_config):

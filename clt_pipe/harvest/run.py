@@ -112,4 +112,5 @@ def _fill_store(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, writer:
     records = [dataset.record(i) for i in range(lay.n_images)]
     summary = writer.finalize(records, dataset.split)
     parts["finalize"] = time.perf_counter() - t
+    summary.pop("checksums", None)  # COMPLETE.json's record of every finalised array: for readers, not people
     return {**summary, **counters, "resumed_shards": resumed, "store": cfg.store}
