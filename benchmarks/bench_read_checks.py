@@ -123,7 +123,7 @@ def main() -> None:
     url = build_store(args)
     checked, unchecked = ActivationStore(url), ActivationStore(url, check_reads=False)
     lay = checked.layout
-    sizes = (f"{lay.n_tokens} rows L={lay.n_layers} d={lay.d_model}, {checked.meta['activations']['compressor']}, "
+    sizes = (f"{lay.n_tokens} rows L={lay.n_layers} d={lay.d_model}, {checked.meta.activations.compressor}, "
              f"{lay.n_chunks} chunks of {lay.rows_per_chunk} rows, B={args.batch}, window {args.shuffle_chunks} "
              f"chunks, {args.read_threads} read threads, {os.cpu_count()} cores ({platform.machine()}, shared)")
     print(sizes)
