@@ -36,3 +36,18 @@ def append_result(line: str) -> None:
     stamp = datetime.date.today().isoformat()
     with BENCH_FILE.open("a") as fh:
         fh.write(line.rstrip() + f" <!-- {stamp}, {machine()} -->\n")
+
+
+def add_store_args(ap, default_dir: str) -> None:
+    """The synthetic store (clt_pipe/testing/synthstore.py) and loader options the loader benchmarks share; the
+    loader's defaults are the shipped ones (auto shuffle window, default codec)."""
+    ap.add_argument("--dir", default=default_dir)
+    ap.add_argument("--images", type=int, default=1400)
+    ap.add_argument("--tokens", type=int, default=50)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--chunk-mb", type=float, default=4.0)
+    ap.add_argument("--compressor", default="blosc-lz4-bitshuffle")
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--shuffle-chunks", type=int, default=0, help="0 = the shipped auto window")
+    ap.add_argument("--read-threads", type=int, default=4)

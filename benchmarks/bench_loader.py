@@ -43,7 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_common import sync  # noqa: E402
+from bench_common import add_store_args, sync  # noqa: E402
 from clt_pipe.config import FitConfig, build  # noqa: E402
 from clt_pipe.fit.trainer import Trainer  # noqa: E402
 from clt_pipe.store import format as F  # noqa: E402
@@ -183,16 +183,7 @@ def time_steps(trainer: Trainer, batches, n: int, waits: list | None = None) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dir", default="/tmp/clt_bench_loader")
-    ap.add_argument("--images", type=int, default=1400)
-    ap.add_argument("--tokens", type=int, default=50)
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--d-model", type=int, default=128)
-    ap.add_argument("--chunk-mb", type=float, default=4.0)
-    ap.add_argument("--compressor", default="blosc-lz4-bitshuffle")
-    ap.add_argument("--batch", type=int, default=512)
-    ap.add_argument("--shuffle-chunks", type=int, default=0, help="0 = the shipped auto window")
-    ap.add_argument("--read-threads", type=int, default=4)
+    add_store_args(ap, "/tmp/clt_bench_loader")
     ap.add_argument("--expansion", type=int, default=8)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)

@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_common import append_result  # noqa: E402
+from bench_common import add_store_args, append_result  # noqa: E402
 from clt_pipe.checksums import crc32c  # noqa: E402
 from clt_pipe.store.loader import ChunkLoader  # noqa: E402
 from clt_pipe.store.reader import ActivationStore  # noqa: E402
@@ -69,13 +69,13 @@ def loader_epoch(store: ActivationStore, args, seed: int) -> float:
 
 
 def window_reads(checked: ActivationStore, unchecked: ActivationStore, args) -> tuple[float, float, float]:
-    """The part the checks change, alone: decode a window of --shuffle-chunks whole chunks into buffers (one
+    """The part the checks change, alone: decode one loader window of whole chunks into buffers (one
     ``read_chunks_into`` call, as the loader does), checked vs unchecked, 4 x --repeats interleaved pairs.
     Returns the median rows/s of each and the median of paired ratios."""
     import numpy as np
 
     lay = checked.layout
-    chunks = list(range(min(args.shuffle_chunks, lay.n_chunks)))
+    chunks = list(range(min(args.window_chunks, lay.n_chunks)))
     rows = sum(len(lay.chunk_rows(c)) for c in chunks)
     shape = (rows, lay.n_layers, lay.d_model)
     x, y = np.empty(shape, np.float16), np.empty(shape, np.float16)
@@ -104,16 +104,7 @@ def window_reads(checked: ActivationStore, unchecked: ActivationStore, args) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dir", default="/tmp/clt_bench_read_checks")
-    ap.add_argument("--images", type=int, default=1400)
-    ap.add_argument("--tokens", type=int, default=50)
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--d-model", type=int, default=128)
-    ap.add_argument("--chunk-mb", type=float, default=4.0)
-    ap.add_argument("--compressor", default="blosc-lz4-bitshuffle")
-    ap.add_argument("--batch", type=int, default=512)
-    ap.add_argument("--shuffle-chunks", type=int, default=8)
-    ap.add_argument("--read-threads", type=int, default=4)
+    add_store_args(ap, "/tmp/clt_bench_read_checks")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch intra-op threads")
     ap.add_argument("--write", action="store_true", help="append the result to benchmarks/BENCHMARKS.md")
@@ -123,8 +114,11 @@ def main() -> None:
     url = build_store(args)
     checked, unchecked = ActivationStore(url), ActivationStore(url, check_reads=False)
     lay = checked.layout
+    probe = ChunkLoader(checked, args.batch, shuffle_chunks=args.shuffle_chunks, read_threads=1)
+    args.window_chunks = probe.shuffle_chunks  # the loader's own window (auto-sized at the shipped default 0)
+    probe.close()
     sizes = (f"{lay.n_tokens} rows L={lay.n_layers} d={lay.d_model}, {checked.meta.activations.compressor}, "
-             f"{lay.n_chunks} chunks of {lay.rows_per_chunk} rows, B={args.batch}, window {args.shuffle_chunks} "
+             f"{lay.n_chunks} chunks of {lay.rows_per_chunk} rows, B={args.batch}, window {args.window_chunks} "
              f"chunks, {args.read_threads} read threads, {os.cpu_count()} cores ({platform.machine()}, shared)")
     print(sizes)
     x = checked.read_chunk(0)[0]
@@ -156,7 +150,7 @@ def main() -> None:
             f"median of paired ratios {paired:.3f} ({verdict}, goal >= 0.95; ratio of medians {ma / mb:.3f}; "
             f"{args.repeats} epochs each) |")
     wa, wb, wp = window_reads(checked, unchecked, args)
-    wline = (f"| window decode rows/s (read_chunks_into, {args.shuffle_chunks} chunks), read checks on / off "
+    wline = (f"| window decode rows/s (read_chunks_into, {args.window_chunks} chunks), read checks on / off "
              f"(bench_read_checks.py) | {sizes} | {wa:,.0f} / {wb:,.0f} | median of paired ratios {wp:.3f} "
              f"({'met' if wp >= 0.95 else 'MISSED'}, goal >= 0.95; ratio of medians {wa / wb:.3f}; "
              f"{4 * args.repeats} pairs) |")
