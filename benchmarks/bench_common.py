@@ -51,3 +51,23 @@ def add_store_args(ap, default_dir: str) -> None:
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--shuffle-chunks", type=int, default=0, help="0 = the shipped auto window")
     ap.add_argument("--read-threads", type=int, default=4)
+
+
+def loader_epoch(store, args, seed: int) -> tuple[int, float]:
+    """One epoch of the shipped loader over ``store`` with the benchmark's options: (rows, seconds)."""
+    import time
+
+    from clt_pipe.store.loader import ChunkLoader
+
+    loader = ChunkLoader(store, args.batch, seed=seed, shuffle_chunks=args.shuffle_chunks,
+                         read_threads=args.read_threads)
+    n_batches, t0 = 0, time.perf_counter()
+    it = iter(loader)
+    while True:
+        next(it)
+        if loader.state_dict()["epoch"] > 0:
+            break
+        n_batches += 1
+    seconds = time.perf_counter() - t0
+    loader.close()
+    return n_batches * args.batch, seconds

@@ -43,7 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_common import add_store_args, sync  # noqa: E402
+from bench_common import add_store_args, loader_epoch, sync  # noqa: E402
 from clt_pipe.config import FitConfig, build  # noqa: E402
 from clt_pipe.fit.trainer import Trainer  # noqa: E402
 from clt_pipe.store import format as F  # noqa: E402
@@ -80,22 +80,6 @@ def build_store(args) -> tuple[str, Path, Path]:
         stamp.write_text(json.dumps(key))
         print(f"wrote {url} and the .npy copies in {time.perf_counter() - t0:.1f}s")
     return url, npy[0], npy[1]
-
-
-def loader_epoch(store: ActivationStore, args, seed: int) -> tuple[int, float]:
-    loader = ChunkLoader(store, args.batch, seed=seed, shuffle_chunks=args.shuffle_chunks,
-                         read_threads=args.read_threads)
-    n_batches = 0
-    t0 = time.perf_counter()
-    it = iter(loader)
-    while True:
-        next(it)
-        if loader.state_dict()["epoch"] > 0:
-            break
-        n_batches += 1
-    dt_ = time.perf_counter() - t0
-    loader.close()
-    return n_batches * args.batch, dt_
 
 
 def device_epoch(store: ActivationStore, args) -> None:

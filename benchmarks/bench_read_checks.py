@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_common import add_store_args, append_result  # noqa: E402
+from bench_common import add_store_args, append_result, loader_epoch  # noqa: E402
 from clt_pipe.checksums import crc32c  # noqa: E402
 from clt_pipe.store.loader import ChunkLoader  # noqa: E402
 from clt_pipe.store.reader import ActivationStore  # noqa: E402
@@ -51,21 +51,6 @@ def build_store(args) -> str:
                     chunk_mb=args.chunk_mb, chunks_per_shard=4, batch_images=256)
         stamp.write_text(json.dumps(key))
     return url
-
-
-def loader_epoch(store: ActivationStore, args, seed: int) -> float:
-    loader = ChunkLoader(store, args.batch, seed=seed, shuffle_chunks=args.shuffle_chunks,
-                         read_threads=args.read_threads)
-    n, t0 = 0, time.perf_counter()
-    it = iter(loader)
-    while True:
-        next(it)
-        if loader.state_dict()["epoch"] > 0:
-            break
-        n += 1
-    dt = time.perf_counter() - t0
-    loader.close()
-    return n * args.batch / dt
 
 
 def window_reads(checked: ActivationStore, unchecked: ActivationStore, args) -> tuple[float, float, float]:
@@ -129,15 +114,19 @@ def main() -> None:
     epoch_bytes = 2 * lay.n_tokens * lay.n_layers * lay.d_model * 2  # mlp_in + mlp_out, fp16
     print(f"crc32c alone: {crc_rate / 1e9:.2f} GB/s (one thread): {epoch_bytes / crc_rate * 1e3:.1f} ms of "
           f"checksumming per epoch of {epoch_bytes / 1e6:.0f} MB")
+    def rows_per_s(store: ActivationStore, seed: int) -> float:
+        rows, seconds = loader_epoch(store, args, seed)
+        return rows / seconds
+
     loader_epoch(checked, args, seed=99)  # warm the page cache
     a, b = [], []
     for r in range(args.repeats):
         if r % 2:  # alternate which goes first, so drift in the machine's load does not favour one side
-            b.append(loader_epoch(unchecked, args, seed=r))
-            a.append(loader_epoch(checked, args, seed=r))
+            b.append(rows_per_s(unchecked, r))
+            a.append(rows_per_s(checked, r))
         else:
-            a.append(loader_epoch(checked, args, seed=r))
-            b.append(loader_epoch(unchecked, args, seed=r))
+            a.append(rows_per_s(checked, r))
+            b.append(rows_per_s(unchecked, r))
         print(f"  repeat {r}: checked {a[-1]:,.0f} rows/s   unchecked {b[-1]:,.0f} rows/s")
     ma, mb = statistics.median(a), statistics.median(b)
     print(f"checksum share of a checked epoch: {epoch_bytes / crc_rate / (lay.n_tokens / ma):.2%} "
