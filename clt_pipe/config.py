@@ -21,6 +21,8 @@ from clt_pipe.tokens import TokenPolicy, token_type
 
 DEFAULT_STORE_ROOT = "storage/stores"
 ANALYZE_PARTS = ("fidelity", "attribution", "zeroshot", "openloop", "closedloop", "ablation", "retrieval", "atlas")
+ABLATION_RANKS = ("attribution", "final_layer", "fvu")
+ABLATION_MODES = ("features", "true", "zero")
 FEATURE_RE = re.compile(r"^\d+:\d+$")
 
 
@@ -233,8 +235,8 @@ class AnalyzeConfig:
             token_type(t, "window_tokens")
         if not self.window_tokens:
             raise ConfigError("window_tokens: empty token selection")
-        _check_choice("ablation_rank", self.ablation_rank, ("attribution", "final_layer", "fvu"))
-        _check_choice("ablation_mode", self.ablation_mode, ("features", "true", "zero"))
+        _check_choice("ablation_rank", self.ablation_rank, ABLATION_RANKS)
+        _check_choice("ablation_mode", self.ablation_mode, ABLATION_MODES)
         for key in ("batch_size", "retrieval_k", "read_threads"):
             _check_positive(key, getattr(self, key))
         for key in ("ablation_keep", "retrieval_queries", "max_images", "max_tokens"):

@@ -30,12 +30,11 @@ from __future__ import annotations
 import numpy as np
 
 from clt_pipe.analyze.substitution import Plan
+from clt_pipe.config import ABLATION_MODES
 from clt_pipe.errors import CltPipeError
 from clt_pipe.tokens import TokenType
 
 ABLATION_TOKENS: tuple[TokenType, ...] = ("cls", "all")
-RANK_RULES = ("attribution", "final_layer", "fvu")
-MODES = ("features", "true", "zero")
 RANK_DESCRIPTIONS = {
     "attribution": "share of the total MLP write into the final residual (Σ_j ŷ_j), per source layer",
     "final_layer": "C_proj[i→L−1]: share of the last layer's reconstruction, per source layer",
@@ -71,8 +70,8 @@ def rank_layers(rule: str, tokens: TokenType, attribution: dict | None, fidelity
 def drop_plan(name: str, tokens: TokenType, n_layers: int, dropped: list[int], mode: str,
               meta: dict | None = None) -> Plan:
     """The replacement model with the layers in ``dropped`` ablated as ``mode`` says (module docstring)."""
-    if mode not in MODES:
-        raise CltPipeError(f"ablation_mode: {mode!r} is not one of {', '.join(MODES)}")
+    if mode not in ABLATION_MODES:
+        raise CltPipeError(f"ablation_mode: {mode!r} is not one of {', '.join(ABLATION_MODES)}")
     replace = {j: "clt" for j in range(n_layers)}
     gone = frozenset(dropped)
     if mode == "features":

@@ -41,11 +41,6 @@ class StageTimes:
         with self._lock:
             return dict(self.seconds)
 
-    def reset(self) -> None:
-        with self._lock:
-            self.seconds.clear()
-            self.calls.clear()
-
     def table(self, wall: float | None = None) -> str:
         """One line per stage, largest first (and its share of ``wall`` when given)."""
         rows = sorted(self.as_dict().items(), key=lambda kv: -kv[1])
