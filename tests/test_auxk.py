@@ -46,14 +46,16 @@ def grads(model, fn) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("n_dead", [3, 20, F])  # below aux_k (all selected), above it, every latent
 @pytest.mark.parametrize("gather_columns", [39, 0])  # the shipped rule, and the gather forced
 @pytest.mark.parametrize("decode", ["sparse", "dense"])
+@pytest.mark.parametrize("inplace", [True, False])  # gradients added into .grad in place, or returned
 def test_auxk_on_dead_columns_matches_masked_topk_over_all_latents(sparsifier, n_dead, decode, gather_columns,
-                                                                    monkeypatch):
+                                                                    inplace, monkeypatch):
     monkeypatch.setattr(losses, "GATHER_COLUMNS", gather_columns)
     if decode == "sparse" and sparsifier == "batchtopk":
         pytest.skip("the sparse decode needs per-token TopK")
     aux_k = 8
     torch.manual_seed(0)
     model = CrossLayerTranscoder(CLTSpec(L, D, F, sparsifier, K))
+    model.inplace_decoder_grads = inplace
     with torch.no_grad():
         model.b_enc.normal_(0, 0.5)
     model.materialize_grads()
@@ -64,7 +66,7 @@ def test_auxk_on_dead_columns_matches_masked_topk_over_all_latents(sparsifier, n
     for s in (0, 2):  # layers 1 and 3 have none: their targets are reachable only from earlier sources
         dead[s, torch.randperm(F, generator=g)[:n_dead]] = True
 
-    new = grads(model, lambda: aux_loss(model, model.preactivations(x), residual, dead, aux_k, decode))
+    new = grads(model, lambda: aux_loss(model, model.standardize(x), residual, dead, aux_k, decode))
     old = grads(model, lambda: reference_aux(model, model.preactivations(x), residual, dead, aux_k))
     assert new["loss"] > 0
     for name in new:
@@ -77,8 +79,8 @@ def test_auxk_on_dead_columns_matches_masked_topk_over_all_latents(sparsifier, n
 
 def test_auxk_zero_without_dead_latents():
     model = CrossLayerTranscoder(CLTSpec(L, D, F, "relu_topk", K))
-    pre = model.preactivations(torch.randn(B, L, D))
-    assert aux_loss(model, pre, torch.randn(B, L, D), torch.zeros(L, F, dtype=torch.bool), 8).item() == 0
+    x_std = model.standardize(torch.randn(B, L, D))
+    assert aux_loss(model, x_std, torch.randn(B, L, D), torch.zeros(L, F, dtype=torch.bool), 8).item() == 0
 
 
 def test_rows_decode_matches_dense_and_adds_into_existing_grad():

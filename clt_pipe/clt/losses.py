@@ -26,7 +26,7 @@ from torch import Tensor
 
 from clt_pipe.clt import sparsifiers as sp
 from clt_pipe.clt.model import CLTOutput, CrossLayerTranscoder
-from clt_pipe.clt.sparse_decode import rows_decode
+from clt_pipe.clt.sparse_decode import rows_decode_triangle
 
 # One gathered decoder row costs about as much as this many columns of the dense GEMM (CPU, ViT-B sizes:
 # the k = 32 gather is 4.9x faster than the F = 6144 GEMM, so 6144 / (32 * 4.9) ≈ 39; benchmarks/BENCHMARKS.md;
@@ -62,54 +62,58 @@ def _normalised_mse(pred: Tensor, target: Tensor) -> Tensor:
 
 
 def aux_loss(
-    model: CrossLayerTranscoder, pre: Tensor, residual: Tensor, dead_mask: Tensor | None, aux_k: int,
+    model: CrossLayerTranscoder, x_std: Tensor, residual: Tensor, dead_mask: Tensor | None, aux_k: int,
     decode: str = "auto",
 ) -> Tensor:
-    """AuxK term (see module doc); ``residual`` [B, L, d] is the detached standardised error y - ŷ.
+    """AuxK term (see module doc); ``x_std`` [B, L, d] is the standardised input (``CLTOutput.x_std``),
+    ``residual`` [B, L, d] the detached standardised error y - ŷ.
 
     Only the dead latents can write, so each source layer works on its n_s dead columns alone: their
-    pre-activations [B, n_s], the top ``aux_k`` of them per token (all of them when n_s <= aux_k, where no
-    top-k is needed), decoded through just their n_s decoder rows. The decode is the main path's choice
-    (``decode``, resolved like ``CrossLayerTranscoder.forward``'s): a dense GEMM over the n_s rows under
-    low-precision autocast on CUDA, and elsewhere too unless the dead set is so large that gathering the
-    B·aux_k selected rows is cheaper (n_s > GATHER_COLUMNS · aux_k). Either way the
-    decoder gradient lands in place on those rows only. Same value and gradients as a top-k over all F
+    pre-activations [B, n_s], recomputed from ``x_std`` through those n_s encoder columns (gathering them out of
+    the full pre-activations cost a B·L·F gradient per step); the top ``aux_k`` of them per token (all of them
+    when n_s <= aux_k, where no top-k is needed); decoded through just their n_s decoder rows, every source
+    into its strided slice of one [B, L, d] output (``rows_decode_triangle``). That decode is a GEMM over the
+    n_s rows (in the autocast dtype on CUDA) unless ``decode`` resolves to sparse and the dead set is so large
+    that gathering the B·aux_k selected rows is cheaper (n_s > GATHER_COLUMNS · aux_k). Either way the
+    gradients land in place on those rows and columns only. Same value and gradients as a top-k over all F
     latents with the live ones masked out, which read and wrote all F columns per step.
     """
     zero = residual.new_zeros(())
     if dead_mask is None or aux_k <= 0 or not model.spec.kind.auxk:
         return zero
-    dead_mask = dead_mask.to(pre.device, torch.bool)
+    dead_mask = dead_mask.to(x_std.device, torch.bool)
     counts = dead_mask.sum(-1).tolist()  # one host sync: the sizes of the per-layer dead sets
     if not any(counts):
         return zero
     # Per layer, the dead latents' ids first, ascending (a stable sort of the live flags); the rest is padding.
     ids = torch.argsort((~dead_mask).to(torch.uint8), dim=1, stable=True)[:, :max(counts)]
-    # One gather for every layer, straight from the (non-contiguous) pre: its backward is a single scatter into
-    # one zero gradient, where per-layer gathers would each build and add a full-size [B, L, F] one.
-    pre_dead = pre.gather(2, ids[None].expand(pre.shape[0], -1, -1))  # [B, L, max n_s]
+    pre_dead = model.preactivations_of(x_std, ids)  # [B, L, max n_s]; columns past n_s are padding
     signed = model.spec.kind.signed
     mode = model._decode_mode(decode)
-    recon = residual.new_zeros(residual.shape)
+    dense_parts, gathered = [], []  # (s, rows, codes, W_dec[s]) through n_s rows; (s, writes) gathered per code
     for s, n_dead in enumerate(counts):
         if not n_dead:
             continue
         rows, pre_d = ids[s, :n_dead], pre_dead[:, s, :n_dead]  # [n_s], [B, n_s]
         if n_dead <= aux_k:  # every dead latent is selected
-            codes = pre_d if signed else torch.relu(pre_d)
-            part = rows_decode(rows, codes, model.W_dec[s], inplace_grad=model.inplace_decoder_grads)
+            dense_parts.append((s, rows, pre_d if signed else torch.relu(pre_d), model.W_dec[s]))
+            continue
+        score = pre_d.detach().abs() if signed else pre_d.detach()
+        local = score.topk(aux_k, dim=-1, sorted=False).indices  # [B, aux_k]
+        val = pre_d.gather(-1, local)
+        if not signed:
+            val = torch.relu(val)
+        if mode == "dense" or n_dead <= GATHER_COLUMNS * aux_k:
+            dense_parts.append((s, rows, val.new_zeros(val.shape[0], n_dead).scatter(-1, local, val), model.W_dec[s]))
         else:
-            score = pre_d.detach().abs() if signed else pre_d.detach()
-            local = score.topk(aux_k, dim=-1, sorted=False).indices  # [B, aux_k]
-            val = pre_d.gather(-1, local)
-            if not signed:
-                val = torch.relu(val)
-            if mode == "dense" or n_dead <= GATHER_COLUMNS * aux_k:
-                codes = val.new_zeros(val.shape[0], n_dead).scatter(-1, local, val)
-                part = rows_decode(rows, codes, model.W_dec[s], inplace_grad=model.inplace_decoder_grads)
-            else:
-                part = model._source_sparse(s, rows[local], val)
-        recon[:, s:] += part.float().view(residual.shape[0], model.n_layers - s, model.d_model)
+            gathered.append((s, model._source_sparse(s, rows[local], val).float()))
+    recon = None
+    if dense_parts:
+        recon = rows_decode_triangle(dense_parts, model.n_layers, inplace_grad=model.inplace_decoder_grads)
+    if gathered:
+        folded = model.fold_sources(gathered)
+        recon = folded if recon is None else recon + folded
+    assert recon is not None
     first = next(s for s, n in enumerate(counts) if n)  # targets j >= first have a dead source s <= j
     return _normalised_mse(recon[:, first:], residual[:, first:]).sum()
 
@@ -149,7 +153,8 @@ def clt_loss(
     fvu = _normalised_mse(pred_std, y_std)
     main = fvu.sum()
 
-    aux = aux_loss(model, out.pre, (y_std - pred_std).detach(), dead_mask, cfg.aux_k, decode)
+    assert out.x_std is not None
+    aux = aux_loss(model, out.x_std, (y_std - pred_std).detach(), dead_mask, cfg.aux_k, decode)
     sparsity = sparsity_penalty(model, out, cfg)
     loss = main + cfg.aux_coef * aux + cfg.l0_coef * sparsity
 

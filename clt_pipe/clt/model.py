@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from clt_pipe.clt import sparsifiers as sp
-from clt_pipe.clt.sparse_decode import sparse_decode
+from clt_pipe.clt.sparse_decode import columns_affine, sparse_decode
 from clt_pipe.clt.spec import CLTSpec
 from clt_pipe.errors import ConfigError
 
@@ -49,6 +49,7 @@ class CLTOutput:
     top_idx: Tensor | None = None  # [B, L, k] TopK family
     top_val: Tensor | None = None  # [B, L, k] (0 = kept slot that did not fire, ReLU-TopK only)
     z_dense: Tensor | None = field(default=None, repr=False)
+    x_std: Tensor | None = field(default=None, repr=False)  # [B, L, d] the standardised input (AuxK re-reads it)
 
     @property
     def z(self) -> Tensor:
@@ -101,7 +102,9 @@ class CrossLayerTranscoder(nn.Module):
     call ``materialize_grads()`` once (after moving the model) and ``optimizer.zero_grad(set_to_none=False)``
     each step. The sparse backward then adds its B·k rows into ``W_dec[s].grad`` in place; with ``.grad`` None it
     falls back to returning a fresh dense F·(L-s)·d gradient (correct, as slow as the dense decode's gradient).
-    Set ``inplace_decoder_grads = False`` under DDP/FSDP or with hooks on W_dec (they would miss those rows)."""
+    AuxK's encoder columns (``preactivations_of``) follow the same contract for ``W_enc``/``b_enc``.
+    Set ``inplace_decoder_grads = False`` under DDP/FSDP or with hooks on those parameters (they would miss
+    these rows)."""
 
     inplace_decoder_grads: bool = True
 
@@ -205,11 +208,25 @@ class CrossLayerTranscoder(nn.Module):
         if x_raw.dim() != 3 or tuple(x_raw.shape[1:]) != (self.n_layers, self.d_model):
             raise ValueError(f"x: expected [B, {self.n_layers}, {self.d_model}], got {list(x_raw.shape)}")
 
+    def standardize(self, x_raw: Tensor) -> Tensor:
+        """[B, L, d] raw inputs -> standardised inputs [B, L, d] (what the encoders read)."""
+        self._check_x(x_raw)
+        return (x_raw.to(self.W_enc.dtype) - self.in_mean) / self.in_scale[:, None]
+
     def preactivations(self, x_raw: Tensor) -> Tensor:
         """[B, L, d] raw inputs -> [B, L, F] pre-activations."""
-        self._check_x(x_raw)
-        x = (x_raw.to(self.W_enc.dtype) - self.in_mean) / self.in_scale[:, None]
-        pre = torch.baddbmm(self.b_enc[:, None, :], x.transpose(0, 1), self.W_enc)  # [L, B, F]: one GEMM per layer
+        return self._preactivations_std(self.standardize(x_raw))
+
+    def _preactivations_std(self, x_std: Tensor) -> Tensor:
+        pre = torch.baddbmm(self.b_enc[:, None, :], x_std.transpose(0, 1), self.W_enc)  # [L, B, F]: a GEMM per layer
+        return pre.transpose(0, 1)
+
+    def preactivations_of(self, x_std: Tensor, cols: Tensor) -> Tensor:
+        """Standardised inputs [B, L, d], column ids [L, m] -> those latents' pre-activations [B, L, m]: the
+        same values as ``preactivations(x).gather(2, cols)`` (to rounding), at m/F of the cost, and a backward
+        that touches only those m encoder columns (``columns_affine``; AuxK's dead latents)."""
+        pre = columns_affine(cols, x_std.transpose(0, 1), self.W_enc, self.b_enc,
+                             inplace_grad=self.inplace_decoder_grads)
         return pre.transpose(0, 1)
 
     def _sparsify(
@@ -286,11 +303,15 @@ class CrossLayerTranscoder(nn.Module):
         # Concatenate every source's writes [B, L-s, d] -> [B, L(L+1)/2, d] and sum them into their targets with
         # one tiny matmul by a constant 0/1 [L, L(L+1)/2] matrix: one op (and one GEMM backward) instead of L
         # in-place slice updates, whose backward costs ~10 small ops each.
-        parts = [part for _, part in self._sources(z, idx, val, sparse)]
-        stacked = torch.cat(parts, dim=1)
-        n_layers = self.n_layers
-        tgt = torch.cat([torch.arange(s, n_layers, device=stacked.device) for s in range(n_layers)])
-        fold = (torch.arange(n_layers, device=stacked.device)[:, None] == tgt[None, :]).to(stacked.dtype)
+        return self.fold_sources(list(self._sources(z, idx, val, sparse)))
+
+    def fold_sources(self, parts: Sequence[tuple[int, Tensor]]) -> Tensor:
+        """Sources' writes [(s, [B, L-s, d]), ...] -> their sum per target layer [B, L, d] (zero where no
+        listed source writes)."""
+        stacked = torch.cat([part for _, part in parts], dim=1)
+        n_layers, dev = self.n_layers, stacked.device
+        tgt = torch.cat([torch.arange(s, n_layers, device=dev) for s, _ in parts])
+        fold = (torch.arange(n_layers, device=dev)[:, None] == tgt[None, :]).to(stacked.dtype)
         return torch.matmul(fold, stacked)
 
     def decode(self, z: Tensor) -> Tensor:
@@ -324,7 +345,8 @@ class CrossLayerTranscoder(nn.Module):
 
     def forward(self, x_raw: Tensor, *, decode: str = "auto") -> CLTOutput:
         mode = self._decode_mode(decode)
-        pre = self.preactivations(x_raw)
+        x_std = self.standardize(x_raw)
+        pre = self._preactivations_std(x_std)
         z, idx, val = self._sparsify(pre, update=True)
         if mode == "dense" and z is None:
             z = sp.dense_from_topk(idx, val, self.n_features)
@@ -337,6 +359,7 @@ class CrossLayerTranscoder(nn.Module):
             top_idx=idx,
             top_val=val,
             z_dense=z,
+            x_std=x_std,
         )
 
     def contributions(self, x_raw: Tensor) -> Tensor:

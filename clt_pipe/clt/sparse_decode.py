@@ -58,8 +58,9 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
-def _accumulates_into_grad(ctx, weight: Tensor) -> bool:
-    """True when this backward pass will add into ``weight.grad`` (AccumulateGrad of ``weight`` will run)."""
+def _accumulates_into_grad(ctx, weight: Tensor, position: int = 2) -> bool:
+    """True when this backward pass will add into ``weight.grad`` (AccumulateGrad of ``weight``, the forward's
+    input number ``position``, will run)."""
     if torch.is_grad_enabled():  # create_graph: autograd must build the sum out of place
         return False
     if not weight.is_leaf or not weight.requires_grad:
@@ -69,7 +70,7 @@ def _accumulates_into_grad(ctx, weight: Tensor) -> bool:
         return False
     if g.device != weight.device or g.requires_grad:
         return False
-    node = ctx.next_functions[2][0]
+    node = ctx.next_functions[position][0]
     if node is None or type(node).__name__ != "AccumulateGrad":
         return False
     try:
@@ -216,3 +217,128 @@ def rows_decode(rows: Tensor, codes: Tensor, weight: Tensor, *, inplace_grad: bo
         raise ValueError(f"rows_decode: rows [n] and codes [B, n] expected, got {list(rows.shape)}, "
                          f"{list(codes.shape)}")
     return RowsDecode.apply(rows.to(torch.long).contiguous(), codes.contiguous(), weight, inplace_grad)
+
+
+class RowsDecodeTriangle(torch.autograd.Function):
+    """Σ_s ``codes_s [B, n_s] @ W_dec[s][rows_s]`` written into target layers s..L-1 of one [B, L, d] output:
+    each source's GEMM accumulates straight into its strided slice of the output (no per-source temporaries, no
+    concatenation, no fold), the backward reads the same strided slices of the output gradient, and the
+    decoder rows' gradients are added into ``W_dec[s].grad`` in place (the ``RowsDecode`` contract). On CPU at
+    ViT-B sizes the concatenate-and-fold alternative spent as long copying as the GEMMs took.
+
+    Inputs after the first three: (rows_s, codes_s, weight_s) per source s listed in ``sources``."""
+
+    @staticmethod
+    def forward(ctx, sources: tuple[int, ...], shape: tuple[int, int, int], inplace_grad: bool, *args: Tensor):  # type: ignore[override]
+        n_batch, n_layers, d = shape
+        weights = args[2::3]
+        dtype = _autocast_dtype(weights[0].device) or weights[0].dtype
+        out = torch.zeros(n_batch, n_layers * d, dtype=torch.float32, device=weights[0].device)
+        saved = []
+        with torch.autocast(weights[0].device.type, enabled=False):
+            for s, rows, codes, weight in zip(sources, args[0::3], args[1::3], weights):
+                w_rows = weight.reshape(weight.shape[0], -1).index_select(0, rows).to(dtype)
+                c = codes.to(dtype)
+                target = out[:, s * d:]  # [B, (L-s)·d], row stride L·d: a valid GEMM output as it is
+                if dtype == torch.float32:
+                    target.addmm_(c, w_rows)
+                else:  # accumulate the low-precision products in float32
+                    target.add_(c @ w_rows)
+                saved += [rows, c, w_rows, weight]
+        ctx.save_for_backward(*saved)
+        ctx.sources, ctx.d, ctx.inplace_grad = sources, d, inplace_grad
+        return out.view(n_batch, n_layers, d)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        saved, d = ctx.saved_tensors, ctx.d
+        g_all = grad_out.reshape(grad_out.shape[0], -1)
+        grads: list[Tensor | None] = [None, None, None]
+        for i, s in enumerate(ctx.sources):
+            rows, codes, w_rows, weight = saved[4 * i: 4 * i + 4]
+            g = g_all[:, s * d:].to(w_rows.dtype)  # a strided view (a copy only under autocast)
+            grad_codes = grad_w = None
+            with torch.autocast(weight.device.type, enabled=False):
+                if ctx.needs_input_grad[3 + 3 * i + 1]:
+                    grad_codes = g @ w_rows.T
+                if ctx.needs_input_grad[3 + 3 * i + 2]:
+                    grad_rows = (codes.T @ g).to(weight.dtype)
+                    n_feat = weight.shape[0]
+                    position = 3 * i + 2  # autograd's edges skip the three non-tensor inputs
+                    inplace = ctx.inplace_grad and _accumulates_into_grad(ctx, weight, position)
+                    if inplace and weight.grad.is_contiguous():
+                        weight.grad.view(n_feat, -1).index_add_(0, rows, grad_rows)
+                    else:
+                        grad_w = torch.zeros(n_feat, grad_rows.shape[1], dtype=weight.dtype, device=weight.device)
+                        grad_w = grad_w.index_add_(0, rows, grad_rows).view(weight.shape)
+            grads += [None, grad_codes, grad_w]
+        return tuple(grads)
+
+
+def rows_decode_triangle(parts: list[tuple[int, Tensor, Tensor, Tensor]], n_layers: int, *,
+                         inplace_grad: bool = True) -> Tensor:
+    """[(s, rows [n_s], codes [B, n_s], W_dec[s] [F, L-s, d]), ...] -> float32 [B, L, d]: every listed source's
+    decode through its rows, summed into its targets (see ``RowsDecodeTriangle``)."""
+    if not parts:
+        raise ValueError("rows_decode_triangle: no sources")
+    n_batch, d = parts[0][2].shape[0], parts[0][3].shape[-1]
+    args: list[Tensor] = []
+    for s, rows, codes, weight in parts:
+        if rows.dim() != 1 or codes.shape != (n_batch, rows.shape[0]) or weight.shape[1:] != (n_layers - s, d):
+            raise ValueError(f"rows_decode_triangle: source {s}: rows [n], codes [B, n], W_dec [F, L-s, d] "
+                             f"expected, got {list(rows.shape)}, {list(codes.shape)}, {list(weight.shape)}")
+        args += [rows.to(torch.long).contiguous(), codes.contiguous(), weight]
+    return RowsDecodeTriangle.apply(tuple(s for s, *_ in parts), (n_batch, n_layers, d), inplace_grad, *args)
+
+class ColumnsAffine(torch.autograd.Function):
+    """``x[l] @ weight[l][:, cols[l]] + bias[l][cols[l]]`` per layer l: the pre-activations of a few latents
+    without the other F - m columns, and a backward that adds the m columns' gradients into ``weight.grad`` and
+    ``bias.grad`` in place (the ``SparseDecode`` contract). Gathering those columns out of the full [B, L, F]
+    pre-activations instead would cost a B·L·F zero-filled gradient, a scatter and an add per step."""
+
+    @staticmethod
+    def forward(ctx, cols: Tensor, x: Tensor, weight: Tensor, bias: Tensor, inplace_grad: bool) -> Tensor:  # type: ignore[override]
+        n_layers, d, m = weight.shape[0], weight.shape[1], cols.shape[1]
+        dtype = _autocast_dtype(weight.device) or weight.dtype
+        w_cols = weight.gather(2, cols[:, None, :].expand(n_layers, d, m)).to(dtype)  # [L, d, m]
+        b_cols = bias.gather(1, cols).to(dtype)  # [L, m]
+        with torch.autocast(weight.device.type, enabled=False):
+            out = torch.baddbmm(b_cols[:, None, :], x.to(dtype), w_cols)  # [L, B, m]
+        ctx.save_for_backward(cols, x, w_cols, weight, bias)
+        ctx.inplace_grad = inplace_grad
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        cols, x, w_cols, weight, bias = ctx.saved_tensors
+        g = grad_out.to(w_cols.dtype)
+        n_layers, d, m = weight.shape[0], weight.shape[1], cols.shape[1]
+        grad_x = grad_w = grad_b = None
+        with torch.autocast(weight.device.type, enabled=False):
+            if ctx.needs_input_grad[1]:
+                grad_x = torch.bmm(g, w_cols.transpose(1, 2)).to(x.dtype)
+            w_part = torch.bmm(x.to(g.dtype).transpose(1, 2), g).to(weight.dtype) if ctx.needs_input_grad[2] else None
+            b_part = g.sum(1).to(bias.dtype) if ctx.needs_input_grad[3] else None
+        for part, param, position, dim, index in ((w_part, weight, 2, 2, cols[:, None, :].expand(n_layers, d, m)),
+                                                  (b_part, bias, 3, 1, cols)):
+            if part is None:
+                continue
+            if ctx.inplace_grad and _accumulates_into_grad(ctx, param, position) and param.grad.is_contiguous():
+                param.grad.scatter_add_(dim, index, part)
+            else:
+                full = torch.zeros_like(param, memory_format=torch.contiguous_format).scatter_add_(dim, index, part)
+                if param is weight:
+                    grad_w = full
+                else:
+                    grad_b = full
+        return None, grad_x, grad_w, grad_b, None
+
+
+def columns_affine(cols: Tensor, x: Tensor, weight: Tensor, bias: Tensor, *, inplace_grad: bool = True) -> Tensor:
+    """cols [L, m] distinct column ids per layer, x [L, B, d], weight [L, d, F], bias [L, F] -> [L, B, m]."""
+    if cols.dim() != 2 or x.dim() != 3 or weight.dim() != 3 or cols.shape[0] != weight.shape[0]:
+        raise ValueError(f"columns_affine: cols [L, m], x [L, B, d], weight [L, d, F] expected, got "
+                         f"{list(cols.shape)}, {list(x.shape)}, {list(weight.shape)}")
+    return ColumnsAffine.apply(cols.to(torch.long).contiguous(), x, weight, bias, inplace_grad)
