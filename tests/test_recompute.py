@@ -109,9 +109,9 @@ def test_fit_and_analyze_on_a_recompute_store(stores, tmp_path):
     r2 = {}
     for targets in ("stored", "recompute"):
         out = tmp_path / targets
-        fit = build(FitConfig, dict(store=stores[targets], out=str(out / "clt"), k=8, expansion=4, steps=300,
-                                    batch_size=128, warmup_steps=5, shuffle_chunks=4, checkpoint_every=300,
-                                    log_every=100, device="cpu", seed=0, lr=3e-3))
+        fit = build(FitConfig, dict(store=stores[targets], out=str(out / "clt"), k=8, expansion=4, steps=100,
+                                    batch_size=128, warmup_steps=5, shuffle_chunks=4, checkpoint_every=100,
+                                    log_every=50, device="cpu", seed=0, lr=3e-3))
         run_fit(fit)
         cfg = build(AnalyzeConfig, dict(store=stores[targets], clt=str(out / "clt"), out=str(out / "report"),
                                         only=["fidelity"], device="cpu", read_threads=2))
