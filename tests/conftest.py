@@ -71,27 +71,38 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> str:
 
 @contextlib.contextmanager
 def moto_s3(bucket: str):
-    """A local S3 server (moto, on 127.0.0.1 only) with ``bucket`` made; the S3 environment points at it
-    while the context lasts. Yields the s3fs file system."""
+    """A local S3 server with ``bucket`` made; the S3 environment points at it while the context lasts. Yields
+    the s3fs file system. The server is moto on 127.0.0.1, or, when ``CLT_PIPE_TEST_S3_ENDPOINT`` is set, that
+    real S3-compatible server (with ``CLT_PIPE_TEST_S3_KEY`` / ``CLT_PIPE_TEST_S3_SECRET``; e.g. Ceph radosgw
+    on loopback): the bucket is made there and removed with its objects afterwards."""
     import logging
 
     import s3fs
-    from moto.server import ThreadedMotoServer
 
     mp = pytest.MonkeyPatch()
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                 "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+    server, endpoint = None, os.environ.get("CLT_PIPE_TEST_S3_ENDPOINT")
+    key, secret = os.environ.get("CLT_PIPE_TEST_S3_KEY", "test"), os.environ.get("CLT_PIPE_TEST_S3_SECRET", "test")
+    if not endpoint:
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+        server.start()
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+    for k, v in {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_ENDPOINT_URL": endpoint}.items():
         mp.setenv(k, v)
     s3fs.S3FileSystem.clear_instance_cache()
+    fs = None
     try:
         fs = s3fs.S3FileSystem()
         fs.mkdir(bucket)
         yield fs
     finally:
+        if server is None and fs is not None:  # a real server keeps what it is given: leave it as found
+            fs.rm(bucket, recursive=True)
         s3fs.S3FileSystem.clear_instance_cache()
-        server.stop()
+        if server is not None:
+            server.stop()
         mp.undo()
