@@ -455,6 +455,55 @@ def test_s3_missing_bucket_and_bad_credentials_name_the_cause(s3, capsys, monkey
         s3fs.S3FileSystem.clear_instance_cache()
 
 
+def _s3_failure(code: str, status: int, **error):
+    """What s3fs raises for a server's error response (its own translation of botocore's ClientError)."""
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    response = {"Error": {"Code": code, **error}, "ResponseMetadata": {"HTTPStatusCode": status}}
+    return translate_boto_error(ClientError(response, "PutObject"))
+
+
+# Ceph radosgw's answers (captured against radosgw 16.2 on loopback): no Message, no Condition.
+RADOSGW = {"missing bucket": ("NoSuchBucket", 404, {"Message": None, "BucketName": "no-such-bucket"}),
+           "wrong secret": ("SignatureDoesNotMatch", 403, {"Message": None}),
+           "unknown key": ("InvalidAccessKeyId", 403, {"Message": None}),
+           "lease exists": ("PreconditionFailed", 412, {"Message": None, "BucketName": "b"}),
+           "head refused": ("403", 403, {"Message": "Forbidden"})}
+
+
+def test_object_store_errors_are_read_from_codes_not_wording():
+    from clt_pipe.errors import describe_io_error, is_precondition_failed
+
+    said = {case: describe_io_error(_s3_failure(c, st, **err)) for case, (c, st, err) in RADOSGW.items()}
+    assert said["missing bucket"].startswith("bucket does not exist")
+    assert said["wrong secret"] == "credentials rejected by the server (SignatureDoesNotMatch)"
+    assert said["unknown key"] == "credentials rejected by the server (InvalidAccessKeyId)"
+    assert said["head refused"] == "access denied by the server: wrong credentials or no permission (403)"
+    assert "None" not in said["missing bucket"]
+    # the conditional create's refusal, as radosgw words it (s3fs: OSError) and as AWS/moto do (FileExistsError)
+    assert is_precondition_failed(_s3_failure(*RADOSGW["lease exists"][:2], **RADOSGW["lease exists"][2]))
+    aws = _s3_failure("PreconditionFailed", 412, Message="At least one of the pre-conditions you specified did not "
+                      "hold", Condition="If-None-Match")
+    assert isinstance(aws, FileExistsError) and is_precondition_failed(aws)
+    assert not is_precondition_failed(_s3_failure("NoSuchBucket", 404, Message=None))
+    assert not is_precondition_failed(OSError(5, "disk on fire"))
+
+
+@pytest.mark.skipif(not os.environ.get("CLT_PIPE_TEST_S3_ENDPOINT"), reason="moto accepts any secret")
+def test_s3_wrong_secret_names_the_credentials(s3, capsys, monkeypatch, pristine):
+    import s3fs
+
+    s3.put(str(pristine["none"]), "rel-bucket/secret.zarr", recursive=True)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        code, _, err = run_cli(capsys, monkeypatch, ["store", "verify", "s3://rel-bucket/secret.zarr"])
+        assert_one_line_error(code, err, "s3://rel-bucket/secret.zarr", "credentials")
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
 # ---- repair, end to end --------------------------------------------------------------------------------
 def test_repair_then_the_same_harvest_rewrites_exactly_the_bad_shards(tmp_path, tiny_model_config, capsys,
                                                                       monkeypatch):

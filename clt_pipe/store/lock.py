@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 
-from clt_pipe.errors import StoreError
+from clt_pipe.errors import StoreError, is_precondition_failed
 from clt_pipe.store.location import StoreLocation
 
 LOCK_FILE = "harvest.lock"
@@ -107,7 +107,9 @@ class HarvestLock:
         for _attempt in range(2):
             try:
                 self.loc.fs.pipe_file(self.key, self._lease(), mode="create")
-            except FileExistsError:
+            except OSError as e:
+                if not is_precondition_failed(e):
+                    raise
                 info = self._read_lease()
                 if info is not None and not self._stale(info):
                     raise _refusal(self.loc.url, info) from None
