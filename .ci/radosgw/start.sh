@@ -25,7 +25,7 @@ fi
 # memstore keeps objects in the OSD's RAM: if the mon or OSD is gone the
 # cluster cannot be resumed, so wipe and rebuild from nothing.
 if ! { alive $B/run/mon.a.pid && alive $B/run/osd.0.pid; }; then
-  $B/stop.sh >/dev/null
+  "$(dirname "$0")/stop.sh" >/dev/null
   mkdir -p $B/{mon,osd,rgw,log,run}
 fi
 if [ ! -f $CONF ]; then
