@@ -150,14 +150,13 @@ class ActivationStore:
 
     def read_chunks_into(self, pieces: list[tuple[int, np.ndarray, np.ndarray | None]],
                          check: bool | None = None) -> None:
-        """Several chunks' ``mlp_in``/``mlp_out`` rows decoded straight into caller-owned buffers, in one zarr
-        call: zarr decodes them concurrently on its own threads. Measured on 2 cores, 1.57 GB/s against
-        1.14-1.29 GB/s for one synchronous call per chunk from a thread pool (each such call round-trips through
-        zarr's single event-loop thread), and no intermediate copy (~20 % per chunk). ``y`` is None (and
-        nothing is read for it) when targets are recomputed.
+        """Several chunks' ``mlp_in``/``mlp_out`` rows decoded straight into caller-owned buffers, all in one
+        event-loop call (``store/zarrio.read_rows_into``: whole blosc chunks are decompressed into the buffers
+        directly, concurrently on zarr's threads). ``y`` is None (and nothing is read for it) when targets are
+        recomputed.
 
-        Each chunk is then checked against its commit record's crc32c (crc32c runs at several GB/s, against
-        ~1.5 GB/s decoding; benchmarks/bench_read_checks.py measures the cost)."""
+        Each chunk is then checked against its commit record's crc32c in the thread that decoded it
+        (benchmarks/bench_read_checks.py measures the cost)."""
         check = self.check_reads if check is None else check
         arrays = self._activation_arrays()
         blocks, owners = [], []
