@@ -440,17 +440,22 @@ def test_s3_missing_bucket_and_bad_credentials_name_the_cause(s3, capsys, monkey
     s3.put(str(pristine["none"]), "rel-bucket/copy.zarr", recursive=True)
     code, _, _ = run_cli(capsys, monkeypatch, ["store", "verify", "s3://rel-bucket/copy.zarr"])
     assert code == 0
-    import s3fs
-
     # moto accepts any key, so the credential failure here is "none found" (botocore's NoCredentialsError)
     for k in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"):
         monkeypatch.delenv(k)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
-    s3fs.S3FileSystem.clear_instance_cache()
+    _verify_names_the_credentials(capsys, monkeypatch, "s3://rel-bucket/copy.zarr")
+
+
+def _verify_names_the_credentials(capsys, monkeypatch, url: str) -> None:
+    """``store verify url`` under the credentials the environment now has fails in one line about them."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # a cached file system would keep the old credentials
     try:
-        code, _, err = run_cli(capsys, monkeypatch, ["store", "verify", "s3://rel-bucket/copy.zarr"])
-        assert_one_line_error(code, err, "s3://rel-bucket/copy.zarr", "credentials")
+        code, _, err = run_cli(capsys, monkeypatch, ["store", "verify", url])
+        assert_one_line_error(code, err, url, "credentials")
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
 
@@ -492,16 +497,9 @@ def test_object_store_errors_are_read_from_codes_not_wording():
 
 @pytest.mark.skipif(not os.environ.get("CLT_PIPE_TEST_S3_ENDPOINT"), reason="moto accepts any secret")
 def test_s3_wrong_secret_names_the_credentials(s3, capsys, monkeypatch, pristine):
-    import s3fs
-
     s3.put(str(pristine["none"]), "rel-bucket/secret.zarr", recursive=True)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
-    s3fs.S3FileSystem.clear_instance_cache()
-    try:
-        code, _, err = run_cli(capsys, monkeypatch, ["store", "verify", "s3://rel-bucket/secret.zarr"])
-        assert_one_line_error(code, err, "s3://rel-bucket/secret.zarr", "credentials")
-    finally:
-        s3fs.S3FileSystem.clear_instance_cache()
+    _verify_names_the_credentials(capsys, monkeypatch, "s3://rel-bucket/secret.zarr")
 
 
 # ---- repair, end to end --------------------------------------------------------------------------------
