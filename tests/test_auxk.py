@@ -43,7 +43,9 @@ def grads(model, fn) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("sparsifier", ["relu_topk", "abs_topk", "batchtopk"])
-@pytest.mark.parametrize("n_dead", [3, 20, F])  # below aux_k (all selected), above it, every latent
+# dead latents in layers 0 and 2: below aux_k (all selected), above it, every latent, and one layer of each kind
+# (a GEMM through all its dead rows beside a top-k one, or a gathered one when the gather is forced)
+@pytest.mark.parametrize("n_dead", [(3, 3), (20, 20), (F, F), (3, 20)], ids=["3", "20", "all", "3+20"])
 @pytest.mark.parametrize("gather_columns", [39, 0])  # the shipped rule, and the gather forced
 @pytest.mark.parametrize("decode", ["sparse", "dense"])
 @pytest.mark.parametrize("inplace", [True, False])  # gradients added into .grad in place, or returned
@@ -63,8 +65,8 @@ def test_auxk_on_dead_columns_matches_masked_topk_over_all_latents(sparsifier, n
     residual = torch.randn(B, L, D)
     g = torch.Generator().manual_seed(1)
     dead = torch.zeros(L, F, dtype=torch.bool)
-    for s in (0, 2):  # layers 1 and 3 have none: their targets are reachable only from earlier sources
-        dead[s, torch.randperm(F, generator=g)[:n_dead]] = True
+    for s, n in zip((0, 2), n_dead):  # layers 1 and 3 have none: their targets are reachable only from earlier ones
+        dead[s, torch.randperm(F, generator=g)[:n]] = True
 
     new = grads(model, lambda: aux_loss(model, model.standardize(x), residual, dead, aux_k, decode))
     old = grads(model, lambda: reference_aux(model, model.preactivations(x), residual, dead, aux_k))
