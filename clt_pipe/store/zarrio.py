@@ -40,24 +40,33 @@ def read_rows_into(blocks: list[RowBlock], after: Callable[[int], None] | None =
         if out.dtype != arr.dtype:  # zarr would convert values silently (uint16 bf16 bits into float16)
             raise TypeError(f"read_rows_into: {arr.path} is {arr.dtype}, the buffer {out.dtype}")
 
-    async def read_one(i: int, arr: zarr.Array, rows: slice, out: np.ndarray):
-        if _is_whole_blosc_chunk(arr, rows, out):
+    async def read_direct(i: int, arr: zarr.Array, rows: slice, out: np.ndarray, in_flight) -> bool:
+        # At most zarr's own async.concurrency stored chunks are held at once, as in zarr's reads: a window
+        # of compressed bytes fetched ahead of its decoding would otherwise sit in memory beside the window.
+        async with in_flight:
             stored = await arr._async_array.store_path.store.get(
                 chunk_key(arr, rows.start // arr.metadata.chunks[0]), prototype=default_buffer_prototype())
-            if stored is not None:
-                def decode_then_check():
-                    _blosc_into(stored.as_numpy_array(), out)
-                    if after is not None:
-                        after(i)
+            if stored is None:
+                return False
 
-                await asyncio.to_thread(decode_then_check)
-                return
+            def decode_then_check():
+                _blosc_into(stored.as_numpy_array(), out)
+                if after is not None:
+                    after(i)
+
+            await asyncio.to_thread(decode_then_check)
+            return True
+
+    async def read_one(i: int, arr: zarr.Array, rows: slice, out: np.ndarray, in_flight):
+        if _is_whole_blosc_chunk(arr, rows, out) and await read_direct(i, arr, rows, out, in_flight):
+            return
         await arr._async_array.get_orthogonal_selection((rows,), out=NDBuffer.from_numpy_array(out))
         if after is not None:
             await asyncio.to_thread(after, i)
 
     async def read_all():
-        await asyncio.gather(*(read_one(i, *block) for i, block in enumerate(blocks)))
+        in_flight = asyncio.Semaphore(max(1, int(zarr.config.get("async.concurrency") or 10)))
+        await asyncio.gather(*(read_one(i, *block, in_flight) for i, block in enumerate(blocks)))
 
     sync(read_all())
 
