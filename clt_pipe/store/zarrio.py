@@ -9,8 +9,9 @@ A read of one whole chunk of a blosc array (every activation chunk the loader re
 pipeline: the stored bytes come from the array's own store and blosc (numcodecs, what zarr's BloscCodec calls)
 decompresses them straight into the caller's buffer. zarr decompresses into a fresh buffer and copies that into
 the selection; the direct path saves the copy and lets the read check run on bytes still in cache, in the
-thread that decoded them: window decode +25 %, loader epoch +26 % with checks on (benchmarks/bench_read_checks.py, 2 cores).
-Anything else (partial chunks, other codecs, a missing chunk, which zarr fills) goes through zarr.
+thread that decoded them: window decode +25 %, loader epoch +26 % with checks on (2 cores,
+benchmarks/bench_read_checks.py). At most zarr's own ``async.concurrency`` chunks are in flight, as in zarr's
+reads. Anything else (partial chunks, other codecs, a missing chunk, which zarr fills) goes through zarr.
 """
 
 from __future__ import annotations
