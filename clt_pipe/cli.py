@@ -241,6 +241,7 @@ def export_cmd(clt: str = typer.Argument(..., help="Fitted CLT directory (fit --
                                                     help="Token rows for calibration, as many again for agreement"),
                device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N")) -> None:
     """Export a fitted CLT for circuit-tracer (standardisation folded; raw activations in and out)."""
+    preflight.check_export(clt, store)  # a CLT it cannot export is refused before torch loads
     from clt_pipe.analyze.circuit_tracer import export_for_circuit_tracer
 
     summary = export_for_circuit_tracer(clt, out, store, device, calibration_rows)

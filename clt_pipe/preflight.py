@@ -31,6 +31,21 @@ def check(cfg: HarvestConfig | FitConfig | AnalyzeConfig, *, made_upstream: bool
         _analyze(cfg)
 
 
+def check_export(run_dir: str, store_url: str) -> None:
+    """Refuse a fitted run circuit-tracer cannot read faithfully, from run.json alone, before torch loads
+    (``export_for_circuit_tracer`` asks the loaded CLT the same)."""
+    from clt_pipe.clt.rundir import read_run
+    from clt_pipe.clt.spec import sparsifier
+    from clt_pipe.errors import CltPipeError
+
+    name = read_run(run_dir).get("spec", {}).get("sparsifier")
+    why = sparsifier(name).circuit_tracer_refusal(bool(store_url)) if name else None
+    if why:
+        raise CltPipeError(why)
+    if store_url:
+        _check_url_scheme(store_url)
+
+
 def _harvest(cfg: HarvestConfig) -> None:
     from clt_pipe.datasets.registry import check_root
 

@@ -115,15 +115,19 @@ for args in cases:
     res = CliRunner().invoke(cli.app, args)
     out.append([type(res.exception).__name__, str(res.exception)])
 heavy = [m for m in ("open_clip", "clt_pipe.harvest.run", "clt_pipe.fit.trainer", "clt_pipe.analyze.run",
-                     "clt_pipe.backbone.loading") if m in sys.modules]
+                     "clt_pipe.backbone.loading", "clt_pipe.analyze.circuit_tracer") if m in sys.modules]
 print(json.dumps({"errors": out, "heavy": heavy}))
 """
 
 
 def test_input_errors_come_before_heavy_imports(tmp_path):
     """Bad inputs fail with the stage's CltPipeError while no model code has even been imported."""
+    from clt_pipe.clt.rundir import write_run
+
     folder = tmp_path / "imgs"
     folder.mkdir()
+    write_run(tmp_path / "run", {"spec": {"sparsifier": "relu_topk"}}, finished=True)
+    write_run(tmp_path / "signed", {"spec": {"sparsifier": "abs_topk"}}, finished=True)
     cases = [
         (["harvest", "--dataset", "cifar100", "--store", str(tmp_path / "s.zarr")], "--data-root"),
         (["harvest", "--dataset", "cifar100", "--data-root", str(tmp_path / "nope"), "--store",
@@ -137,6 +141,9 @@ def test_input_errors_come_before_heavy_imports(tmp_path):
         (["fit", "--store", str(tmp_path / "nope.zarr"), "--out", str(tmp_path / "o")], "not found"),
         (["fit", "--store", str(tmp_path / "nope.zarr"), "--device", "cuda:99"], "cuda:99"),
         (["analyze", "--store", str(tmp_path / "nope.zarr"), "--clt", str(tmp_path / "c")], "not found"),
+        (["export", str(tmp_path / "run"), str(tmp_path / "ct")], "--store"),
+        (["export", str(tmp_path / "signed"), str(tmp_path / "ct"), "--store", str(tmp_path / "s.zarr")], "signed"),
+        (["export", str(tmp_path / "nope"), str(tmp_path / "ct")], "run.json"),
     ]
     proc = subprocess.run([sys.executable, "-c", PREFLIGHT_SCRIPT, json.dumps([c for c, _ in cases])],
                           capture_output=True, text=True, timeout=300, cwd=REPO)

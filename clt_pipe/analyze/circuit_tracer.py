@@ -215,12 +215,9 @@ def export_for_circuit_tracer(run_dir: str | Path, out: str | Path, store_url: s
 
     clt, run_meta = load_fitted(run_dir)
     sparsifier = clt.spec.sparsifier
-    if sparsifier == "abs_topk":
-        raise CltPipeError("export: an abs_topk CLT has signed codes, which circuit-tracer's ReLU/JumpReLU cannot "
-                           "produce; there is no faithful circuit-tracer export of it")
-    if sparsifier == "relu_topk" and not store_url:
-        raise CltPipeError("export: circuit-tracer has no TopK and would read this relu_topk CLT as a plain ReLU "
-                           "CLT; pass --store STORE to calibrate per-feature JumpReLU thresholds on it")
+    why = clt.spec.kind.circuit_tracer_refusal(bool(store_url))
+    if why:
+        raise CltPipeError(why)
     dev = torch.device(device)
     clt = clt.to(dev).eval()
     rows = None

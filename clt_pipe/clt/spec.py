@@ -25,6 +25,16 @@ class Sparsifier:
     l0_penalty: bool  # trained with an explicit sparsity penalty (l0_coef)
     doc: str
 
+    def circuit_tracer_refusal(self, has_store: bool) -> str | None:
+        """Why circuit-tracer (ReLU/JumpReLU CLTs only) cannot faithfully read this sparsifier's CLT, or None."""
+        if self.signed:
+            return (f"export: an {self.name} CLT has signed codes, which circuit-tracer's ReLU/JumpReLU cannot "
+                    "produce; there is no faithful circuit-tracer export of it")
+        if self.topk and not has_store:
+            return (f"export: circuit-tracer has no TopK and would read this {self.name} CLT as a plain ReLU CLT; "
+                    "pass --store STORE to calibrate per-feature JumpReLU thresholds on it")
+        return None
+
 
 SPARSIFIERS: dict[str, Sparsifier] = {s.name: s for s in (
     Sparsifier("relu_topk", topk=True, signed=False, auxk=True, uses_k=True, threshold=None, l0_penalty=False,
