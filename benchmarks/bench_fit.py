@@ -160,10 +160,10 @@ def main() -> None:
 
     n_dead = int(round(args.dead_frac * trainer.spec.n_features))
     pinned = torch.randperm(trainer.spec.n_features, generator=torch.Generator().manual_seed(0))[:n_dead]
+    pinned = pinned.to(trainer.since_fired.device)
 
     def block(name: str, n: int) -> float:
         trainer.cfg, trainer.loss_cfg = off_cfg if name == "preloaded_aux0" else aux_cfg
-        pinned_dev = pinned.to(trainer.since_fired.device)
         batches = sources["product" if name == "product" else "preloaded"]
         sync(device)
         t0 = time.perf_counter()
@@ -173,7 +173,7 @@ def main() -> None:
                 distinct.append(len(np.unique(batch.image)))
             if n_dead:  # AuxK's cost grows with the dead set: every step sees the same one (a tiny op)
                 trainer.since_fired.zero_()
-                trainer.since_fired[:, pinned_dev] = cfg.dead_tokens
+                trainer.since_fired[:, pinned] = cfg.dead_tokens
             m = trainer.train_step(batch)
         sync(device)
         dt = time.perf_counter() - t0

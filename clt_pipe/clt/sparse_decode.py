@@ -79,6 +79,16 @@ def _accumulates_into_grad(ctx, weight: Tensor, position: int = 2) -> bool:
         return False
 
 
+def _grad_sink(ctx, param: Tensor, position: int = 2) -> tuple[Tensor, Tensor | None]:
+    """Where a backward adds ``param``'s gradient: (``param.grad`` itself, None) when autograd would only have
+    added the result into it (``_accumulates_into_grad``), else (a fresh zero tensor, that same tensor), which
+    the backward returns to autograd. Shared by every function here with the in-place contract."""
+    if ctx.inplace_grad and _accumulates_into_grad(ctx, param, position) and param.grad.is_contiguous():
+        return param.grad, None
+    fresh = torch.zeros_like(param, memory_format=torch.contiguous_format)
+    return fresh, fresh
+
+
 def _grad_val(idx: Tensor, g: Tensor, flat: Tensor) -> Tensor:
     """[B, k]: ⟨g[b], flat[idx[b, j]]⟩ without materialising the gathered rows (embedding_bag's own kernel)."""
     n_batch, k = idx.shape
@@ -148,16 +158,10 @@ class SparseDecode(torch.autograd.Function):
         grad_val = _grad_val(idx, g, flat) if need_val else None
         grad_w = None
         if need_w:
-            if ctx.inplace_grad and _accumulates_into_grad(ctx, weight) and weight.grad.is_contiguous():
-                target = weight.grad.view(n_feat, width)
-            else:
-                grad_w = torch.zeros_like(flat, memory_format=torch.contiguous_format)
-                target = grad_w
-            _add_scaled_rows_(target, idx, v, g)
+            target, grad_w = _grad_sink(ctx, weight)
+            _add_scaled_rows_(target.view(n_feat, width), idx, v, g)
         if grad_val is not None:
             grad_val = grad_val.to(val.dtype)
-        if grad_w is not None:
-            grad_w = grad_w.view(weight.shape)
         return None, grad_val, grad_w, None
 
 
@@ -172,58 +176,11 @@ def sparse_decode(idx: Tensor, val: Tensor, weight: Tensor, *, inplace_grad: boo
     return SparseDecode.apply(idx.to(torch.long).contiguous(), val.contiguous(), weight, inplace_grad)
 
 
-class RowsDecode(torch.autograd.Function):
-    """``codes [B, n] @ weight[rows].flatten(1)``: a dense GEMM through a few rows of ``weight`` whose backward
-    adds the n rows' gradient into ``weight.grad`` in place (the same contract as ``SparseDecode``), so neither
-    direction touches the other F - n rows. Under autocast the GEMM runs in the autocast dtype."""
-
-    @staticmethod
-    def forward(ctx, rows: Tensor, codes: Tensor, weight: Tensor, inplace_grad: bool) -> Tensor:  # type: ignore[override]
-        flat = weight.reshape(weight.shape[0], -1)
-        dtype = _autocast_dtype(weight.device) or weight.dtype
-        w_rows = flat.index_select(0, rows).to(dtype)
-        with torch.autocast(weight.device.type, enabled=False):
-            out = codes.to(dtype) @ w_rows
-        ctx.save_for_backward(rows, codes, w_rows, weight)
-        ctx.inplace_grad = inplace_grad
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        rows, codes, w_rows, weight = ctx.saved_tensors
-        g = grad_out.to(w_rows.dtype)
-        with torch.autocast(weight.device.type, enabled=False):
-            grad_codes = (g @ w_rows.T).to(codes.dtype) if ctx.needs_input_grad[1] else None
-            grad_rows = (codes.to(g.dtype).T @ g).to(weight.dtype) if ctx.needs_input_grad[2] else None
-        grad_w = None
-        if grad_rows is not None:
-            n_feat = weight.shape[0]
-            if ctx.inplace_grad and _accumulates_into_grad(ctx, weight) and weight.grad.is_contiguous():
-                weight.grad.view(n_feat, -1).index_add_(0, rows, grad_rows)
-            else:
-                grad_w = torch.zeros(n_feat, grad_rows.shape[1], dtype=weight.dtype, device=weight.device)
-                grad_w.index_add_(0, rows, grad_rows)
-                grad_w = grad_w.view(weight.shape)
-        return None, grad_codes, grad_w, None
-
-
-def rows_decode(rows: Tensor, codes: Tensor, weight: Tensor, *, inplace_grad: bool = True) -> Tensor:
-    """``codes [B, n] @ weight[rows].flatten(1)`` -> [B, prod(weight.shape[1:])], touching only those rows.
-
-    rows [n] distinct integer row ids (``index_add_`` of duplicates would still be right, but the GEMM is
-    meant for a set); weight: a leaf parameter for the in-place gradient (see ``sparse_decode``)."""
-    if rows.dim() != 1 or codes.dim() != 2 or codes.shape[1] != rows.shape[0]:
-        raise ValueError(f"rows_decode: rows [n] and codes [B, n] expected, got {list(rows.shape)}, "
-                         f"{list(codes.shape)}")
-    return RowsDecode.apply(rows.to(torch.long).contiguous(), codes.contiguous(), weight, inplace_grad)
-
-
 class RowsDecodeTriangle(torch.autograd.Function):
     """Σ_s ``codes_s [B, n_s] @ W_dec[s][rows_s]`` written into target layers s..L-1 of one [B, L, d] output:
     each source's GEMM accumulates straight into its strided slice of the output (no per-source temporaries, no
     concatenation, no fold), the backward reads the same strided slices of the output gradient, and the
-    decoder rows' gradients are added into ``W_dec[s].grad`` in place (the ``RowsDecode`` contract). On CPU at
+    decoder rows' gradients are added into ``W_dec[s].grad`` in place (the ``SparseDecode`` contract). On CPU at
     ViT-B sizes the concatenate-and-fold alternative spent as long copying as the GEMMs took.
 
     Inputs after the first three: (rows_s, codes_s, weight_s) per source s listed in ``sources``."""
@@ -263,15 +220,9 @@ class RowsDecodeTriangle(torch.autograd.Function):
                 if ctx.needs_input_grad[3 + 3 * i + 1]:
                     grad_codes = g @ w_rows.T
                 if ctx.needs_input_grad[3 + 3 * i + 2]:
-                    grad_rows = (codes.T @ g).to(weight.dtype)
-                    n_feat = weight.shape[0]
-                    position = 3 * i + 2  # autograd's edges skip the three non-tensor inputs
-                    inplace = ctx.inplace_grad and _accumulates_into_grad(ctx, weight, position)
-                    if inplace and weight.grad.is_contiguous():
-                        weight.grad.view(n_feat, -1).index_add_(0, rows, grad_rows)
-                    else:
-                        grad_w = torch.zeros(n_feat, grad_rows.shape[1], dtype=weight.dtype, device=weight.device)
-                        grad_w = grad_w.index_add_(0, rows, grad_rows).view(weight.shape)
+                    # autograd's edges skip the three non-tensor inputs: weight i is edge 3·i + 2
+                    target, grad_w = _grad_sink(ctx, weight, 3 * i + 2)
+                    target.view(weight.shape[0], -1).index_add_(0, rows, (codes.T @ g).to(weight.dtype))
             grads += [None, grad_codes, grad_w]
         return tuple(grads)
 
@@ -290,6 +241,7 @@ def rows_decode_triangle(parts: list[tuple[int, Tensor, Tensor, Tensor]], n_laye
                              f"expected, got {list(rows.shape)}, {list(codes.shape)}, {list(weight.shape)}")
         args += [rows.to(torch.long).contiguous(), codes.contiguous(), weight]
     return RowsDecodeTriangle.apply(tuple(s for s, *_ in parts), (n_batch, n_layers, d), inplace_grad, *args)
+
 
 class ColumnsAffine(torch.autograd.Function):
     """``x[l] @ weight[l][:, cols[l]] + bias[l][cols[l]]`` per layer l: the pre-activations of a few latents
@@ -321,18 +273,12 @@ class ColumnsAffine(torch.autograd.Function):
                 grad_x = torch.bmm(g, w_cols.transpose(1, 2)).to(x.dtype)
             w_part = torch.bmm(x.to(g.dtype).transpose(1, 2), g).to(weight.dtype) if ctx.needs_input_grad[2] else None
             b_part = g.sum(1).to(bias.dtype) if ctx.needs_input_grad[3] else None
-        for part, param, position, dim, index in ((w_part, weight, 2, 2, cols[:, None, :].expand(n_layers, d, m)),
-                                                  (b_part, bias, 3, 1, cols)):
-            if part is None:
-                continue
-            if ctx.inplace_grad and _accumulates_into_grad(ctx, param, position) and param.grad.is_contiguous():
-                param.grad.scatter_add_(dim, index, part)
-            else:
-                full = torch.zeros_like(param, memory_format=torch.contiguous_format).scatter_add_(dim, index, part)
-                if param is weight:
-                    grad_w = full
-                else:
-                    grad_b = full
+        if w_part is not None:
+            target, grad_w = _grad_sink(ctx, weight, 2)
+            target.scatter_add_(2, cols[:, None, :].expand(n_layers, d, m), w_part)
+        if b_part is not None:
+            target, grad_b = _grad_sink(ctx, bias, 3)
+            target.scatter_add_(1, cols, b_part)
         return None, grad_x, grad_w, grad_b, None
 
 
