@@ -101,3 +101,30 @@ def test_rows_decode_matches_dense_and_adds_into_existing_grad():
     ref.backward(g)
     torch.testing.assert_close(codes.grad, ref_codes.grad)
     torch.testing.assert_close(w.grad, 1 + w_ref.grad)
+
+
+@pytest.mark.parametrize("n_dead", [3, 8])  # <= aux_k: above it, bf16 rounding may change which latents win the top-k
+def test_auxk_under_bf16_autocast_follows_the_float32_definition(n_dead):
+    """The CUDA training path runs AuxK's GEMMs in bf16 (autocast); CPU autocast exercises the same code. Value and
+    gradients stay within bf16 rounding of the float32 definition; gradients come back in float32."""
+    torch.manual_seed(0)
+    model = CrossLayerTranscoder(CLTSpec(L, D, F, "relu_topk", K))
+    with torch.no_grad():
+        model.b_enc.normal_(0, 0.5)
+    model.materialize_grads()
+    x, residual = torch.randn(B, L, D), torch.randn(B, L, D)
+    dead = torch.zeros(L, F, dtype=torch.bool)
+    dead[0, :n_dead] = True
+    dead[2, 5:5 + n_dead] = True
+
+    def low():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return aux_loss(model, model.standardize(x), residual, dead, 8, "dense")
+
+    new = grads(model, low)
+    old = grads(model, lambda: reference_aux(model, model.preactivations(x), residual, dead, 8))
+    for name in new:
+        assert new[name].dtype == torch.float32, name
+        err = (new[name] - old[name]).norm() / old[name].norm().clamp_min(1e-12)
+        assert err < 0.02, (name, float(err))
+    assert (new["W_dec.1"] == 0).all() and (new["W_dec.3"] == 0).all()  # no dead latents there
