@@ -33,6 +33,24 @@ def tiny_clip_one_epoch(tmp_path_factory):
 
 
 @pytest.fixture
+def warm_cli():
+    """Real ``clt-pipe`` child processes that start warm (``clt_pipe.testing.cliprocess``): returns its
+    ``start_cli``. Its forkserver is started right after collection when a selected test asks for it."""
+    from clt_pipe.testing import cliprocess
+
+    cliprocess.warm_forkserver()
+    return cliprocess.start_cli
+
+
+def pytest_collection_modifyitems(config, items):
+    # The forkserver imports torch and open_clip (~5 s) on the other core while the tests before it run.
+    if any("warm_cli" in getattr(item, "fixturenames", ()) for item in items):
+        from clt_pipe.testing import cliprocess
+
+        cliprocess.warm_forkserver()
+
+
+@pytest.fixture
 def one_torch_thread():
     """Tiny models: one intra-op thread is ~10x faster than two fighting other processes."""
     old = torch.get_num_threads()

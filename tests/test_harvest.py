@@ -391,7 +391,7 @@ class _Decoded:
 # ------------------------------------------------------------------------------------------ crash, kill, resume
 
 
-def test_kill_mid_harvest_then_resume_equals_uninterrupted(tmp_path, ckpt, capsys, monkeypatch):
+def test_kill_mid_harvest_then_resume_equals_uninterrupted(tmp_path, ckpt, capsys, monkeypatch, warm_cli):
     data = make_fake_imagefolder(tmp_path / "data", classes=("a", "b", "c"), per_class=8)  # 24 images
     killed, clean = tmp_path / "killed.zarr", tmp_path / "clean.zarr"
 
@@ -400,9 +400,8 @@ def test_kill_mid_harvest_then_resume_equals_uninterrupted(tmp_path, ckpt, capsy
                 "--data-root", str(data["root"]), "--store", str(store), "--chunk-mb", "0.01",
                 "--chunks-per-shard", "2", "--batch-size", "2", "--template-sets", "single"]
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "clt_pipe", *args(killed)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # a real process, started warm (see clt_pipe.testing.cliprocess), SIGKILLed after its first commit
+    proc = warm_cli(args(killed), tmp_path, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     commits = killed / "commits"
     deadline = time.monotonic() + 120
     try:
@@ -410,12 +409,11 @@ def test_kill_mid_harvest_then_resume_equals_uninterrupted(tmp_path, ckpt, capsy
             if commits.is_dir() and any(p.suffix == ".json" for p in commits.glob("shard-*.json")):
                 break
             time.sleep(0.005)
-        assert proc.poll() is None, f"harvest ended before the kill: {proc.stderr.read().decode()[-2000:]}"
-        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.poll() is None, f"harvest ended before the kill: {proc.stderr()[-2000:]}"
+        proc.kill()
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        proc.kill()
+        proc.wait(60)
     assert proc.returncode == -signal.SIGKILL
     n_committed = len(list(commits.glob("shard-*.json")))
     assert 1 <= n_committed < 12

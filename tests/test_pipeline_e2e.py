@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import dask
 import numpy as np
 import pytest
 import zarr
@@ -81,9 +82,12 @@ def _harvest_cfg(store: str, data, model, **kw) -> HarvestConfig:
                                      template_sets=["single"], device="cpu", **kw))
 
 
-def test_dask_workers_write_the_same_store_as_one_writer(tmp_path, data, tiny_model_config):
+def test_dask_workers_write_the_same_store_as_one_writer(tmp_path, data, tiny_model_config, warm_cli):
     one = run_harvest(_harvest_cfg(str(tmp_path / "one.zarr"), data, tiny_model_config))
-    two = run_harvest(_harvest_cfg(str(tmp_path / "two.zarr"), data, tiny_model_config, workers=2))
+    # The workers are real processes, forked from the warm_cli forkserver rather than spawned (dask's
+    # default), which saves each of them the ~5 s torch + open_clip import; what they run is the same.
+    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+        two = run_harvest(_harvest_cfg(str(tmp_path / "two.zarr"), data, tiny_model_config, workers=2))
     assert two["workers"] == 2 and one["n_shards"] == two["n_shards"] > 2
     a, b = zarr.open_group(str(tmp_path / "one.zarr"), mode="r"), zarr.open_group(str(tmp_path / "two.zarr"), mode="r")
     for name in ("mlp_in", "mlp_out", "resid_final", "embedding", "stats/mean_in", "stats/var_out"):

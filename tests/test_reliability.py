@@ -373,18 +373,17 @@ def test_second_harvest_of_a_locked_store_is_refused_in_one_line(tmp_path):
     w.release_lock()
 
 
-def test_two_identical_harvests_at_once(tmp_path, tiny_model_config):
+def test_two_identical_harvests_at_once(tmp_path, tiny_model_config, warm_cli):
     from clt_pipe.testing.fakedata import make_fake_imagefolder
 
     data = make_fake_imagefolder(tmp_path / "d", classes=("a", "b"), per_class=6)["root"]
     url = tmp_path / "same.zarr"
-    cmd = [sys.executable, "-m", "clt_pipe", "harvest", "--model", str(tiny_model_config), "--pretrained", "none",
-           "--dataset", "imagefolder", "--data-root", str(data), "--store", str(url), "--chunk-mb", "0.02",
-           "--chunks-per-shard", "1", "--batch-size", "4", "--template-sets", "single", "--device", "cpu"]
+    args = ["harvest", "--model", str(tiny_model_config), "--pretrained", "none", "--dataset", "imagefolder",
+            "--data-root", str(data), "--store", str(url), "--chunk-mb", "0.02", "--chunks-per-shard", "1",
+            "--batch-size", "4", "--template-sets", "single", "--device", "cpu"]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                              cwd=Path(__file__).resolve().parents[1]) for _ in range(2)]
-    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+    procs = [warm_cli(args, tmp_path, env=env) for _ in range(2)]  # two real processes, started warm
+    results = [(p.wait(timeout=600), p.stderr()) for p in procs]
     for code, err in results:
         assert "Traceback" not in err, err
         if code != 0:

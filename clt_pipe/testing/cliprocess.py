@@ -1,0 +1,101 @@
+"""``clt-pipe`` in a real child process that starts warm.
+
+Tests that SIGKILL a harvest, or race two of them, need separate processes, and a fresh interpreter spends
+about 5 s importing torch and open_clip before it reads its first image. Children here are forked from one
+``multiprocessing`` forkserver that imported the pipeline once, and they run the same ``clt_pipe.cli.main`` as
+the console script. A forkserver, not a plain fork of the caller: the server never ran a torch op, so no
+OpenMP thread pool is copied into a child (forking a process that has run one hangs the child's first
+parallel op) and no zarr or fsspec event loop thread is half-copied.
+
+The server is one per calling process and is shared with dask: a ``LocalCluster`` started while
+``distributed.worker.multiprocessing-method`` is "forkserver" forks its workers from it too.
+
+A child exits through ``os._exit`` after its threads finish, like every multiprocessing child: plain
+``atexit`` hooks do not run there, as they would in a console process.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+# What the server imports before it forks anything: the CLI, both harvest paths and dask's worker.
+PRELOAD = ("clt_pipe.cli", "clt_pipe.harvest.run", "clt_pipe.harvest.dask", "distributed")
+
+
+def warm_forkserver() -> multiprocessing.context.BaseContext:
+    """Start the forkserver now if it is not running; it imports ``PRELOAD`` in the background, and the first
+    child waits for that. Returns the forkserver context."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(PRELOAD))
+    multiprocessing.forkserver.ensure_running()
+    return ctx
+
+
+def _child_main(args: list[str], env: dict[str, str] | None, stdout_path: str, stderr_path: str) -> None:
+    # A forkserver child starts with "forkserver" as its start method, under which every multiprocessing lock
+    # (numcodecs' blosc mutex is one) registers with the parent's resource tracker and is reported as leaked
+    # when the child is SIGKILLed. A console process has the platform default.
+    multiprocessing.set_start_method(None, force=True)
+    if env is not None:
+        os.environ.clear()
+        os.environ.update(env)
+    for fd, path in ((1, stdout_path), (2, stderr_path)):
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(target, fd)
+        os.close(target)
+    sys.argv = ["clt-pipe", *args]
+    from clt_pipe.cli import main
+
+    main()  # its SystemExit becomes the process's exit code
+
+
+class CliProcess:
+    """A running ``clt-pipe`` child; ``poll``/``wait``/``returncode`` read like ``subprocess.Popen`` (a signal
+    death is the negative signal number)."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None, log_dir: Path):
+        fd, self._stdout = tempfile.mkstemp(prefix="clt-pipe-", suffix=".out", dir=log_dir)
+        os.close(fd)
+        fd, self._stderr = tempfile.mkstemp(prefix="clt-pipe-", suffix=".err", dir=log_dir)
+        os.close(fd)
+        self.process = warm_forkserver().Process(target=_child_main, args=(list(args), env, self._stdout,
+                                                                          self._stderr), daemon=False)
+        self.process.start()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.exitcode
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            raise TimeoutError(f"clt-pipe child {self.pid} still running after {timeout} s")
+        return self.process.exitcode
+
+    def kill(self) -> None:
+        if self.process.exitcode is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+    def stdout(self) -> str:
+        return Path(self._stdout).read_text()
+
+    def stderr(self) -> str:
+        return Path(self._stderr).read_text()
+
+
+def start_cli(args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> CliProcess:
+    """Start ``clt-pipe ARGS`` in a warm child; its stdout and stderr go to files under ``log_dir``."""
+    return CliProcess(args, env, Path(log_dir))
