@@ -23,13 +23,35 @@ def tiny_model_config() -> pathlib.Path:
     return TINY_MODEL
 
 
-@pytest.fixture(scope="session")
-def tiny_clip_one_epoch(tmp_path_factory):
-    """The demo's tiny CLIP trained for one epoch (seed 0), once per test session: the determinism and cache
-    tests compare against it instead of each training their own."""
+FEW_DIGITS = 192  # three training steps of 64
+
+
+@contextlib.contextmanager
+def few_training_digits():
+    """The tiny CLIP's trainer sees only the first ``FEW_DIGITS`` training digits. Three steps still draw
+    every source of randomness the determinism tests are about (init, shuffling, templates, shifts) in a
+    tenth of an epoch's time; the test split and the zero-shot probe are unchanged."""
     from clt_pipe.demo import tinyclip as tc
 
-    return tc.train_tiny_clip(tmp_path_factory.mktemp("tiny-clip-1ep"), seed=0, epochs=1)
+    real = tc.load_digits_arrays
+
+    def first_few(split, *args, **kw):
+        images, labels, idx = real(split, *args, **kw)
+        return images[:FEW_DIGITS], labels[:FEW_DIGITS], idx[:FEW_DIGITS]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tc, "load_digits_arrays", first_few)
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_few_steps(tmp_path_factory):
+    """The demo's tiny CLIP after one epoch over ``few_training_digits`` (seed 0), once per test session: the
+    determinism and cache tests compare against it instead of each training their own."""
+    from clt_pipe.demo import tinyclip as tc
+
+    with few_training_digits():
+        return tc.train_tiny_clip(tmp_path_factory.mktemp("tiny-clip-few"), seed=0, epochs=1)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from clt_pipe.checksums import file_sha256
 from clt_pipe.datasets.base import DatasetError, ImageDataset
 from clt_pipe.datasets.digits import CLASS_NAMES, DigitsDataset, load_digits_arrays
 from clt_pipe.demo import tinyclip as tc
+from tests.conftest import FEW_DIGITS, few_training_digits
 
 SHORT_EPOCHS = 6  # keeps the non-slow training tests to a few seconds each on 2 cores
 
@@ -117,22 +118,24 @@ def test_untrained_model_is_near_chance():
     assert acc < 0.35  # so the trained accuracy above measures learning, not the metric
 
 
-def test_same_seed_gives_identical_checkpoint(tiny_clip_one_epoch, tmp_path):
-    # One epoch is enough to exercise every source of randomness (init, shuffling, templates, shifts).
-    again = tc.train_tiny_clip(tmp_path / "again", seed=0, epochs=1)
-    assert again.meta["checkpoint_sha256"] == tiny_clip_one_epoch.meta["checkpoint_sha256"]
-    assert file_sha256(again.checkpoint_path) == file_sha256(tiny_clip_one_epoch.checkpoint_path)
+def test_same_seed_gives_identical_checkpoint(tiny_clip_few_steps, tmp_path):
+    with few_training_digits():
+        again = tc.train_tiny_clip(tmp_path / "again", seed=0, epochs=1)
+    assert again.meta["n_train"] == FEW_DIGITS
+    assert again.meta["checkpoint_sha256"] == tiny_clip_few_steps.meta["checkpoint_sha256"]
+    assert file_sha256(again.checkpoint_path) == file_sha256(tiny_clip_few_steps.checkpoint_path)
 
 
-def test_different_seed_gives_different_checkpoint(tiny_clip_one_epoch, tmp_path):
-    other = tc.train_tiny_clip(tmp_path / "b", seed=1, epochs=1)
-    assert other.meta["checkpoint_sha256"] != tiny_clip_one_epoch.meta["checkpoint_sha256"]
+def test_different_seed_gives_different_checkpoint(tiny_clip_few_steps, tmp_path):
+    with few_training_digits():
+        other = tc.train_tiny_clip(tmp_path / "b", seed=1, epochs=1)
+    assert other.meta["checkpoint_sha256"] != tiny_clip_few_steps.meta["checkpoint_sha256"]
 
 
 # -------------------------------------------------------------------------------------------- cache
 def _copying_trainer(trained):
     """Stands in for ``train_tiny_clip``: the cache logic around training is under test here, not training
-    itself (the tests above cover that), so 'training' copies the session's one-epoch artifacts."""
+    itself (the tests above cover that), so 'training' copies the session's short-run artifacts."""
 
     def train(out_dir, seed=0, epochs=tc.DEFAULT_EPOCHS, progress=None, **_kw):
         assert (seed, epochs) == (0, 1)
@@ -146,8 +149,8 @@ def _copying_trainer(trained):
     return train
 
 
-def test_ensure_tiny_clip_caches_and_rejects_partial(tmp_path, monkeypatch, tiny_clip_one_epoch):
-    monkeypatch.setattr(tc, "train_tiny_clip", _copying_trainer(tiny_clip_one_epoch))
+def test_ensure_tiny_clip_caches_and_rejects_partial(tmp_path, monkeypatch, tiny_clip_few_steps):
+    monkeypatch.setattr(tc, "train_tiny_clip", _copying_trainer(tiny_clip_few_steps))
     cache = tmp_path / "cache" / "tiny-clip-seed0"
     calls = []
     first = tc.ensure_tiny_clip(cache, seed=0, epochs=1, progress=lambda *a: calls.append(a))
@@ -183,12 +186,19 @@ def test_ensure_tiny_clip_caches_and_rejects_partial(tmp_path, monkeypatch, tiny
 
 def test_killed_training_leaves_no_valid_cache(tmp_path, monkeypatch):
     cache = tmp_path / "tiny-clip-seed0"
+    steps = []
 
-    def boom(epoch, epochs, loss):
-        raise KeyboardInterrupt
+    def interrupted_at_the_third_step(*args):
+        steps.append(1)
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        return real_loss(*args)
 
+    real_loss = tc._clip_loss
+    monkeypatch.setattr(tc, "_clip_loss", interrupted_at_the_third_step)
     with pytest.raises(KeyboardInterrupt):
-        tc.ensure_tiny_clip(cache, seed=0, epochs=2, progress=boom)
+        tc.ensure_tiny_clip(cache, seed=0, epochs=2)
+    assert len(steps) == 3
     assert not cache.exists()
     assert list(tmp_path.iterdir()) == []  # temp dir cleaned up too
 
