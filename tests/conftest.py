@@ -23,6 +23,81 @@ def tiny_model_config() -> pathlib.Path:
     return TINY_MODEL
 
 
+ANALYZE_N_FEATURES = 128
+
+
+@pytest.fixture(scope="session")
+def analyze_env(tmp_path_factory):
+    """A tiny store (24 images, all tokens, several chunks) of a reloadable tiny CLIP, and a random CLT: what
+    the analysis and report tests run against."""
+    from clt_pipe.backbone.loading import load_backbone
+    from clt_pipe.clt.model import CrossLayerTranscoder
+    from clt_pipe.clt.rundir import load_fitted, save_fitted
+    from clt_pipe.clt.spec import CLTSpec
+    from clt_pipe.config import HarvestConfig, build
+    from clt_pipe.harvest.run import run_harvest
+    from clt_pipe.store.reader import ActivationStore
+    from clt_pipe.testing.fakedata import make_fake_imagefolder
+
+    root = tmp_path_factory.mktemp("analyze")
+    data = make_fake_imagefolder(root / "data", classes=("cat", "dog", "fox", "owl"), per_class=6, size=32)
+    torch.manual_seed(0)
+    bb = load_backbone(str(TINY_MODEL), "none", "cpu")
+    ckpt = root / "tiny.pt"
+    torch.save(bb.model.state_dict(), ckpt)
+    store_url = str(root / "store.zarr")
+    hcfg = build(HarvestConfig, {"model": str(TINY_MODEL), "pretrained": str(ckpt), "dataset": "imagefolder",
+                                 "data_root": str(root / "data"), "split": "train", "store": store_url,
+                                 "tokens": "all", "chunk_mb": 0.05, "chunks_per_shard": 2, "batch_size": 8,
+                                 "template_sets": ["single"], "device": "cpu", "data_workers": 1})
+    run_harvest(hcfg, log=lambda *a: None)
+    store = ActivationStore(store_url)
+    torch.manual_seed(1)
+    clt = CrossLayerTranscoder(CLTSpec(store.n_layers, store.d_model, ANALYZE_N_FEATURES, "relu_topk", 8))
+    run_dir = root / "clt-run"
+    save_fitted(run_dir, clt, {"store": {"url": store_url, "fingerprint": store.meta.fingerprint,
+                                         "model": store.model, "n_layers": store.n_layers,
+                                         "d_model": store.d_model}})
+    model, _ = load_fitted(run_dir)
+    bb = load_backbone(str(TINY_MODEL), str(ckpt), "cpu")
+    return {"root": root, "data": data, "store_url": store_url, "store": store, "run_dir": run_dir,
+            "clt": model, "bb": bb, "ckpt": ckpt}
+
+
+def analyze_config(env, **kw):
+    """An AnalyzeConfig for ``analyze_env`` with small retrieval settings; ``kw`` overrides."""
+    from clt_pipe.config import AnalyzeConfig, build
+
+    base = {"store": env["store_url"], "clt": str(env["run_dir"]), "out": str(env["root"] / "report"),
+            "data_root": str(env["root"] / "data"), "device": "cpu", "batch_size": 8, "retrieval_queries": 3,
+            "retrieval_k": 3, "read_threads": 2}
+    base.update(kw)
+    return build(AnalyzeConfig, base)
+
+
+@pytest.fixture(scope="session")
+def full_report(analyze_env):
+    """Every analysis part of ``analyze_env`` run once per session: (its config, run_analyze's summary). The
+    report's own assertions and the browser check read the same files."""
+    from clt_pipe.analyze.run import run_analyze
+
+    cfg = analyze_config(analyze_env, out=str(analyze_env["root"] / "full-report"), ablation_keep=2)
+    return cfg, run_analyze(cfg)
+
+
+@pytest.fixture(scope="session")
+def page_checker():
+    """One headless chromium for every page check of the session (``clt_pipe.testing.browser.PageChecker``);
+    the test is skipped where playwright or a chromium is missing."""
+    from clt_pipe.testing.browser import PageChecker, browser_missing
+
+    why = browser_missing()
+    if why:
+        pytest.skip(why)
+    with PageChecker() as check:
+        yield check
+
+
 FEW_DIGITS = 192  # three training steps of 64
 
 
@@ -56,20 +131,20 @@ def tiny_clip_few_steps(tmp_path_factory):
 
 @pytest.fixture
 def warm_cli():
-    """Real ``clt-pipe`` child processes that start warm (``clt_pipe.testing.cliprocess``): returns its
-    ``start_cli``. Its forkserver is started right after collection when a selected test asks for it."""
-    from clt_pipe.testing import cliprocess
+    """Real ``clt-pipe`` child processes that start warm (``tests/warmcli.py``): returns its ``start_cli``. Its
+    forkserver is started right after collection when a selected test asks for it."""
+    from tests import warmcli
 
-    cliprocess.warm_forkserver()
-    return cliprocess.start_cli
+    warmcli.warm_forkserver()
+    return warmcli.start_cli
 
 
 def pytest_collection_modifyitems(config, items):
     # The forkserver imports torch and open_clip (~5 s) on the other core while the tests before it run.
     if any("warm_cli" in getattr(item, "fixturenames", ()) for item in items):
-        from clt_pipe.testing import cliprocess
+        from tests import warmcli
 
-        cliprocess.warm_forkserver()
+        warmcli.warm_forkserver()
 
 
 @pytest.fixture

@@ -15,54 +15,18 @@ from clt_pipe.analyze import attribution as AT
 from clt_pipe.analyze import substitution as SU
 from clt_pipe.analyze import zeroshot as ZS
 from clt_pipe.analyze.run import run_analyze
-from clt_pipe.backbone.loading import load_backbone
 from clt_pipe.clt.model import CrossLayerTranscoder
 from clt_pipe.clt.spec import CLTSpec
-from clt_pipe.config import AnalyzeConfig, HarvestConfig, build
+from clt_pipe.config import AnalyzeConfig, build
 from clt_pipe.errors import CltPipeError, ConfigError, StoreError
-from clt_pipe.clt.rundir import load_fitted, save_fitted
-from clt_pipe.harvest.run import run_harvest
-from clt_pipe.store.reader import ActivationStore
-from tests.conftest import TINY_MODEL
-from clt_pipe.testing.fakedata import make_fake_imagefolder
-
-N_FEATURES = 128
+from clt_pipe.clt.rundir import save_fitted
+from tests.conftest import ANALYZE_N_FEATURES as N_FEATURES
+from tests.conftest import analyze_config as _cfg
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """A tiny store (24 images, all tokens, several chunks) of a reloadable tiny CLIP, and a random CLT."""
-    root = tmp_path_factory.mktemp("analyze")
-    data = make_fake_imagefolder(root / "data", classes=("cat", "dog", "fox", "owl"), per_class=6, size=32)
-    torch.manual_seed(0)
-    bb = load_backbone(str(TINY_MODEL), "none", "cpu")
-    ckpt = root / "tiny.pt"
-    torch.save(bb.model.state_dict(), ckpt)
-    store_url = str(root / "store.zarr")
-    hcfg = build(HarvestConfig, {"model": str(TINY_MODEL), "pretrained": str(ckpt), "dataset": "imagefolder",
-                                 "data_root": str(root / "data"), "split": "train", "store": store_url,
-                                 "tokens": "all", "chunk_mb": 0.05, "chunks_per_shard": 2, "batch_size": 8,
-                                 "template_sets": ["single"], "device": "cpu", "data_workers": 1})
-    run_harvest(hcfg, log=lambda *a: None)
-    store = ActivationStore(store_url)
-    torch.manual_seed(1)
-    clt = CrossLayerTranscoder(CLTSpec(store.n_layers, store.d_model, N_FEATURES, "relu_topk", 8))
-    run_dir = root / "clt-run"
-    save_fitted(run_dir, clt, {"store": {"url": store_url, "fingerprint": store.meta.fingerprint,
-                                         "model": store.model, "n_layers": store.n_layers,
-                                         "d_model": store.d_model}})
-    model, _ = load_fitted(run_dir)
-    bb = load_backbone(str(TINY_MODEL), str(ckpt), "cpu")
-    return {"root": root, "data": data, "store_url": store_url, "store": store, "run_dir": run_dir,
-            "clt": model, "bb": bb, "ckpt": ckpt}
-
-
-def _cfg(env, **kw):
-    base = {"store": env["store_url"], "clt": str(env["run_dir"]), "out": str(env["root"] / "report"),
-            "data_root": str(env["root"] / "data"), "device": "cpu", "batch_size": 8, "retrieval_queries": 3,
-            "retrieval_k": 3, "read_threads": 2}
-    base.update(kw)
-    return build(AnalyzeConfig, base)
+@pytest.fixture
+def env(analyze_env):
+    return analyze_env
 
 
 def _all_rows(store):
@@ -201,9 +165,8 @@ def test_closedloop_identity_stub_and_real_clt(env):
     torch.testing.assert_close(SU.encode_images(bb, x, zero, None), want)
 
 
-def test_run_analyze_full_report(env, tmp_path):
-    cfg = _cfg(env, out=str(tmp_path / "rep"), ablation_keep=2)
-    summary = run_analyze(cfg)
+def test_run_analyze_full_report(env, full_report):
+    cfg, summary = full_report
     out = Path(cfg.out)
     rep = json.loads((out / "report.json").read_text())
     for name in ("fidelity", "fidelity_aggregate", "attribution", "substitution", "ablation", "retrieval"):

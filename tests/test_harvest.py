@@ -400,7 +400,7 @@ def test_kill_mid_harvest_then_resume_equals_uninterrupted(tmp_path, ckpt, capsy
                 "--data-root", str(data["root"]), "--store", str(store), "--chunk-mb", "0.01",
                 "--chunks-per-shard", "2", "--batch-size", "2", "--template-sets", "single"]
 
-    # a real process, started warm (see clt_pipe.testing.cliprocess), SIGKILLed after its first commit
+    # a real process, started warm (see tests/warmcli.py), SIGKILLed after its first commit
     proc = warm_cli(args(killed), tmp_path, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     commits = killed / "commits"
     deadline = time.monotonic() + 120

@@ -2,8 +2,8 @@
 
 Tests that SIGKILL a harvest, or race two of them, need separate processes, and a fresh interpreter spends
 about 5 s importing torch and open_clip before it reads its first image. Children here are forked from one
-``multiprocessing`` forkserver that imported the pipeline once, and they run the same ``clt_pipe.cli.main`` as
-the console script. A forkserver, not a plain fork of the caller: the server never ran a torch op, so no
+``multiprocessing`` forkserver that imported the pipeline once, and each runs ``clt_pipe`` as ``python -m
+clt_pipe`` does. A forkserver, not a plain fork of the caller: the server never ran a torch op, so no
 OpenMP thread pool is copied into a child (forking a process that has run one hangs the child's first
 parallel op) and no zarr or fsspec event loop thread is half-copied.
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import runpy
 import signal
 import sys
 import tempfile
@@ -50,9 +51,7 @@ def _child_main(args: list[str], env: dict[str, str] | None, stdout_path: str, s
         os.dup2(target, fd)
         os.close(target)
     sys.argv = ["clt-pipe", *args]
-    from clt_pipe.cli import main
-
-    main()  # its SystemExit becomes the process's exit code
+    runpy.run_module("clt_pipe", run_name="__main__", alter_sys=True)  # its SystemExit is the exit code
 
 
 class CliProcess:
