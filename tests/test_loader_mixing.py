@@ -103,3 +103,28 @@ def test_prefetched_first_window_is_used_or_dropped_exactly(store):
     moved.prefetch()
     moved.load_state_dict(moved_state)
     assert images(moved) == images(ref)
+
+
+def test_close_waits_for_running_reads_and_drops_the_rest(store, monkeypatch):
+    """Once close() returns nothing reads the store: the read already running has finished, the queued ones
+    never start."""
+    import threading
+    import time
+
+    started, finished = [], []
+    real = ChunkLoader._read_into
+
+    def slow_read(self, chunks, x, y):
+        started.append(chunks[0][0])
+        time.sleep(0.3)
+        real(self, chunks, x, y)
+        finished.append(chunks[0][0])
+
+    monkeypatch.setattr(ChunkLoader, "_read_into", slow_read)
+    loader = ChunkLoader(store, B, seed=0, tokens="cls", read_threads=1)  # token-filtered: one read per chunk
+    loader.prefetch()
+    while not started:
+        time.sleep(0.01)
+    loader.close()
+    assert started == finished and len(started) == 1  # the running read ended; the window's others never ran
+    assert not [t for t in threading.enumerate() if t.name.startswith("clt-read")]

@@ -133,6 +133,7 @@ class ChunkLoader:
         self.shuffle_chunks = self.plan_window(shuffle_chunks, shuffle_memory)
         self.read_threads = max(1, read_threads)
         self.pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="clt-read")
+        self._closed = False
         self.epoch, self.window, self.batch_in_window = 0, 0, 0
         self._cuda = self.device.type == "cuda"
         self._np_dtype = store.array("mlp_in").dtype  # float16, or uint16 holding bf16 bits
@@ -248,6 +249,8 @@ class ChunkLoader:
         stream.wait_event(writable)  # the memory's previous users on the training stream are done
         staging = self._staging_buffers()
         for g, i in enumerate(range(0, len(chunks), STAGING_CHUNKS)):
+            if self._closed:
+                break
             group = chunks[i:i + STAGING_CHUNKS]
             buf = staging[g % 2]
             if buf[2] is not None:
@@ -355,4 +358,8 @@ class ChunkLoader:
                 yield Batch(bx, by, win.image[sels[b]])
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        """Drop the reads not started and wait for the running ones: nothing reads the store once this returns
+        (a read left running went on against a store its caller may be tearing down, and held up the
+        interpreter's exit, which joins these threads, while it retried)."""
+        self._closed = True
+        self.pool.shutdown(wait=True, cancel_futures=True)
