@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -89,13 +87,13 @@ def test_every_option_has_help():
         assert stage in group.commands
 
 
-def test_cli_bad_input_is_one_line_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "clt_pipe", "fit", "--store", str(tmp_path / "nope.zarr"),
-                           "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and "not found" in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_cli_bad_input_is_one_line_error(tmp_path, warm_cli):
+    proc = warm_cli(["fit", "--store", str(tmp_path / "nope.zarr"), "--out", str(tmp_path / "o")], tmp_path)
+    assert proc.wait(120) != 0
+    stderr = proc.stderr()
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "not found" in lines[0], stderr
+    assert "Traceback" not in stderr
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "pipelines").glob("*.toml")), ids=lambda p: p.name)

@@ -1,11 +1,8 @@
-"""Data-parallel fit under torchrun (gloo on CPU): two ranks, disjoint windows, averaged gradients."""
+"""Data-parallel fit under torchrun's launcher (gloo on CPU): two ranks, disjoint windows, averaged gradients."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import torch
 from clt_pipe.testing.synthstore import RandomRows, write_store
@@ -14,21 +11,20 @@ from clt_pipe.fit import checkpoint as ckpt
 from clt_pipe.clt.rundir import load_fitted
 from clt_pipe.store.loader import ChunkLoader
 from clt_pipe.store.reader import ActivationStore
+from tests import warmcli
 
 L, D, T = 3, 16, 8
 
 
-def test_torchrun_two_ranks(tmp_path):
+def test_torchrun_two_ranks(tmp_path, warm_cli):
     store = str(tmp_path / "s.zarr")
     write_store(store, 256, T, L, D, RandomRows(T, L, D, seed=3), chunk_mb=1 / 64)
     out = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "clt_pipe",
-         "fit", "--store", store, "--out", str(out), "--n-features", "32", "--k", "4", "--steps", "12",
-         "--batch-size", "32", "--checkpoint-every", "6", "--log-every", "3", "--shuffle-chunks", "2",
-         "--device", "cpu"], capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = warmcli.torchrun(2, ["fit", "--store", store, "--out", str(out), "--n-features", "32", "--k", "4",
+                                   "--steps", "12", "--batch-size", "32", "--checkpoint-every", "6",
+                                   "--log-every", "3", "--shuffle-chunks", "2", "--device", "cpu"],
+                               tmp_path / "logs")
+    assert results == {0: 0, 1: 0}
     model, meta = load_fitted(out)
     assert meta["world_size"] == 2 and meta["finished"]
     # The checkpoint holds both ranks' loader positions, and they read different windows.

@@ -12,8 +12,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -613,12 +611,10 @@ def test_resume_after_kill_during_array_creation(tmp_path, base_store, folder, c
 # ------------------------------------------------------------------------------------------ bad input
 
 
-def test_dataset_root_missing_real_process(tmp_path, base_store, ckpt):
+def test_dataset_root_missing_real_process(tmp_path, base_store, ckpt, warm_cli):
     before = snapshot(base_store)
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    r = subprocess.run([sys.executable, "-m", "clt_pipe", *cli_args(base_store, tmp_path / "nope", ckpt)],
-                       env=env, capture_output=True, text=True, timeout=120)
-    assert_one_line_error(r.returncode, r.stderr, "does not exist", "nope")
+    proc = warm_cli(cli_args(base_store, tmp_path / "nope", ckpt), tmp_path)
+    assert_one_line_error(proc.wait(120), proc.stderr(), "does not exist", "nope")
     assert snapshot(base_store) == before
 
 
@@ -717,6 +713,22 @@ def test_pretrained_tag_offline_fails_fast(tmp_path, base_store, folder, capsys,
     assert time.monotonic() - t0 < 20
     assert_one_line_error(code, err, "--pretrained /path/to/checkpoint")
     assert snapshot(base_store) == before
+
+
+def test_tokenizer_is_built_once_per_model_config(tmp_path):
+    from clt_pipe.backbone.loading import _register_model_name, tokenizer_for
+
+    first = tokenizer_for(_register_model_name(str(TINY)))
+    assert tokenizer_for(_register_model_name(str(TINY))) is first
+    cfg = json.loads(TINY.read_text())
+    cfg["text_cfg"]["context_length"] = 8
+    (tmp_path / TINY.name).write_text(json.dumps(cfg))  # the same model name, other text settings
+    try:
+        other = tokenizer_for(_register_model_name(str(tmp_path / TINY.name)))
+        assert other is not first and tuple(other(["a photo of a cat"]).shape) == (1, 8)
+    finally:
+        _register_model_name(str(TINY))
+    assert tokenizer_for("tiny-clip") is first
 
 
 def test_random_init_is_seeded_and_identified():

@@ -98,3 +98,41 @@ class CliProcess:
 def start_cli(args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> CliProcess:
     """Start ``clt-pipe ARGS`` in a warm child; its stdout and stderr go to files under ``log_dir``."""
     return CliProcess(args, env, Path(log_dir))
+
+
+def _rank_main(args: list[str], threads: int) -> int:
+    import torch
+
+    torch.set_num_threads(threads)  # what OMP_NUM_THREADS does for a rank that starts cold
+    multiprocessing.set_start_method(None, force=True)
+    sys.argv = ["clt-pipe", *args]
+    try:
+        runpy.run_module("clt_pipe", run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+    return 0
+
+
+def torchrun(nproc: int, args: list[str], log_dir: Path, threads: int = 1) -> dict[int, int]:
+    """``torchrun --standalone --nproc-per-node NPROC -m clt_pipe ARGS`` through torchrun's own launcher,
+    ``elastic_launch``: the same agent, c10d rendezvous and rank environment (RANK, LOCAL_RANK, WORLD_SIZE,
+    MASTER_ADDR/PORT, TORCHELASTIC_*), with the ranks forked warm from the forkserver instead of each
+    importing torch and the pipeline. The ranks' output goes to files under ``log_dir``. Returns each rank's
+    result (0); a failed rank raises ChildFailedError with its traceback."""
+    import signal as _signal
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    warm_forkserver()
+    cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                       rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.05,
+                       start_method="forkserver", logs_specs=DefaultLogsSpecs(str(log_dir), redirects=Std.ALL))
+    handlers = {s: _signal.getsignal(s) for s in (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP, _signal.SIGQUIT)}
+    try:
+        return elastic_launch(cfg, _rank_main)(list(args), threads)
+    finally:  # the agent installs its own handlers in this process
+        for s, h in handlers.items():
+            _signal.signal(s, h)

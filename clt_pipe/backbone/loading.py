@@ -7,7 +7,9 @@ fails in seconds with a message saying how to pass a local checkpoint, instead o
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -134,6 +136,18 @@ def _cached_pretrained_file(name: str, tag: str) -> tuple[str, dict]:
             f"/path/to/checkpoint.pt (use the *-quickgelu model name for OpenAI weights)") from None
 
 
+@functools.lru_cache(maxsize=8)
+def _tokenizer(name: str, config: str) -> Any:
+    return open_clip.get_tokenizer(name)
+
+
+def tokenizer_for(name: str) -> Any:
+    """open_clip's tokenizer for a registered model, built once per process and model config: building the
+    default one parses the 49k BPE merges (~0.08 s), once per harvest, analysis and atlas before. Keyed by the
+    config too, so a local config that reuses a name under other text settings gets its own."""
+    return _tokenizer(name, json.dumps(open_clip.get_model_config(name), sort_keys=True, default=str))
+
+
 def load_backbone(model: str, pretrained: str, device: str | torch.device = "cpu") -> Backbone:
     name = _register_model_name(model)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
@@ -168,7 +182,7 @@ def load_backbone(model: str, pretrained: str, device: str | torch.device = "cpu
     if not hasattr(visual, "transformer") or getattr(visual, "attn_pool", None) is not None \
             or getattr(visual, "pool_type", "tok") != "tok":
         raise ModelError(f"model: {name} is not a CLS-pooled open_clip ViT; the CLT hooks need one")
-    bb = Backbone(clip, preprocess, open_clip.get_tokenizer(name), name, pretrained or "none", sha, dev)
+    bb = Backbone(clip, preprocess, tokenizer_for(name), name, pretrained or "none", sha, dev)
     bb.identity = describe(bb, model)
     return bb
 
