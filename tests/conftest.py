@@ -12,7 +12,7 @@ import pathlib  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_MODEL = REPO / "clt_pipe" / "demo" / "assets" / "tiny-clip.json"

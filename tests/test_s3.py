@@ -21,7 +21,8 @@ def s3():
 
 
 def test_harvest_to_s3_then_verify_and_stream(s3, tmp_path, tiny_model_config):
-    data = make_fake_imagefolder(tmp_path / "data", classes=("a", "b"), per_class=6)["root"]
+    # 8 images, 2 per chunk and shard: 4 shards, ~75 objects (each costs moto ~20 ms)
+    data = make_fake_imagefolder(tmp_path / "data", classes=("a", "b"), per_class=4)["root"]
     common = dict(model=str(tiny_model_config), pretrained="none", dataset="imagefolder", data_root=str(data),
                   chunk_mb=0.02, chunks_per_shard=1, batch_size=4, template_sets=["single"], device="cpu")
     url = f"{s3}/stores/tiny.zarr"
