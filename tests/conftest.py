@@ -2,7 +2,11 @@
 
 import contextlib
 import gc
+import json
 import os
+import shutil
+import tempfile
+import threading
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -99,6 +103,42 @@ def page_checker():
         yield check
 
 
+SHORT_EPOCHS = 6  # the tiny CLIP's short schedule: zero-shot top-1 0.66 on the digits test split (chance 0.1)
+_short_training: dict = {}
+
+
+def _start_short_training() -> dict:
+    """Starts the training from a thread: forking the first child waits for the forkserver's imports."""
+    if not _short_training:
+        from tests import warmcli
+
+        root = pathlib.Path(tempfile.mkdtemp(prefix="clt-pipe-tiny-clip-"))
+
+        def start():
+            _short_training["proc"] = warmcli.start_tiny_clip_training(root / "short", SHORT_EPOCHS)
+
+        _short_training.update(root=root, starter=threading.Thread(target=start, daemon=True))
+        _short_training["starter"].start()
+    return _short_training
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_short_run():
+    """The demo's tiny CLIP trained for ``SHORT_EPOCHS`` (seed 0): (its artifacts, the progress calls). The
+    training runs in a warm child started right after collection, on the other core while the first tests
+    run; the fixture waits for it."""
+    from clt_pipe.demo import tinyclip as tc
+
+    bg = _start_short_training()
+    bg["starter"].join()
+    assert bg["proc"].wait(900) == 0, bg["proc"].stderr()[-3000:]
+    arts = tc.read_valid_cache(bg["root"] / "short", seed=0, epochs=SHORT_EPOCHS)
+    assert arts is not None, "the background training left no valid artifacts"
+    calls = [tuple(c) for c in json.loads((bg["root"] / "progress.json").read_text())]
+    yield arts, calls
+    shutil.rmtree(bg["root"], ignore_errors=True)
+
+
 FEW_DIGITS = 192  # three training steps of 64
 
 
@@ -155,11 +195,15 @@ def pytest_collection_finish(session):
 
 
 def pytest_collection_modifyitems(config, items):
-    # The forkserver imports torch and open_clip (~5 s) on the other core while the tests before it run.
-    if any("warm_cli" in getattr(item, "fixturenames", ()) for item in items):
+    # Work for later tests starts now, on the other core, while the tests before them run: the forkserver
+    # imports torch and open_clip (~5 s), then the tiny CLIP's short training forks from it (~7 s).
+    wanted = {name for item in items for name in getattr(item, "fixturenames", ())}
+    if "warm_cli" in wanted:
         from tests import warmcli
 
         warmcli.warm_forkserver()
+    if "tiny_clip_short_run" in wanted:
+        _start_short_training()
 
 
 @pytest.fixture

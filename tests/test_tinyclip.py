@@ -13,10 +13,7 @@ from clt_pipe.checksums import file_sha256
 from clt_pipe.datasets.base import DatasetError, ImageDataset
 from clt_pipe.datasets.digits import CLASS_NAMES, DigitsDataset, load_digits_arrays
 from clt_pipe.demo import tinyclip as tc
-from tests.conftest import FEW_DIGITS, few_training_digits
-
-SHORT_EPOCHS = 6  # keeps the non-slow training tests to a few seconds each on 2 cores
-
+from tests.conftest import FEW_DIGITS, SHORT_EPOCHS, few_training_digits
 
 # ------------------------------------------------------------------------------------------ dataset
 def _sources(ds: DigitsDataset) -> list[int]:
@@ -80,16 +77,8 @@ def test_training_tensor_matches_open_clip_preprocess():
 
 
 # ----------------------------------------------------------------------------------------- training
-@pytest.fixture(scope="module")
-def short_run(tmp_path_factory):
-    calls = []
-    out = tmp_path_factory.mktemp("short")
-    arts = tc.train_tiny_clip(out, seed=0, epochs=SHORT_EPOCHS, progress=lambda *a: calls.append(a))
-    return arts, calls
-
-
-def test_short_training_writes_loadable_checkpoint_with_meta(short_run):
-    arts, calls = short_run
+def test_short_training_writes_loadable_checkpoint_with_meta(tiny_clip_short_run):
+    arts, calls = tiny_clip_short_run
     assert [c[0] for c in calls] == list(range(1, SHORT_EPOCHS + 1)) and all(np.isfinite(c[2]) for c in calls)
     assert calls[-1][2] < calls[0][2]  # the loss went down
     meta = json.loads((arts.checkpoint_path.parent / tc.META_FILE).read_text())

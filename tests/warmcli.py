@@ -16,6 +16,7 @@ A child exits through ``os._exit`` after its threads finish, like every multipro
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -25,8 +26,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-# What the server imports before it forks anything: the CLI, both harvest paths and dask's worker.
-PRELOAD = ("clt_pipe.cli", "clt_pipe.harvest.run", "clt_pipe.harvest.dask", "distributed")
+# What the server imports before it forks anything: the CLI, both harvest paths, the tiny CLIP's trainer
+# and dask's worker.
+PRELOAD = ("clt_pipe.cli", "clt_pipe.harvest.run", "clt_pipe.harvest.dask", "clt_pipe.demo.tinyclip",
+           "distributed")
 
 
 def warm_forkserver() -> multiprocessing.context.BaseContext:
@@ -38,7 +41,7 @@ def warm_forkserver() -> multiprocessing.context.BaseContext:
     return ctx
 
 
-def _child_main(args: list[str], env: dict[str, str] | None, stdout_path: str, stderr_path: str) -> None:
+def _child_main(target, args: tuple, env: dict[str, str] | None, stdout_path: str, stderr_path: str) -> None:
     # A forkserver child starts with "forkserver" as its start method, under which every multiprocessing lock
     # (numcodecs' blosc mutex is one) registers with the parent's resource tracker and is reported as leaked
     # when the child is SIGKILLed. A console process has the platform default.
@@ -47,24 +50,29 @@ def _child_main(args: list[str], env: dict[str, str] | None, stdout_path: str, s
         os.environ.clear()
         os.environ.update(env)
     for fd, path in ((1, stdout_path), (2, stderr_path)):
-        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(target, fd)
-        os.close(target)
+        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(out, fd)
+        os.close(out)
+    target(*args)
+
+
+def _run_clt_pipe(args: list[str]) -> None:
     sys.argv = ["clt-pipe", *args]
     runpy.run_module("clt_pipe", run_name="__main__", alter_sys=True)  # its SystemExit is the exit code
 
 
-class CliProcess:
-    """A running ``clt-pipe`` child; ``poll``/``wait``/``returncode`` read like ``subprocess.Popen`` (a signal
-    death is the negative signal number)."""
+class WarmProcess:
+    """``target(*args)`` running in a warm child; ``poll``/``wait``/``returncode`` read like
+    ``subprocess.Popen`` (a signal death is the negative signal number), stdout and stderr go to files under
+    ``log_dir``."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None, log_dir: Path):
-        fd, self._stdout = tempfile.mkstemp(prefix="clt-pipe-", suffix=".out", dir=log_dir)
+    def __init__(self, target, args: tuple, log_dir: Path, env: dict[str, str] | None = None):
+        fd, self._stdout = tempfile.mkstemp(prefix="warm-", suffix=".out", dir=log_dir)
         os.close(fd)
-        fd, self._stderr = tempfile.mkstemp(prefix="clt-pipe-", suffix=".err", dir=log_dir)
+        fd, self._stderr = tempfile.mkstemp(prefix="warm-", suffix=".err", dir=log_dir)
         os.close(fd)
-        self.process = warm_forkserver().Process(target=_child_main, args=(list(args), env, self._stdout,
-                                                                          self._stderr), daemon=False)
+        self.process = warm_forkserver().Process(target=_child_main, daemon=False,
+                                                 args=(target, tuple(args), env, self._stdout, self._stderr))
         self.process.start()
 
     @property
@@ -81,7 +89,7 @@ class CliProcess:
     def wait(self, timeout: float | None = None) -> int:
         self.process.join(timeout)
         if self.process.exitcode is None:
-            raise TimeoutError(f"clt-pipe child {self.pid} still running after {timeout} s")
+            raise TimeoutError(f"warm child {self.pid} still running after {timeout} s")
         return self.process.exitcode
 
     def kill(self) -> None:
@@ -95,9 +103,27 @@ class CliProcess:
         return Path(self._stderr).read_text()
 
 
-def start_cli(args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> CliProcess:
-    """Start ``clt-pipe ARGS`` in a warm child; its stdout and stderr go to files under ``log_dir``."""
-    return CliProcess(args, env, Path(log_dir))
+def start_cli(args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> WarmProcess:
+    """Start ``clt-pipe ARGS`` in a warm child, as ``python -m clt_pipe ARGS`` would run."""
+    return WarmProcess(_run_clt_pipe, (list(args),), Path(log_dir), env)
+
+
+def _train_tiny_clip(out_dir: str, epochs: int, progress_file: str) -> None:
+    from clt_pipe.demo import tinyclip as tc
+
+    tc.TRAIN_THREADS = 1  # beside the test process on a 2-core machine; the thread count is in the meta
+    calls: list = []
+    tc.train_tiny_clip(Path(out_dir), seed=0, epochs=epochs, progress=lambda *a: calls.append(list(a)))
+    Path(progress_file).write_text(json.dumps(calls))
+
+
+def start_tiny_clip_training(out_dir: Path, epochs: int) -> WarmProcess:
+    """``tinyclip.train_tiny_clip(out_dir, seed=0, epochs)`` on one thread in a warm child, so that a test
+    session trains the tiny CLIP on the other core while its first tests run; the progress calls land in
+    ``out_dir/../progress.json``."""
+    out_dir = Path(out_dir)
+    return WarmProcess(_train_tiny_clip, (str(out_dir), epochs, str(out_dir.parent / "progress.json")),
+                       out_dir.parent)
 
 
 def _rank_main(args: list[str], threads: int) -> int:
