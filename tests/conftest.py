@@ -1,4 +1,4 @@
-"""Test-wide settings: never touch the network, keep torch to the machine's cores."""
+"""Test-wide settings and shared fixtures: never touch the network, one torch thread."""
 
 import contextlib
 import gc
@@ -16,6 +16,7 @@ import pathlib  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Tiny models gain nothing from a second intra-op thread, and two fight the helper processes for 2 cores.
 torch.set_num_threads(1)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -204,15 +205,6 @@ def pytest_collection_modifyitems(config, items):
         warmcli.warm_forkserver()
     if "tiny_clip_short_run" in wanted:
         _start_short_training()
-
-
-@pytest.fixture
-def one_torch_thread():
-    """Tiny models: one intra-op thread is ~10x faster than two fighting other processes."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def run_cli(capsys, monkeypatch, args: list[str]) -> tuple[int, str, str]:

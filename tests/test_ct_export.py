@@ -39,9 +39,6 @@ except Exception as e:  # noqa: BLE001 - any import failure means: skip, and say
               "pip install -c constraints.txt circuit-tracer")
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
     url = str(tmp_path_factory.mktemp("ct") / "s.zarr")

@@ -31,9 +31,6 @@ L, D, T = 4, 32, 8
 TIMING_FIELDS = ("time", "steps_per_s", "tokens_per_s")
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 class RowIdRows:
     """Rows that say which row they are: x[r, :, 0] = r % 2048, x[r, :, 1] = r // 2048 (exact in fp16)."""
 
