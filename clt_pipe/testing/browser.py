@@ -109,12 +109,6 @@ class PageChecker:
         return problems
 
 
-def page_problems(html_path: str | Path, screenshot: str | Path | None = None, **kw) -> list[str]:
-    """``PageChecker.problems`` for one page, in a browser of its own."""
-    with PageChecker() as check:
-        return check.problems(html_path, screenshot, **kw)
-
-
 def _link_problem(href: str, url: str, page_file: Path, ids: set[str]) -> list[str]:
     parsed = urlparse(url)
     if parsed.scheme in ("http", "https", "mailto"):
