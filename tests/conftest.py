@@ -193,12 +193,10 @@ def pytest_collection_finish(session):
     gc.collect()
     gc.freeze()
     gc.callbacks.append(_freeze_survivors)
-
-
-def pytest_collection_modifyitems(config, items):
     # Work for later tests starts now, on the other core, while the tests before them run: the forkserver
-    # imports torch and open_clip (~5 s), then the tiny CLIP's short training forks from it (~7 s).
-    wanted = {name for item in items for name in getattr(item, "fixturenames", ())}
+    # imports torch and open_clip (~5 s), then the tiny CLIP's short training forks from it (~7 s). Only for
+    # what the selected tests (after -k and -m) use.
+    wanted = {name for item in session.items for name in getattr(item, "fixturenames", ())}
     if "warm_cli" in wanted:
         from tests import warmcli
 

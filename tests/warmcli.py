@@ -37,7 +37,20 @@ def warm_forkserver() -> multiprocessing.context.BaseContext:
     child waits for that. Returns the forkserver context."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(list(PRELOAD))
-    multiprocessing.forkserver.ensure_running()
+    # The server would inherit this process's stdout and stderr and hold them open until it exits, ~2 s after
+    # the caller (finalising torch and open_clip): a shell pipe on the test run waited for it. Its children
+    # send their output to files of their own.
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
     return ctx
 
 
