@@ -24,6 +24,7 @@ import runpy
 import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 # What the server imports before it forks anything: the CLI, both harvest paths, the tiny CLIP's trainer
@@ -32,25 +33,33 @@ PRELOAD = ("clt_pipe.cli", "clt_pipe.harvest.run", "clt_pipe.harvest.dask", "clt
            "distributed")
 
 
+_start_lock = threading.Lock()
+_started = False
+
+
 def warm_forkserver() -> multiprocessing.context.BaseContext:
     """Start the forkserver now if it is not running; it imports ``PRELOAD`` in the background, and the first
     child waits for that. Returns the forkserver context."""
+    global _started
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(list(PRELOAD))
-    # The server would inherit this process's stdout and stderr and hold them open until it exits, ~2 s after
-    # the caller (finalising torch and open_clip): a shell pipe on the test run waited for it. Its children
-    # send their output to files of their own.
-    saved = [os.dup(1), os.dup(2)]
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
-        multiprocessing.forkserver.ensure_running()
-    finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in (*saved, devnull):
-            os.close(fd)
+    with _start_lock:  # the fd swap below must happen once, not interleaved between two threads
+        if not _started:
+            ctx.set_forkserver_preload(list(PRELOAD))
+            # The server would inherit this process's stdout and stderr and hold them open until it exits,
+            # ~2 s after the caller (finalising torch and open_clip): a shell pipe on the test run waited for
+            # it. Its children send their output to files of their own.
+            saved = [os.dup(1), os.dup(2)]
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, 1)
+                os.dup2(devnull, 2)
+                multiprocessing.forkserver.ensure_running()
+            finally:
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+                for fd in (*saved, devnull):
+                    os.close(fd)
+            _started = True
     return ctx
 
 
