@@ -174,10 +174,10 @@ def tiny_clip_few_steps(tmp_path_factory):
 @pytest.fixture
 def warm_cli():
     """Real ``clt-pipe`` child processes that start warm (``tests/warmcli.py``): returns its ``start_cli``. Its
-    forkserver is started right after collection when a selected test asks for it."""
+    forkserver is started right after collection when a selected test asks for it (pytest_collection_finish),
+    before dask could start one with its own preload."""
     from tests import warmcli
 
-    warmcli.warm_forkserver()
     return warmcli.start_cli
 
 

@@ -64,10 +64,6 @@ def warm_forkserver() -> multiprocessing.context.BaseContext:
 
 
 def _child_main(target, args: tuple, env: dict[str, str] | None, stdout_path: str, stderr_path: str) -> None:
-    # A forkserver child starts with "forkserver" as its start method, under which every multiprocessing lock
-    # (numcodecs' blosc mutex is one) registers with the parent's resource tracker and is reported as leaked
-    # when the child is SIGKILLed. A console process has the platform default.
-    multiprocessing.set_start_method(None, force=True)
     if env is not None:
         os.environ.clear()
         os.environ.update(env)
@@ -79,6 +75,10 @@ def _child_main(target, args: tuple, env: dict[str, str] | None, stdout_path: st
 
 
 def _run_clt_pipe(args: list[str]) -> None:
+    # A forkserver child starts with "forkserver" as its start method, under which every multiprocessing lock
+    # (numcodecs' blosc mutex is one) registers with the parent's resource tracker and is reported as leaked
+    # when the child is SIGKILLed. A console process has the platform default.
+    multiprocessing.set_start_method(None, force=True)
     sys.argv = ["clt-pipe", *args]
     runpy.run_module("clt_pipe", run_name="__main__", alter_sys=True)  # its SystemExit is the exit code
 
@@ -152,10 +152,8 @@ def _rank_main(args: list[str], threads: int) -> int:
     import torch
 
     torch.set_num_threads(threads)  # what OMP_NUM_THREADS does for a rank that starts cold
-    multiprocessing.set_start_method(None, force=True)
-    sys.argv = ["clt-pipe", *args]
     try:
-        runpy.run_module("clt_pipe", run_name="__main__", alter_sys=True)
+        _run_clt_pipe(args)
     except SystemExit as e:
         if e.code not in (0, None):
             raise
@@ -168,7 +166,6 @@ def torchrun(nproc: int, args: list[str], log_dir: Path, threads: int = 1) -> di
     MASTER_ADDR/PORT, TORCHELASTIC_*), with the ranks forked warm from the forkserver instead of each
     importing torch and the pipeline. The ranks' output goes to files under ``log_dir``. Returns each rank's
     result (0); a failed rank raises ChildFailedError with its traceback."""
-    import signal as _signal
     import uuid
 
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
@@ -178,9 +175,9 @@ def torchrun(nproc: int, args: list[str], log_dir: Path, threads: int = 1) -> di
     cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.05,
                        start_method="forkserver", logs_specs=DefaultLogsSpecs(str(log_dir), redirects=Std.ALL))
-    handlers = {s: _signal.getsignal(s) for s in (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP, _signal.SIGQUIT)}
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)}
     try:
         return elastic_launch(cfg, _rank_main)(list(args), threads)
     finally:  # the agent installs its own handlers in this process
         for s, h in handlers.items():
-            _signal.signal(s, h)
+            signal.signal(s, h)
