@@ -9,6 +9,7 @@ validated config never changes under the code that checked it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -24,6 +25,9 @@ ANALYZE_PARTS = ("fidelity", "attribution", "zeroshot", "openloop", "closedloop"
 ABLATION_RANKS = ("attribution", "final_layer", "fvu")
 ABLATION_MODES = ("features", "true", "zero")
 FEATURE_RE = re.compile(r"^\d+:\d+$")
+# AdamW moves every weight by about lr per step; the CLT's weights live in standardised units of order 1, so a
+# peak lr above 1 can only diverge. Refused up front rather than found as a NaN loss after the first step.
+MAX_LR = 1.0
 
 
 def opt(default: Any, help: str, factory: bool = False) -> Any:
@@ -74,6 +78,8 @@ class HarvestConfig:
     write_threads: int = opt(0, 'chunks compressed and written concurrently (0 = one per CPU core, at most 8); '
                                 'up to twice that many full chunks wait in memory, per writer process')
     overwrite: bool = opt(False, 'Replace an existing store/run of different settings')
+    data_moved: bool = opt(False, 'Resume a store from another --data-root than it was harvested from (the data '
+                                  'moved); its images must still be the same files with the same content')
     dry_run: bool = opt(False, 'Print the planned bytes, shards and time estimate, write nothing')
     workers: int = opt(0, '>0: a dask LocalCluster of this many workers writes disjoint shard ranges')
     scheduler: str = opt("", 'address of an existing dask scheduler (overrides workers)')
@@ -158,6 +164,9 @@ class FitConfig:
             _check_positive(key, getattr(self, key), allow_zero=True)
         for key in ("shuffle_chunks", "shuffle_memory"):
             _check_positive(key, getattr(self, key), allow_zero=True)
+        if self.lr > MAX_LR:
+            raise ConfigError(f"lr: {self.lr:g} is far beyond any learning rate AdamW trains a CLT with (at most "
+                              f"{MAX_LR:g}; the default is 2e-4)")
         if not 0.0 <= self.holdout < 1.0:
             raise ConfigError(f"holdout: must be in [0, 1), got {self.holdout}")
         # CLTSpec validates the sparsifier, k and the JumpReLU settings (the store's shape comes at fit time).
@@ -313,9 +322,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):  # nan passes every range check (all its comparisons are false)
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key}: expected a string, got {value!r}")

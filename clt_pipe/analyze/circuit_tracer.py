@@ -211,6 +211,14 @@ def write_hub_config(out: Path, clt: CrossLayerTranscoder, run_meta: dict) -> Pa
 def export_for_circuit_tracer(run_dir: str | Path, out: str | Path, store_url: str = "", device: str = "cpu",
                               calibration_rows: int = CALIBRATION_ROWS, read_threads: int = 4) -> dict:
     """Write ``out`` for circuit-tracer (see the module docstring); returns the export summary."""
+    from clt_pipe.outdir import hold_out_dir
+
+    with hold_out_dir(out, "export"):
+        return _export(run_dir, out, store_url, device, calibration_rows, read_threads)
+
+
+def _export(run_dir: str | Path, out: str | Path, store_url: str, device: str, calibration_rows: int,
+            read_threads: int) -> dict:
     from clt_pipe.clt.rundir import load_fitted
 
     clt, run_meta = load_fitted(run_dir)

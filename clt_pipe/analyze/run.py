@@ -24,13 +24,14 @@ from clt_pipe.analyze import zeroshot as ZS
 from clt_pipe.analyze.atlas import run as ATL
 from clt_pipe.analyze.atlas.scan import FeatureScan
 from clt_pipe.analyze.fidelity import FidelityAccumulator
-from clt_pipe.analyze.inputs import check_clt_matches_store
+from clt_pipe.analyze.inputs import check_clt_matches_store, distinct_prefix
 from clt_pipe.analyze.stream import iter_chunks
 from clt_pipe.backbone.loading import load_backbone
 from clt_pipe.clt.rundir import load_fitted
 from clt_pipe.config import AnalyzeConfig, to_dict
 from clt_pipe.device import resolve_device
 from clt_pipe.errors import CltPipeError
+from clt_pipe.outdir import hold_out_dir
 from clt_pipe.progress import NullProgress, RichProgress
 from clt_pipe.store.reader import ActivationStore
 
@@ -49,9 +50,9 @@ def closed_loop_inputs(cfg: AnalyzeConfig, store: ActivationStore, device: torch
     m = store.meta.model
     bb = load_backbone(m.model_arg, m.pretrained, device)
     if bb.identity.weights_sha256 != m.weights_sha256:
-        raise CltPipeError(f"closedloop/ablation: weights {m.pretrained!r} now hash to "
-                           f"{bb.identity.weights_sha256[:12]}, the store was harvested with "
-                           f"{m.weights_sha256[:12]}")
+        now, then = bb.identity.weights_sha256, m.weights_sha256
+        raise CltPipeError(f"closedloop/ablation: weights {m.pretrained!r} now hash to {distinct_prefix(now, then)}, "
+                           f"the store was harvested with {distinct_prefix(then, now)}")
     dataset = open_dataset(name, cfg.data_root, split,
                            coco_label_rule=ds_meta.coco_label_rule or "largest_area")
     if split == ds_meta.split:
@@ -277,6 +278,11 @@ def run_closed_loop_parts(ctx: Context, need: set[str], res: AnalyzeResults, pro
 
 
 def run_analyze(cfg: AnalyzeConfig, console=None) -> dict:
+    with hold_out_dir(cfg.out, "analyze"):
+        return _analyze(cfg, console)
+
+
+def _analyze(cfg: AnalyzeConfig, console) -> dict:
     t_start = time.perf_counter()
     progress = RichProgress(console) if console is not None else NullProgress()
     store = ActivationStore(cfg.store)

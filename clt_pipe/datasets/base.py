@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 
 from PIL import Image
 
@@ -52,6 +53,11 @@ class ImageDataset:
     def load_image(self, i: int) -> Image.Image:  # pragma: no cover - abstract
         """RGB PIL image; raises ``BadImageError`` naming the image if it cannot be decoded."""
         raise NotImplementedError
+
+    def data_files(self, n: int) -> list[Path]:
+        """The files the first ``n`` images are read from (their content fingerprint is part of a store's
+        identity); none for a dataset shipped inside a package."""
+        return []
 
     def describe(self) -> dict:
         """Identity recorded in the store's root attributes."""

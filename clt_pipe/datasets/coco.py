@@ -90,3 +90,6 @@ class CocoDataset(ImageDataset):
 
     def load_image(self, i: int) -> Image.Image:
         return open_rgb(self._image_dir / self._files[i])
+
+    def data_files(self, n: int) -> list[Path]:
+        return [self._image_dir / f for f in self._files[:n]]

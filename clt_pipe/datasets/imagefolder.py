@@ -60,6 +60,9 @@ class ClassFolders(ImageDataset):
     def load_image(self, i: int) -> Image.Image:
         return open_rgb(self._paths[i])
 
+    def data_files(self, n: int) -> list[Path]:
+        return self._paths[:n]
+
 
 # Folder names that mean a split, not a class: root/<one of these>/ marks the root/<split>/<class>/* layout.
 SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing", "dev", "eval"}

@@ -29,17 +29,30 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(p for p in base.iterdir() if p.is_dir() and p.name.startswith("step-") and "." not in p.name)
 
 
-def _os_cause(e: BaseException) -> BaseException:
-    """The OSError behind ``e`` if there is one (torch wraps write failures in RuntimeError)."""
+# Below this much free space a write that stopped short is taken for a full disk (torch's zip writer reports one
+# as "unexpected pos N vs M" with no OSError behind it; safetensors as an IoError with the errno in its text).
+NEARLY_FULL_BYTES = 64 << 20
+_FULL_WORDS = ("no space left", "storagefull", "code: 28", "file write failed")
+
+
+def _os_cause(e: BaseException, where: Path) -> BaseException:
+    """The OSError behind a failed checkpoint write (torch and safetensors wrap theirs in their own types).
+    Called before the partial checkpoint is deleted, so a full disk still reads as full."""
+    import errno
+
     seen = e
     while seen is not None and not isinstance(seen, OSError):
         seen = seen.__cause__ or seen.__context__
+    if seen is not None:
+        return seen
     text = str(e).lower()
-    if seen is None and ("file write failed" in text or "no space" in text):
-        import errno
-
+    try:
+        nearly_full = shutil.disk_usage(where).free < NEARLY_FULL_BYTES
+    except OSError:
+        nearly_full = False
+    if any(w in text for w in _FULL_WORDS) or ("unexpected pos" in text and nearly_full):
         return OSError(errno.ENOSPC, "No space left on device")
-    return seen or e
+    return e
 
 
 def save_checkpoint(run_dir: str | Path, step: int, weights: dict, state: dict, meta: dict) -> Path:
@@ -54,15 +67,19 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict, state: dict, 
     try:
         tmp.mkdir(parents=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"))
-        torch.save(state, tmp / "state.pt")
+        with open(tmp / "state.pt", "wb") as fh:  # through a Python file, torch keeps the OSError (ENOSPC) as context
+            torch.save(state, fh)
         done = {"step": step, "config": meta.get("config", {}), "spec": meta.get("spec", {}),
                 "sha256": {name: file_sha256(tmp / name) for name in ("model.safetensors", "state.pt")}}
         write_json_atomic(tmp / DONE_FILE, done)
         replace_dir(tmp, final)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError (its zip writer)
+    except Exception as e:  # noqa: BLE001 - torch.save: RuntimeError; safetensors: its own SafetensorError
+        if not isinstance(e, (OSError, RuntimeError)) and type(e).__name__ != "SafetensorError":
+            raise
+        cause = describe_io_error(_os_cause(e, tmp if tmp.exists() else run_dir))
         shutil.rmtree(tmp, ignore_errors=True)  # the half-written checkpoint would only fill the disk further
-        raise CheckpointError(f"cannot write checkpoint {final}: {describe_io_error(_os_cause(e))}; the previous "
-                              f"checkpoint is kept, fix that and re-run with --resume") from None
+        raise CheckpointError(f"cannot write checkpoint {final}: {cause}; the previous checkpoint is kept, fix "
+                              f"that and re-run with --resume") from None
     for old in list_checkpoints(run_dir)[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     return final

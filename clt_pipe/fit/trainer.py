@@ -7,9 +7,9 @@ N/2 produce the same weights bit for bit on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -27,6 +27,7 @@ from clt_pipe.errors import CheckpointError, StoreError
 from clt_pipe.fit import checkpoint as ckpt
 from clt_pipe.fit.distributed import Dist, init_distributed
 from clt_pipe.fit.metrics import MetricsLog
+from clt_pipe.outdir import clear_out_dir, hold_out_dir
 from clt_pipe.precision import autocast_context
 from clt_pipe.store.loader import ChunkLoader
 from clt_pipe.store.reader import ActivationStore
@@ -73,7 +74,7 @@ def prepare_out_dir(cfg: FitConfig, store: ActivationStore) -> None:
     if not has_state:
         return
     if cfg.overwrite:
-        shutil.rmtree(out)
+        clear_out_dir(out)  # this process holds the folder (hold_out_dir): no other run is writing it
         return
     old = rundir.read_json(run_file, "") if run_file.exists() else ckpt.latest_config(out)
     old_cfg = (old or {}).get("config", {})
@@ -181,7 +182,8 @@ def run_fit(cfg: FitConfig, console=None, on_step: Callable[[int], None] | None 
     store = ActivationStore(cfg.store)  # refuses incomplete stores and unknown format versions
     dist, device = init_distributed(resolve_device(cfg.device))
     try:
-        return _fit(cfg, store, dist, device, console if dist.is_main else None, on_step, t_start)
+        with hold_out_dir(cfg.out, "fit") if dist.is_main else contextlib.nullcontext():
+            return _fit(cfg, store, dist, device, console if dist.is_main else None, on_step, t_start)
     finally:
         dist.close()
 

@@ -7,6 +7,7 @@ dask worker compute the same plan and the same store identity from the same conf
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,7 @@ from clt_pipe.backbone.loading import Backbone, load_backbone
 from clt_pipe.backbone.mlp import mlp_activation
 from clt_pipe.config import HarvestConfig
 from clt_pipe.datasets.base import ImageDataset
+from clt_pipe.datasets.content import content_sha256
 from clt_pipe.datasets.registry import open_dataset
 from clt_pipe.device import resolve_device
 from clt_pipe.errors import CltPipeError
@@ -81,6 +83,11 @@ def sources_sha256(dataset: ImageDataset, n: int) -> str:
     return h.hexdigest()
 
 
+def resolved_root(data_root: str) -> str:
+    """The data root as recorded and compared on resume: absolute, symlinks resolved ("" when none)."""
+    return os.path.realpath(data_root) if data_root else ""
+
+
 def store_meta(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, hp: HarvestPlan) -> StoreMeta:
     pre = bb.visual.preprocess_cfg if hasattr(bb.visual, "preprocess_cfg") else {}
     recompute = cfg.targets == "recompute"
@@ -88,9 +95,10 @@ def store_meta(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, hp: Harv
         model=bb.identity,
         preprocess={k2: (list(v) if isinstance(v, tuple) else v) for k2, v in pre.items()},
         dataset=DatasetInfo(name=dataset.name, split=dataset.split, n_images=hp.layout.n_images,
-                            class_names=list(dataset.class_names), data_root=cfg.data_root,
+                            class_names=list(dataset.class_names), data_root=resolved_root(cfg.data_root),
                             coco_label_rule=cfg.coco_label_rule if dataset.name == "coco" else None,
-                            sources_sha256=sources_sha256(dataset, hp.layout.n_images)),
+                            sources_sha256=sources_sha256(dataset, hp.layout.n_images),
+                            content_sha256=content_sha256(dataset.data_files(hp.layout.n_images))),
         templates={k2: list(v) for k2, v in dataset.templates.items()},
         tokens=TokenSelection(hp.tokens, tokens_per_image=hp.layout.tokens_per_image, seed=cfg.seed),
         # The forward's precision is identity: resuming a CPU (fp32) harvest on a GPU (bf16 autocast) would mix

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -12,10 +13,13 @@ from clt_pipe.backbone.mlp import mlp_weights
 from clt_pipe.config import HarvestConfig
 from clt_pipe.datasets.base import ImageDataset
 from clt_pipe.harvest.loop import disk_error, harvest_shards
-from clt_pipe.harvest.plan import head_weights, open_inputs, plan, store_meta, text_classifiers
+from clt_pipe.errors import StoreError
+from clt_pipe.harvest.plan import head_weights, open_inputs, plan, resolved_root, store_meta, text_classifiers
 from clt_pipe.progress import NullProgress
 from clt_pipe.store.meta import StoreMeta
-from clt_pipe.store.writer import StoreWriter
+from clt_pipe.store import format as F
+from clt_pipe.store.reader import ActivationStore
+from clt_pipe.store.writer import StoreWriter, as_written_before, fingerprint
 
 
 def estimate_seconds_per_image(bb: Backbone, batch_size: int, precision: str) -> float:
@@ -55,6 +59,26 @@ def run_harvest(cfg: HarvestConfig, progress=NullProgress(), log=print) -> dict:
     return with_timings(summary, time.perf_counter() - t0, parts)
 
 
+def complete_with(url: str, meta: StoreMeta) -> bool:
+    """The store at ``url`` is complete (checked as every reader checks it) and is the harvest ``meta`` describes."""
+    try:
+        store = ActivationStore(url)
+    except StoreError:
+        return False
+    stored = store.group.attrs[F.ATTRS_KEY]
+    return store.meta.fingerprint in (fingerprint(meta), fingerprint(as_written_before(meta.to_dict(), stored)))
+
+
+def check_data_root(cfg: HarvestConfig, recorded: str) -> None:
+    """Resuming reads the rest of the images: from the tree the committed ones came from, unless the user says
+    the data moved (its content fingerprint, part of the store's identity, has matched already)."""
+    here = resolved_root(cfg.data_root)
+    if recorded and here and os.path.realpath(recorded) != here and not cfg.data_moved:
+        raise StoreError(f"{cfg.store} was harvested from data root {recorded}, this run reads {here}: resuming "
+                         f"would mix images of two trees in one store; if the data moved there, pass --data-moved "
+                         f"(its files must still be the same)")
+
+
 TIMED_PARTS = ("load", "text_classifier", "images", "finalize")
 
 
@@ -70,7 +94,15 @@ def with_timings(summary: dict, total: float, parts: dict[str, float]) -> dict:
 
 def _write_store(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, meta: StoreMeta, progress, log,
                  parts: dict) -> dict:
-    writer = StoreWriter.open(cfg.store, meta, overwrite=cfg.overwrite, write_threads=cfg.write_threads)
+    try:
+        writer = StoreWriter.open(cfg.store, meta, overwrite=cfg.overwrite, write_threads=cfg.write_threads)
+    except StoreError as e:
+        # A finished store on a read-only mount (or with read-only credentials) cannot be locked, and needs
+        # no writing: this harvest is done if the store is complete and holds exactly it.
+        if cfg.overwrite or not complete_with(cfg.store, meta):
+            raise
+        log(f"{cfg.store} is complete and holds this harvest; not writable ({e}): nothing to do")
+        return {"already_complete": True, "store": cfg.store, "n_shards": meta.layout.n_shards, "read_only": True}
     try:
         return _fill_store(cfg, dataset, bb, writer, progress, log, parts)
     except BaseException:
@@ -85,6 +117,7 @@ def _fill_store(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, writer:
     lay = writer.layout
     if writer.is_complete():
         return {"already_complete": True, "store": cfg.store, "n_shards": lay.n_shards}
+    check_data_root(cfg, writer.meta.dataset.data_root)
     if writer.missing_constants(cfg.template_sets):
         t = time.perf_counter()
         classifiers = text_classifiers(bb, dataset.class_names, dataset.templates, cfg.template_sets)
@@ -113,4 +146,5 @@ def _fill_store(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, writer:
     summary = writer.finalize(records, dataset.split)
     parts["finalize"] = time.perf_counter() - t
     summary.pop("checksums", None)  # COMPLETE.json's record of every finalised array: for readers, not people
+    summary.pop("record_crc32c", None)
     return {**summary, **counters, "resumed_shards": resumed, "store": cfg.store}

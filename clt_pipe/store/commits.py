@@ -37,15 +37,28 @@ def committed_shards(loc: StoreLocation, fingerprint: str) -> list[int]:
     return sorted(commit_records(loc, fingerprint))
 
 
-def complete_record(loc: StoreLocation, fingerprint: str) -> dict | None:
-    """COMPLETE.json if it is readable and names this store's fingerprint, else None."""
+def read_complete(loc: StoreLocation, fingerprint: str) -> tuple[dict | None, str | None]:
+    """(COMPLETE.json if it is readable and names this store's fingerprint, else None; why an existing one is
+    not this store's: unreadable, or naming another fingerprint)."""
     if not loc.exists(F.COMPLETE_FILE):
-        return None
+        return None, None
     try:
         rec = loc.read_json(F.COMPLETE_FILE)
-    except (StoreError, FileNotFoundError):
-        return None
-    return rec if isinstance(rec, dict) and rec.get("fingerprint") == fingerprint else None
+    except FileNotFoundError:
+        return None, None
+    except StoreError as e:
+        return None, str(e)
+    if not isinstance(rec, dict):
+        return None, f"{F.COMPLETE_FILE} is not a JSON object"
+    if rec.get("fingerprint") != fingerprint:
+        return None, (f"{F.COMPLETE_FILE} names fingerprint {rec.get('fingerprint')!r}, the store is "
+                      f"{fingerprint!r} (edited, or left by another harvest)")
+    return rec, None
+
+
+def complete_record(loc: StoreLocation, fingerprint: str) -> dict | None:
+    """COMPLETE.json if it is readable and names this store's fingerprint, else None."""
+    return read_complete(loc, fingerprint)[0]
 
 
 def is_complete(loc: StoreLocation, fingerprint: str, n_shards: int | None = None) -> bool:

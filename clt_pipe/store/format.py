@@ -45,6 +45,12 @@ COMMITS_DIR = "commits"
 COMPLETE_FILE = "COMPLETE.json"
 IMAGES_PARQUET = "images.parquet"
 
+LOCK_FILE = "harvest.lock"
+# Every name a store holds at its root (storage/FORMAT.md, "Overview"); anything else was put there by someone
+# else, and harvest --overwrite refuses to delete it.
+STORE_ENTRIES = frozenset({"zarr.json", *ACTIVATION_ARRAYS, MLP_GROUP, MLP_OUT_CHECK, *PER_IMAGE_ARRAYS, STATS_GROUP,
+                           HEAD_GROUP, TEXT_GROUP, COMMITS_DIR, COMPLETE_FILE, IMAGES_PARQUET, LOCK_FILE})
+
 ACTIVATION_ITEMSIZE = 2  # fp16 and bf16 (stored as uint16) alike
 
 # bf16 has no Zarr v3 core dtype: it is stored as its uint16 bit pattern (the upper half of a float32).

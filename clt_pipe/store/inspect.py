@@ -56,6 +56,8 @@ def store_info(url: str) -> dict:
         info["checksums"] = ("every named array and file" if s.file_checksums is not None else
                              "chunks and per-image rows only (written before stats/head/text_classifier/"
                              "images.parquet checksums; re-harvest with --overwrite to add them)")
+    elif s.complete_problem:
+        info["status"] = f"INCOMPLETE: {s.complete_problem}; run `clt-pipe store repair {url}`, then the same harvest"
     elif s.complete_record is not None:
         lost = sorted(set(range(lay.n_shards)) - set(committed))
         info["status"] = (f"INCOMPLETE: commit record(s) of shard(s) {lost[:5]} missing or unreadable; "
@@ -188,6 +190,9 @@ def _verify(s: ActivationStore, threads: int) -> dict:
         lost = sorted(set(range(s.layout.n_shards)) - set(shards))
         problems += [(sh, "commit record missing or unreadable") for sh in lost]
         bad += lost
+    if s.complete_problem:
+        problems.append((-1, s.complete_problem))
+        bad.append(-1)
     final_problems = _check_final(s) if s.complete_record is not None else []
     problems += [(-1, p) for p in final_problems]
     if final_problems:
@@ -214,6 +219,10 @@ def repair_store(url: str, threads: int = 4) -> dict:
     again (merged statistics and images.parquet are recomputed by every finalisation)."""
     report = verify_store(url, threads=threads)
     s = ActivationStore(url, require_complete=False)
+    moved = [f"shard {sh}: {p}" for sh, p in report["problems"] if p.startswith("commit covers images")]
+    if moved:  # dropping commits and re-harvesting would rebuild the store to a layout it was not written with
+        raise StoreError(f"{url}: the store's layout no longer matches its commit records ({moved[0]}); repair "
+                         f"does not act on it: restore the original zarr.json, or re-harvest with --overwrite")
     shards = [sh for sh in report["bad_shards"] if sh >= 0]
     groups = sorted({p.split("/")[0] for sh, p in report["problems"] if sh < 0 and "/" in p.split(":")[0]}
                     & {F.HEAD_GROUP, F.TEXT_GROUP, F.MLP_GROUP})

@@ -12,6 +12,9 @@ creation; see storage/FORMAT.md, "Locking".
 
 A process that already holds a store's lock may open that store again (the test helpers do, and the
 coordinating process of a multi-writer harvest); only other processes are refused.
+
+The same lock, under another file name, keeps one writer per output directory (fit runs, reports, atlases,
+exports: clt_pipe/outdir.py).
 """
 
 from __future__ import annotations
@@ -24,24 +27,29 @@ import time
 import uuid
 
 from clt_pipe.errors import StoreError, is_precondition_failed
+from clt_pipe.store import format as F
 from clt_pipe.store.location import StoreLocation
 
-LOCK_FILE = "harvest.lock"
+LOCK_FILE = F.LOCK_FILE
 LEASE_S = 120.0
 
 _held: dict[str, "HarvestLock"] = {}  # per process: store root -> its lock
 _held_guard = threading.Lock()
 
 
-def _owner() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                    time.gmtime())}
+def _owner(command: str) -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "command": command,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def _refusal(url: str, info: dict) -> StoreError:
+def _refusal(url: str, info: dict, command: str) -> StoreError:
     who = f"pid {info.get('pid', '?')} on {info.get('host', '?')} since {info.get('since', '?')}"
-    return StoreError(f"another harvest is writing {url} ({who}); wait for it to finish, then re-run this command "
-                      f"(it resumes or finds the store complete)")
+    if command == "harvest":
+        return StoreError(f"another harvest is writing {url} ({who}); wait for it to finish, then re-run this "
+                          f"command (it resumes or finds the store complete)")
+    holder = info.get("command", "?")
+    return StoreError(f"{url} is in use: `clt-pipe {holder}` is writing it ({who}); wait for it to finish or "
+                      f"choose another --out")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -55,9 +63,10 @@ def _pid_alive(pid: int) -> bool:
 
 
 class HarvestLock:
-    def __init__(self, loc: StoreLocation):
+    def __init__(self, loc: StoreLocation, name: str = LOCK_FILE, command: str = "harvest"):
         self.loc = loc
-        self.key = f"{loc.root.rstrip('/')}/{LOCK_FILE}"
+        self.key = f"{loc.root.rstrip('/')}/{name}"
+        self.command = command
         self._fd: int | None = None
         self._token = uuid.uuid4().hex
         self._stop = threading.Event()
@@ -78,17 +87,17 @@ class HarvestLock:
             except ValueError:
                 info = {}
             os.close(fd)
-            raise _refusal(self.loc.url, info) from None
+            raise _refusal(self.loc.url, info, self.command) from None
         except OSError:
             os.close(fd)
             raise
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(_owner()).encode(), 0)
+        os.pwrite(fd, json.dumps(_owner(self.command)).encode(), 0)
         self._fd = fd
 
     # ---- object stores ---------------------------------------------------------------------------------
     def _lease(self) -> bytes:
-        return json.dumps(dict(_owner(), token=self._token, expires=time.time() + LEASE_S)).encode()
+        return json.dumps(dict(_owner(self.command), token=self._token, expires=time.time() + LEASE_S)).encode()
 
     def _read_lease(self) -> dict | None:
         try:
@@ -112,16 +121,16 @@ class HarvestLock:
                     raise
                 info = self._read_lease()
                 if info is not None and not self._stale(info):
-                    raise _refusal(self.loc.url, info) from None
+                    raise _refusal(self.loc.url, info, self.command) from None
                 self.loc.fs.rm(self.key)  # stale lease: take it over
                 continue
             info = self._read_lease()
             if info is not None and info.get("token") != self._token:
-                raise _refusal(self.loc.url, info)
+                raise _refusal(self.loc.url, info, self.command)
             self._beat = threading.Thread(target=self._renew, name="clt-lease", daemon=True)
             self._beat.start()
             return
-        raise _refusal(self.loc.url, self._read_lease() or {})
+        raise _refusal(self.loc.url, self._read_lease() or {}, self.command)
 
     def _renew(self) -> None:
         while not self._stop.wait(LEASE_S / 3):
@@ -152,14 +161,15 @@ class HarvestLock:
                 pass
 
 
-def acquire(loc: StoreLocation) -> HarvestLock:
+def acquire(loc: StoreLocation, name: str = LOCK_FILE, command: str = "harvest") -> HarvestLock:
     """This process's lock on the store (re-entrant within the process); refuses in one line if another
-    process holds it."""
-    key = f"{loc.root.rstrip('/')}/{LOCK_FILE}"
+    process holds it. ``name``/``command``: another lock file in the folder, and the command named to a
+    process that is refused."""
+    key = f"{loc.root.rstrip('/')}/{name}"
     with _held_guard:
         lock = _held.get(key)
         if lock is None:
-            lock = HarvestLock(loc)
+            lock = HarvestLock(loc, name, command)
             with loc.errors("write to"):
                 if loc.is_local:
                     lock._acquire_local()

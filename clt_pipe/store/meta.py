@@ -97,6 +97,7 @@ class DatasetInfo(_Record):
     data_root: str
     coco_label_rule: str | None = ABSENT
     sources_sha256: str = ABSENT
+    content_sha256: str | None = ABSENT  # absent in stores written before data identity was checked on resume
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def without_class_names(self) -> dict:

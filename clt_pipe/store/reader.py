@@ -20,6 +20,7 @@ from clt_pipe.checksums import crc32c, sha256_bytes
 from clt_pipe.errors import CltPipeError, StoreError
 from clt_pipe.store import commits
 from clt_pipe.store import format as F
+from clt_pipe.store import identity
 from clt_pipe.store.location import StoreLocation
 from clt_pipe.store.meta import StoreMeta
 from clt_pipe.store.targets import RecomputedTargets
@@ -52,6 +53,9 @@ class ActivationStore:
         if version not in F.KNOWN_VERSIONS:
             raise StoreError(f"{url!r} is store format v{version}; this tool reads "
                              f"{', '.join(f'v{v}' for v in F.KNOWN_VERSIONS)}")
+        problem = identity.description_problem(meta)
+        if problem:
+            raise StoreError(f"store {url!r}: {problem}")
         try:
             self.meta = StoreMeta.from_dict(meta)
         except (KeyError, TypeError, ValueError, CltPipeError) as e:
@@ -62,9 +66,15 @@ class ActivationStore:
         self.dtype = self.meta.activations.dtype
         with self.loc.errors("read"):
             self._records = commits.commit_records(self.loc, self.meta.fingerprint)
-            self._complete = commits.complete_record(self.loc, self.meta.fingerprint)
+            self._complete, self.complete_problem = commits.read_complete(self.loc, self.meta.fingerprint)
+        if self._complete is not None:
+            why = identity.record_problem(self._complete, self.layout, self._records)
+            if why:
+                self._complete, self.complete_problem = None, f"{F.COMPLETE_FILE}: {why}"
         if require_complete and not self.is_complete:
             done = len(self._records)
+            if self.complete_problem:
+                raise StoreError(f"store {url!r} is not complete: {self.complete_problem}; {repair_hint(url)}")
             if self._complete is not None:
                 lost = sorted(set(range(self.layout.n_shards)) - set(self._records))
                 raise StoreError(f"store {url!r} is incomplete: the commit record of shard(s) {lost[:5]} is missing "

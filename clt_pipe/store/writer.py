@@ -26,6 +26,7 @@ from clt_pipe.checksums import crc32c, sha256_bytes
 from clt_pipe.errors import StoreError
 from clt_pipe.store import commits
 from clt_pipe.store import format as F
+from clt_pipe.store import identity
 from clt_pipe.store import lock as store_lock
 from clt_pipe.store.location import StoreLocation
 from clt_pipe.store.meta import StoreMeta
@@ -47,10 +48,10 @@ def fingerprint(meta: StoreMeta | dict) -> str:
 
 
 # Identity fields added after stores were already written; a store that lacks them was written before.
-LATER_IDENTITY_FIELDS = {"activations": ("forward_precision",)}
+LATER_IDENTITY_FIELDS = {"activations": ("forward_precision",), "dataset": ("content_sha256",)}
 
 
-def _as_written_before(meta: dict, old: dict) -> dict:
+def as_written_before(meta: dict, old: dict) -> dict:
     """``meta`` without the identity fields ``old`` (an existing store's description) predates, so that a
     store from an older writer is still recognised as the same harvest (resume, re-run of a pipeline)."""
     out = dict(meta)
@@ -74,6 +75,15 @@ def _describe_difference(old: dict, new: dict) -> str:
             if sub:
                 diffs.append(", ".join(f"{key}.{k} {o.get(k)!r} != {n.get(k)!r}" for k in sub[:2]))
     return "; ".join(diffs) or "its settings differ"
+
+
+def refuse_foreign_entries(loc: StoreLocation, url: str) -> None:
+    """Replacing a store deletes the store, never what someone else put inside its folder or prefix."""
+    foreign = [n for n in loc.listdir("") if n not in F.STORE_ENTRIES and not n.endswith(".tmp")]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise StoreError(f"{url} also holds {shown}, which are not part of the store; move them out before "
+                         f"replacing the store (nothing was deleted)")
 
 
 WRITE_GROUPS_IN_FLIGHT = 2  # at most 2 x write_threads full chunks wait in memory
@@ -213,6 +223,9 @@ class StoreWriter:
             else:
                 err = None
             if not overwrite:
+                problem = identity.description_problem(old) if old is not None else None
+                if problem:
+                    raise StoreError(f"{url}: {problem}")
                 if old is None:
                     raise StoreError(f"{url} exists and is not a clt-pipe store"
                                      f"{f' ({err})' if err else ''}; pass --overwrite to replace it")
@@ -220,7 +233,7 @@ class StoreWriter:
                     raise StoreError(f"{url} is store format v{old.get('format_version')}, this harvest writes "
                                      f"v{version}; pass --overwrite to replace it")
                 if old.get("fingerprint") != meta.fingerprint and old.get("fingerprint") == fingerprint(
-                        _as_written_before(meta.to_dict(), old)):
+                        as_written_before(meta.to_dict(), old)):
                     meta = meta.replace(fingerprint=old["fingerprint"])  # same harvest, from an older writer
                 if old.get("fingerprint") != meta.fingerprint:
                     raise StoreError(f"{url} holds a different harvest ({_describe_difference(old, meta.to_dict())}); "
@@ -234,6 +247,7 @@ class StoreWriter:
                         loc.clean_partial_chunk_files()
                     return writer
                 # Killed while creating the arrays: nothing can be committed yet, so start afresh.
+            refuse_foreign_entries(loc, url)
             loc.remove_contents(keep=(store_lock.LOCK_FILE,))
         elif [n for n in loc.listdir("") if n != store_lock.LOCK_FILE]:
             if not overwrite:
@@ -244,11 +258,11 @@ class StoreWriter:
         # mode "a" on a root without zarr.json creates it: "w" would delete whatever else is under the prefix
         # (on S3 too), the lock included, and "w-" counts the lock as existing data.
         group = zarr.open_group(loc.zarr_store(), mode="a",
-                                attributes={F.ATTRS_KEY: meta.replace(initialised=False).to_dict()})
+                                attributes={F.ATTRS_KEY: identity.seal(meta.replace(initialised=False).to_dict())})
         writer = cls(loc, meta, group, write_threads)
         writer._create_arrays()
         writer.meta = meta.replace(initialised=True)
-        group.attrs[F.ATTRS_KEY] = writer.meta.to_dict()
+        group.attrs[F.ATTRS_KEY] = identity.seal(writer.meta.to_dict())
         return writer
 
     def _create_arrays(self) -> None:
@@ -354,6 +368,7 @@ class StoreWriter:
                    "n_tokens": lay.n_tokens, "n_valid_tokens": int(merged["in"].count),
                    "n_skipped_images": len(skipped), "finished": now(),
                    "checksums": {"arrays": self._final_array_crcs(), "files": {F.IMAGES_PARQUET: parquet_sha}}}
+        summary = identity.seal_record(summary)
         self.loc.write_json_atomic(F.COMPLETE_FILE, summary)
         return summary
 

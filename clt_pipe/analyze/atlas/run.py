@@ -121,6 +121,13 @@ def finish_atlas(store, clt, scan: dict, out: str | Path, *, listed: list[str], 
 
 def run_atlas(cfg, console=None) -> dict:
     """``clt-pipe atlas``: scan the store once, then render the atlas for an existing run."""
+    from clt_pipe.outdir import hold_out_dir
+
+    with hold_out_dir(cfg.out, "atlas"):
+        return _atlas(cfg, console)
+
+
+def _atlas(cfg, console) -> dict:
     from clt_pipe.analyze.inputs import check_clt_matches_store
     from clt_pipe.clt.rundir import load_fitted
     from clt_pipe.device import resolve_device
