@@ -97,8 +97,9 @@ def fvu(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def tree_digest(root: Path) -> dict[str, str]:
+    """Every file's sha256 but the folder's writer lock (not data: each command into the folder takes it)."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "writer.lock"}
 
 
 def metrics_lines(out) -> list[dict]:

@@ -11,6 +11,7 @@ from clt_pipe.config import FitConfig, build
 from clt_pipe.errors import CltPipeError, StoreError
 from clt_pipe.fit.trainer import run_fit
 from clt_pipe.store import format as F
+from clt_pipe.store.identity import seal_record
 from clt_pipe.store.location import StoreLocation
 from clt_pipe.testing.synthstore import RandomRows, write_store
 
@@ -32,7 +33,7 @@ def test_non_finite_statistics_are_a_store_error(tmp_path):
     loc = StoreLocation(url)
     complete = loc.read_json(F.COMPLETE_FILE)
     complete["checksums"]["arrays"][f"{F.STATS_GROUP}/var_in"] = crc32c(arr[:])
-    loc.write_json_atomic(F.COMPLETE_FILE, complete)
+    loc.write_json_atomic(F.COMPLETE_FILE, seal_record(complete))
     with pytest.raises(StoreError, match="non-finite"):
         run_fit(cfg(url, tmp_path / "out"))
 
