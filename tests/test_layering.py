@@ -14,7 +14,7 @@ PKG = Path(__file__).resolve().parents[1] / "clt_pipe"
 RANKS = {
     "errors": -1, "device": 0, "checksums": 0, "atomic": 0, "precision": 0, "progress": 0, "prefetch": 0, "tokens": 0,
     "__init__": 0,
-    "datasets": 1, "store": 1, "clt": 1, "backbone": 2,
+    "datasets": 1, "store": 1, "clt": 1, "backbone": 2, "outdir": 2,
     "config": 3, "testing": 3,
     "harvest": 4, "fit": 4, "analyze": 4, "preflight": 4,
     "pipeline": 5,

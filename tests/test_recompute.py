@@ -19,6 +19,7 @@ from clt_pipe.config import AnalyzeConfig, FitConfig, HarvestConfig, build
 from clt_pipe.errors import ConfigError, StoreError
 from clt_pipe.fit.trainer import run_fit
 from clt_pipe.harvest.run import run_harvest
+from clt_pipe.store.identity import seal_record
 from clt_pipe.store.inspect import store_info, verify_store
 from clt_pipe.store.loader import ChunkLoader
 from clt_pipe.store.reader import ActivationStore
@@ -135,7 +136,7 @@ def test_verify_catches_weights_that_do_not_belong(stores, tmp_path):
     # as if the wrong weights had been written from the start (finalisation checksums them into COMPLETE.json)
     done = json.loads((bad / "COMPLETE.json").read_text())
     done["checksums"]["arrays"]["mlp_weights/fc_bias"] = new_crc
-    (bad / "COMPLETE.json").write_text(json.dumps(done))
+    (bad / "COMPLETE.json").write_text(json.dumps(seal_record(done)))
     report = verify_store(str(bad))
     assert sorted(report["bad_shards"]) == list(range(ActivationStore(str(bad)).layout.n_shards))
     assert all("MLP weights do not match" in p for _, p in report["problems"])

@@ -15,13 +15,29 @@ Both are additive keys (storage/FORMAT.md, "Metadata checksums"): older readers 
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 from clt_pipe.checksums import crc32c
+from clt_pipe.store.meta import StoreMeta
+
+# Root-attribute keys whose change makes an existing store a different store (refuse unless --overwrite).
+IDENTITY_KEYS = ("model", "dataset", "tokens", "activations", "layout", "preprocess")
+
+
+def fingerprint(meta: StoreMeta | dict) -> str:
+    """What resume, commit records and fit runs compare: a hash of the identity sections, without the
+    informational ``model.model_arg`` and ``dataset.data_root``."""
+    if isinstance(meta, StoreMeta):
+        meta = meta.to_dict()
+    ident = {k: meta[k] for k in IDENTITY_KEYS}
+    ident["model"] = {k: v for k, v in ident["model"].items() if k != "model_arg"}
+    ident["dataset"] = {k: v for k, v in ident["dataset"].items() if k != "data_root"}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 SEAL_KEY = "identity_crc32c"
 RECORD_KEY = "record_crc32c"
-SEALED_SECTIONS = ("model", "dataset", "tokens", "activations", "layout", "preprocess", "templates")
+SEALED_SECTIONS = (*IDENTITY_KEYS, "templates")
 SEALED_TOP = ("format_version",)
 FIX_DESCRIPTION = "restore the original zarr.json, or re-harvest with --overwrite"
 
@@ -52,8 +68,6 @@ def edited_fields(meta: dict) -> list[str]:
 
 def description_problem(meta: dict) -> str | None:
     """Why a store's root description cannot be trusted (edited after the harvest), or None."""
-    from clt_pipe.store.writer import fingerprint
-
     if isinstance(meta.get(SEAL_KEY), dict):
         changed = edited_fields(meta)
         if changed:

@@ -9,8 +9,6 @@ the merged statistics and ``images.parquet``. Until then no reader treats the st
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import json
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,25 +25,13 @@ from clt_pipe.errors import StoreError
 from clt_pipe.store import commits
 from clt_pipe.store import format as F
 from clt_pipe.store import identity
+from clt_pipe.store.identity import IDENTITY_KEYS, fingerprint
 from clt_pipe.store import lock as store_lock
 from clt_pipe.store.location import StoreLocation
 from clt_pipe.store.meta import StoreMeta
 from clt_pipe.store.stats import Moments
 from clt_pipe.store.timing import StageTimes
 from clt_pipe.store.zarrio import chunk_key, write_rows
-
-# Root-attribute keys whose change makes an existing store a different store (refuse unless --overwrite).
-IDENTITY_KEYS = ("model", "dataset", "tokens", "activations", "layout", "preprocess")
-
-
-def fingerprint(meta: StoreMeta | dict) -> str:
-    if isinstance(meta, StoreMeta):
-        meta = meta.to_dict()
-    ident = {k: meta[k] for k in IDENTITY_KEYS}
-    ident["model"] = {k: v for k, v in ident["model"].items() if k != "model_arg"}
-    ident["dataset"] = {k: v for k, v in ident["dataset"].items() if k != "data_root"}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-
 
 # Identity fields added after stores were already written; a store that lacks them was written before.
 LATER_IDENTITY_FIELDS = {"activations": ("forward_precision",), "dataset": ("content_sha256",)}
