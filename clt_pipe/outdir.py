@@ -5,7 +5,8 @@
 store's harvest lock under another name (clt_pipe/store/lock.py: a ``flock`` the kernel drops when its holder
 dies, SIGKILL included). A second command writing into the same folder is refused in one line naming the
 holder (command, pid, host) before it looks at or deletes anything, so ``--overwrite`` never removes a run
-that another process is still writing. Re-entrant within a process (a pipeline or sweep may hold a folder and
+that another process is still writing. A command that created the folder and wrote nothing into it (refused
+on bad input) removes it again. Re-entrant within a process (a pipeline or sweep may hold a folder and
 call a stage that takes it again).
 """
 
@@ -51,11 +52,19 @@ def refuse_inside_store(path: str | Path) -> None:
 def hold_out_dir(path: str | Path, command: str) -> Iterator[Path]:
     """Create ``path`` if needed and hold it as ``command``'s output folder until the block ends."""
     refuse_inside_store(path)
+    created = not Path(path).exists()
     lock = store_lock.acquire(StoreLocation(str(path)), name=LOCK_FILE, command=command)
     try:
         yield Path(path)
     finally:
-        lock.release()
+        try:
+            if created and lock.outermost and [p.name for p in Path(path).iterdir()] == [LOCK_FILE]:
+                lock.remove_file()  # refused before writing anything: leave no folder behind
+                Path(path).rmdir()
+        except OSError:
+            pass  # an empty folder left behind is harmless
+        finally:
+            lock.release()
 
 
 def clear_out_dir(path: str | Path) -> None:

@@ -77,23 +77,45 @@ class HarvestLock:
     def _acquire_local(self) -> None:
         import fcntl
 
-        os.makedirs(self.loc.root, exist_ok=True)
-        fd = os.open(self.key, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        while True:
+            os.makedirs(self.loc.root, exist_ok=True)
+            fd = os.open(self.key, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                info = json.loads(os.pread(fd, 4096, 0) or b"{}")
-            except ValueError:
-                info = {}
-            os.close(fd)
-            raise _refusal(self.loc.url, info, self.command) from None
-        except OSError:
-            os.close(fd)
-            raise
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+                except ValueError:
+                    info = {}
+                os.close(fd)
+                raise _refusal(self.loc.url, info, self.command) from None
+            except OSError:
+                os.close(fd)
+                raise
+            if self._still_linked(fd):
+                break
+            os.close(fd)  # its holder removed the file (remove_file) before we locked it: lock the new one
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(_owner(self.command)).encode(), 0)
         self._fd = fd
+
+    def _still_linked(self, fd: int) -> bool:
+        try:
+            st = os.stat(self.key)
+        except FileNotFoundError:
+            return False
+        return (st.st_dev, st.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+
+    @property
+    def outermost(self) -> bool:
+        """Only one holder in this process: releasing it releases the lock."""
+        return self._count == 1
+
+    def remove_file(self) -> None:
+        """Delete the local lock file while still holding it (its folder is going away); a process that opened
+        it meanwhile finds it unlinked once it gets the lock, and locks a new file instead."""
+        if self._fd is not None:
+            os.unlink(self.key)
 
     # ---- object stores ---------------------------------------------------------------------------------
     def _lease(self) -> bytes:
