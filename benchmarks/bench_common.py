@@ -71,3 +71,16 @@ def loader_epoch(store, args, seed: int) -> tuple[int, float]:
     seconds = time.perf_counter() - t0
     loader.close()
     return n_batches * args.batch, seconds
+
+
+def drop_page_cache() -> bool:
+    """Write dirty pages and drop the kernel's page cache (for cold-read figures); False if not permitted."""
+    import os
+
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as fh:
+            fh.write("3\n")
+        return True
+    except OSError:
+        return False

@@ -8,11 +8,20 @@ short ``--dead-tokens`` (default: two batches) so AuxK is active in the timed st
 AdamW, dead-latent counters) is timed in interleaved blocks of steps fed by:
 
 1. **product**: the trainer's own ``ChunkLoader`` (default shuffle window and memory budget, the device data
-   path) reading a synthetic store (clt_pipe/testing/synthstore.py ``CrossLayerData``: a sparse cross-layer
-   dictionary of 48 features, so that many CLT latents go quiet and AuxK has dead latents to work on; default codec);
-2. **preloaded**: the same store's rows already on the device (fp16), batches by random index widened to
+   path, kept rows on by default) reading a synthetic store (clt_pipe/testing/synthstore.py ``CrossLayerData``:
+   a sparse cross-layer dictionary of 48 features, so that many CLT latents go quiet and AuxK has dead latents
+   to work on; default codec). Its first epoch is drained before timing, so when the store fits the kept-rows
+   budget these are the steps of epochs ≥ 2 (the tier is printed: "memory host" on CPU, "memory device" on CUDA);
+2. **store**: a loader built the same way but with ``--no-keep-rows``: every epoch decodes the store again
+   (what the product does with a store over the budget, and what it did before rows were kept);
+3. **preloaded**: the same store's rows already on the device (fp16), batches by random index widened to
    float32 there: no host work at all;
-3. **preloaded, --aux-k 0**: the same, with AuxK off (the only other difference), for the AuxK cost.
+4. **preloaded, --aux-k 0**: the same, with AuxK off (the only other difference), for the AuxK cost.
+
+Before the steps, the data path alone (loaders built as the trainer builds them, no training): rows/s of an
+epoch decoded from the store with the page cache dropped (``/proc/sys/vm/drop_caches``, when this process may
+write it; else "cached only" is printed), with it warm, and of an epoch served from the kept rows, next to the
+rows/s the preloaded step consumes: the smallest of these names what bounds a fit.
 
 AuxK's cost grows with the number of dead latents, and after a few steps of a healthy run often none is dead:
 every timed step therefore sees ``--dead-frac`` of each layer's latents counting as dead (the trainer's own
@@ -44,12 +53,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_common import append_result, sync  # noqa: E402
+from bench_common import append_result, drop_page_cache, sync  # noqa: E402
 from clt_pipe.clt.losses import LossConfig  # noqa: E402
 from clt_pipe.config import FitConfig  # noqa: E402
 from clt_pipe.fit.trainer import Trainer, run_fit  # noqa: E402
 from clt_pipe.pipeline import stage_config  # noqa: E402
-from clt_pipe.store.loader import Batch, split_chunks  # noqa: E402
+from clt_pipe.store.loader import Batch, ChunkLoader, split_chunks  # noqa: E402
 from clt_pipe.store.reader import ActivationStore  # noqa: E402
 from clt_pipe.testing.synthstore import CrossLayerData, write_store  # noqa: E402
 
@@ -99,6 +108,49 @@ def preloaded(store: ActivationStore, device: torch.device, batch: int):
         yield Batch(X[gidx].float(), Y[gidx].float(), (idx // tpi).numpy())
 
 
+def loader_like(trainer: Trainer, **kw) -> ChunkLoader:
+    """A loader built as the trainer built its own (same store, options and window size)."""
+    cfg, lo = trainer.cfg, trainer.loader
+    opts = dict(tokens=cfg.tokens, split="train", holdout=cfg.holdout, seed=cfg.seed,
+                shuffle_chunks=lo.shuffle_chunks, read_threads=cfg.read_threads, device=lo.device,
+                keep_rows=cfg.keep_rows, keep_memory=cfg.keep_memory)
+    return ChunkLoader(lo.store, cfg.batch_size, **(opts | kw))
+
+
+def epoch_rates(loader: ChunkLoader, device: torch.device, epochs: int) -> list[tuple[float, str]]:
+    """(rows/s, tier) of each of the loader's first ``epochs`` epochs, from ``iter`` on: an epoch's time runs
+    from the previous epoch's last batch to its own last batch."""
+    it = iter(loader)
+    t0 = time.perf_counter()
+    ends, counts, tiers = [t0] * epochs, [0] * epochs, [set() for _ in range(epochs)]
+    while True:
+        b = next(it)
+        sync(device)
+        if loader.epoch >= epochs:
+            break
+        counts[loader.epoch] += 1
+        tiers[loader.epoch].add(b.tier)
+        ends[loader.epoch] = time.perf_counter()
+    starts = [t0] + ends[:-1]
+    return [(counts[e] * loader.batch_size / (ends[e] - starts[e]), "+".join(sorted(tiers[e])))
+            for e in range(epochs)]
+
+
+def data_path_rates(trainer: Trainer, device: torch.device) -> dict[str, tuple[float, str]]:
+    """The data path alone, no training: rows/s of an epoch from the store (cold if the page cache could be
+    dropped), from the store cached, and from the kept rows."""
+    cold = drop_page_cache()
+    store = loader_like(trainer, keep_rows=False)
+    first, cached = epoch_rates(store, device, 2)
+    store.close()
+    out = {"store, cold (page cache dropped)": first} if cold else {}
+    out["store, cached" + ("" if cold else " (the page cache could not be dropped: cached only)")] = cached
+    kept = loader_like(trainer)
+    out[f"kept rows ({kept.keep_plan.describe()})"] = epoch_rates(kept, device, 2)[1]
+    kept.close()
+    return out
+
+
 def uniform_expected_distinct(n_images: int, tokens: int, batch: int) -> float:
     n = n_images * tokens
     lc = lambda a, b: math.lgamma(a + 1) - math.lgamma(b + 1) - math.lgamma(a - b + 1)  # noqa: E731
@@ -140,7 +192,8 @@ def main() -> None:
     overrides["dead_tokens"] = args.dead_tokens or 2 * defaults.batch_size
     cfg = stage_config(FitConfig, "fit", None, overrides)
     no_aux = dataclasses.replace(cfg, aux_k=0)
-    runs = {"product": dict(dataclasses.asdict(cfg), data="ChunkLoader (as shipped)"),
+    runs = {"product": dict(dataclasses.asdict(cfg), data="ChunkLoader (as shipped), epochs >= 2"),
+            "store": dict(dataclasses.asdict(cfg), keep_rows=False, data="ChunkLoader, --no-keep-rows"),
             "preloaded": dict(dataclasses.asdict(cfg), data="rows preloaded on the device, random index")}
     for name, c in runs.items():
         print(f"{name:>10}: {json.dumps(c, sort_keys=True)}")
@@ -150,13 +203,20 @@ def main() -> None:
         sys.exit(2)
     diff = {k for k in dataclasses.asdict(cfg) if getattr(cfg, k) != getattr(no_aux, k)}
     assert diff == {"aux_k"}, diff
+    assert {k for k, v in runs["store"].items() if runs["product"][k] != v} == {"keep_rows", "data"}
 
     trainer = Trainer(cfg, store, device)
-    sources = {"product": iter(trainer.loader), "preloaded": preloaded(store, device, cfg.batch_size)}
+    rates_alone = data_path_rates(trainer, device)
+    store_loader = loader_like(trainer, keep_rows=False)
+    sources = {"product": iter(trainer.loader), "store": iter(store_loader),
+               "preloaded": preloaded(store, device, cfg.batch_size)}
+    while trainer.loader.epoch == 0:  # the product's first epoch (it decodes the store into the kept rows)
+        next(sources["product"])
+    tiers: set[str] = set()
     aux_cfg = (cfg, LossConfig.from_fit_config(cfg))
     off_cfg = (no_aux, LossConfig.from_fit_config(no_aux))
     distinct: list[int] = []
-    dead: dict[str, list[float]] = {"product": [], "preloaded": [], "preloaded_aux0": []}
+    dead: dict[str, list[float]] = {"product": [], "store": [], "preloaded": [], "preloaded_aux0": []}
 
     n_dead = int(round(args.dead_frac * trainer.spec.n_features))
     pinned = torch.randperm(trainer.spec.n_features, generator=torch.Generator().manual_seed(0))[:n_dead]
@@ -164,13 +224,14 @@ def main() -> None:
 
     def block(name: str, n: int) -> float:
         trainer.cfg, trainer.loss_cfg = off_cfg if name == "preloaded_aux0" else aux_cfg
-        batches = sources["product" if name == "product" else "preloaded"]
+        batches = sources["preloaded" if name == "preloaded_aux0" else name]
         sync(device)
         t0 = time.perf_counter()
         for _ in range(n):
             batch = next(batches)
             if name == "product":
                 distinct.append(len(np.unique(batch.image)))
+                tiers.add(batch.tier)
             if n_dead:  # AuxK's cost grows with the dead set: every step sees the same one (a tiny op)
                 trainer.since_fired.zero_()
                 trainer.since_fired[:, pinned] = cfg.dead_tokens
@@ -181,6 +242,7 @@ def main() -> None:
         return n / dt
 
     block("product", args.warmup)
+    block("store", 2)
     block("preloaded", 2)
     rates: dict[str, list[float]] = {k: [] for k in dead}
     for r in range(args.repeats):
@@ -188,6 +250,7 @@ def main() -> None:
             rates[name].append(block(name, args.steps))
         print(f"  repeat {r}: " + "   ".join(f"{k} {v[-1]:.2f} steps/s" for k, v in rates.items()))
     trainer.loader.close()
+    store_loader.close()
     med = {k: statistics.median(v) for k, v in rates.items()}
     paired = lambda a, b: statistics.median(x / y for x, y in zip(rates[a], rates[b]))  # noqa: E731
     lay = store.layout
@@ -201,8 +264,17 @@ def main() -> None:
     print(f"dead latents at each step: {n_dead} per layer ({args.dead_frac:.1%}, --dead-frac); "
           "dead fraction after the last step of each block (median; pinned latents that fired count as revived): "
           + ", ".join(f"{k} {statistics.median(v):.1%}" for k, v in dead.items()))
-    print(f"product / preloaded: {med['product'] / med['preloaded']:.3f} (paired {paired('product', 'preloaded'):.3f})"
-          f"; {med['product']:.2f} vs {med['preloaded']:.2f} steps/s")
+    tier = "+".join(sorted(tiers))
+    print(f"kept rows: {trainer.loader.keep_plan.describe()}; the product's timed steps came from: {tier}")
+    print(f"product (epochs >= 2) / preloaded: {med['product'] / med['preloaded']:.3f} "
+          f"(paired {paired('product', 'preloaded'):.3f}); {med['product']:.2f} vs {med['preloaded']:.2f} steps/s")
+    print(f"store (--no-keep-rows) / preloaded: {med['store'] / med['preloaded']:.3f} "
+          f"(paired {paired('store', 'preloaded'):.3f}); {med['store']:.2f} vs {med['preloaded']:.2f} steps/s")
+    step_rows = med["preloaded"] * cfg.batch_size
+    print(f"data path alone (rows/s; the preloaded step consumes {step_rows:,.0f}):")
+    for name, (rate, served) in rates_alone.items():
+        bound = "bounds the fit" if rate < step_rows else "keeps up with the step"
+        print(f"  {name}: {rate:,.0f} rows/s from {served}, {rate / step_rows:.2f}x the step: {bound}")
     print(f"AuxK on / off (preloaded): {med['preloaded'] / med['preloaded_aux0']:.3f} "
           f"(paired {paired('preloaded', 'preloaded_aux0'):.3f}); {med['preloaded']:.2f} vs "
           f"{med['preloaded_aux0']:.2f} steps/s")
@@ -219,9 +291,12 @@ def main() -> None:
         print(f"start-up (run_fit, command -> first step): {parts}; whole 2-step run {total:.1f}s")
         line = f", start-up {parts['startup_s']:.1f}s (first window {parts['first_window_s']:.1f}s)"
     if args.write:
-        append_result(f"| bench_fit | {sizes} | product {med['product']:.2f}, preloaded {med['preloaded']:.2f}, "
-                      f"AuxK off {med['preloaded_aux0']:.2f} steps/s{line} | product/preloaded "
+        alone = ", ".join(f"{k.split(' (')[0]} {v[0]:,.0f}" for k, v in rates_alone.items())
+        append_result(f"| bench_fit | {sizes} | product ({tier}) {med['product']:.2f}, store {med['store']:.2f}, "
+                      f"preloaded {med['preloaded']:.2f}, AuxK off {med['preloaded_aux0']:.2f} steps/s; data path "
+                      f"alone rows/s: {alone} vs the step's {step_rows:,.0f}{line} | product/preloaded "
                       f"{med['product'] / med['preloaded']:.3f}, "
+                      f"store/preloaded {med['store'] / med['preloaded']:.3f}, "
                       f"AuxK on/off {med['preloaded'] / med['preloaded_aux0']:.3f} |")
 
 

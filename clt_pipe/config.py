@@ -142,6 +142,10 @@ class FitConfig:
     shuffle_memory: float = opt(0.0, 'GiB for the two resident shuffle windows (0 = auto: a quarter of the free '
                                      'device memory on CUDA, of the available host memory on CPU)')
     read_threads: int = opt(4, 'Threads decoding store chunks')
+    keep_rows: bool = opt(True, 'keep the decoded training rows in memory (device memory on CUDA, host RAM on CPU) '
+                                'when they fit keep_memory: epochs after the first then skip the store')
+    keep_memory: float = opt(0.0, 'GiB the kept rows may take (0 = auto: half of the free device memory on CUDA, '
+                                  'of the available host memory on CPU)')
     checkpoint_every: int = opt(500, 'Write a checkpoint every N steps')
     log_every: int = opt(25, 'Log metrics every N steps')
     seed: int = opt(0, 'Random seed (cls+K patch choice, loader order, initialisation)')
@@ -162,7 +166,7 @@ class FitConfig:
             _check_positive(key, getattr(self, key))
         for key in ("warmup_steps", "weight_decay", "grad_clip", "aux_k", "aux_coef", "l0_coef", "n_features"):
             _check_positive(key, getattr(self, key), allow_zero=True)
-        for key in ("shuffle_chunks", "shuffle_memory"):
+        for key in ("shuffle_chunks", "shuffle_memory", "keep_memory"):
             _check_positive(key, getattr(self, key), allow_zero=True)
         if self.lr > MAX_LR:
             raise ConfigError(f"lr: {self.lr:g} is far beyond any learning rate AdamW trains a CLT with (at most "

@@ -106,6 +106,25 @@ def test_loader_batches_carry_recomputed_targets(stores):
     b.close()
 
 
+def test_kept_rows_of_a_recompute_store_are_its_inputs_only(stores):
+    """Kept rows hold mlp_in alone (half the bytes): the targets of later epochs are recomputed from them, and
+    every batch is the one of decoding the store again."""
+    rec = ActivationStore(stores["recompute"])
+    on = ChunkLoader(rec, 64, seed=4, shuffle_chunks=3, read_threads=2)
+    off = ChunkLoader(rec, 64, seed=4, shuffle_chunks=3, read_threads=2, keep_rows=False)
+    lay = rec.layout
+    assert on.keep_plan.need_bytes == on.rows_per_epoch * lay.n_layers * lay.d_model * 2
+    tiers = set()
+    for ba, bb in zip(iter(on), iter(off)):
+        assert torch.equal(ba.x, bb.x) and torch.equal(ba.y, bb.y) and np.array_equal(ba.image, bb.image)
+        tiers.add((on.epoch, ba.tier))
+        if on.epoch > 2:
+            break
+    on.close()
+    off.close()
+    assert on._kept.y is None and {t for e, t in tiers if e in (1, 2)} == {"memory host"}
+
+
 def test_fit_and_analyze_on_a_recompute_store(stores, tmp_path):
     r2 = {}
     for targets in ("stored", "recompute"):

@@ -34,7 +34,7 @@ from clt_pipe.store.reader import ActivationStore
 
 # Fields that may change between an interrupted run and its resume without changing the result.
 RESUMABLE_FIELDS = {"resume", "overwrite", "checkpoint_every", "log_every", "read_threads", "device", "store",
-                    "out", "shuffle_memory"}  # the window size itself is part of the loader position
+                    "out", "shuffle_memory", "keep_rows", "keep_memory"}  # the window size is in the loader position
 
 
 def standardization(store: ActivationStore) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -116,7 +116,8 @@ class Trainer:
         self.loader = ChunkLoader(store, cfg.batch_size, tokens=cfg.tokens, split="train", holdout=cfg.holdout,
                                   seed=cfg.seed, shuffle_chunks=cfg.shuffle_chunks,
                                   shuffle_memory=cfg.shuffle_memory, read_threads=cfg.read_threads,
-                                  device=device, rank=self.dist.rank, world_size=self.dist.world)
+                                  device=device, rank=self.dist.rank, world_size=self.dist.world,
+                                  keep_rows=cfg.keep_rows, keep_memory=cfg.keep_memory)
         # Ranks split the windows of one schedule, so they must agree on the window size (free memory differs).
         self.loader.set_window_chunks(min(self.dist.gather(self.loader.shuffle_chunks)))
         self.loader.prefetch()  # the first window reads while AdamW imports torch._dynamo (seconds)
@@ -174,6 +175,7 @@ class Trainer:
         metrics["loss"] = loss.detach()
         metrics["dead_frac"] = (self.since_fired >= self.cfg.dead_tokens).float().mean(-1)
         metrics["image_diversity"] = batch.image_diversity
+        metrics["data_tier"] = batch.tier
         return metrics
 
 
@@ -248,5 +250,6 @@ def _fit(cfg: FitConfig, store: ActivationStore, dist: Dist, device: torch.devic
     tokens = steps * cfg.batch_size * dist.world
     return {"out": str(out), "steps": trainer.step, "ranks": dist.world, "seconds": elapsed,
             "steps_per_s": steps / max(elapsed, 1e-9), "tokens_per_s": tokens / max(elapsed, 1e-9),
-            "window_chunks": trainer.loader.shuffle_chunks, **{k: round(v, 3) for k, v in startup.items()},
+            "window_chunks": trainer.loader.shuffle_chunks, "kept_rows": trainer.loader.keep_plan.describe(),
+            "data_tiers": trainer.loader.tiers(), **{k: round(v, 3) for k, v in startup.items()},
             **(log.final_summary() if log else {})}

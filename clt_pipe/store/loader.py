@@ -17,6 +17,10 @@ while the previous window trains; the batch gather (``index_select``) and the wi
 GPU. On CPU the window is decoded straight into host memory and the same torch ops run there. Targets are
 recomputed from the inputs on the device when the store keeps MLP weights instead of mlp_out.
 
+Kept rows. When the training split's decoded rows fit a memory budget (``keep_memory``; store/keep.py), each
+chunk is decoded once into a tensor that lives for the whole fit, and the epochs after the first gather their
+windows' rows from it instead of decoding the store again: same windows, same row order, same batches.
+
 A window's last partial batch is dropped, which keeps the position a tiny ``(epoch, window, batch)`` triple
 (plus the window size, which the auto sizing may pick differently on another machine) that a checkpoint
 restores exactly.
@@ -37,6 +41,7 @@ import numpy as np
 import torch
 
 from clt_pipe.errors import CltPipeError, StoreError
+from clt_pipe.store.keep import STORE, KeptRows, plan_keep
 from clt_pipe.store.reader import ActivationStore
 
 HOLDOUT_SALT = 0x5EED  # the held-out chunks do not change with the training seed
@@ -89,6 +94,7 @@ class Batch:
     x: torch.Tensor  # [B, L, d] float32 on the device: MLP inputs
     y: torch.Tensor  # [B, L, d] float32: MLP outputs
     image: np.ndarray  # [B] image index of each row
+    tier: str = STORE  # where the rows came from: "store" (decoded), "memory host" or "memory device" (kept)
 
     @property
     def image_diversity(self) -> float:
@@ -104,6 +110,8 @@ class _Window:
     image: np.ndarray
     order: np.ndarray
     futures: list[Future]
+    rows: np.ndarray | None = None  # kept rows: the row of x that holds each window row (None: x is the window)
+    tier: str = STORE
 
     def result(self) -> "_Window":
         for f in self.futures:
@@ -114,7 +122,8 @@ class _Window:
 class ChunkLoader:
     def __init__(self, store: ActivationStore, batch_size: int, *, tokens: str = "all", split: str = "train",
                  holdout: float = 0.0, seed: int = 0, shuffle_chunks: int = 0, shuffle_memory: float = 0.0,
-                 read_threads: int = 4, device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1):
+                 read_threads: int = 4, device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
+                 keep_rows: bool = True, keep_memory: float = 0.0):
         self.store = store
         self.batch_size = batch_size
         self.tokens = tokens
@@ -140,6 +149,13 @@ class ChunkLoader:
         self._dtype = torch.float16 if self._np_dtype == np.float16 else torch.int16  # same bytes in torch
         self._targets = store.targets_on(self.device) if store.recompute else None
         self._staging: list | None = None
+        # Every rank keeps the whole split (the windows move between ranks each epoch); ranks on one CPU host
+        # share its memory.
+        self.keep_plan = plan_keep(keep_rows, self.rows_per_epoch * self.row_bytes(), keep_memory,
+                                   available_memory(self.device), device=self.device,
+                                   shared_by=world_size if self.device.type == "cpu" else 1)
+        self._kept: KeptRows | None = None
+        self.served: dict[int, set[str]] = {}  # epoch -> the tiers its windows came from
         self._staging_lock = threading.Lock()  # one window read at a time uses the staging buffers
         self._early: tuple[int, int, _Window] | None = None  # a first window read before iteration (start-up)
         # Seconds the consumer waited on window reads: where a slow input pipeline shows up.
@@ -273,6 +289,8 @@ class ChunkLoader:
         offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
         placed = [(int(c), int(o)) for c, o in zip(chunks, offsets)]
         total = int(sum(counts))
+        if self.keep_plan.tier:
+            return self._submit_kept(epoch, window, placed, counts, total)
         shape = (total, lay.n_layers, lay.d_model)
         # Allocated here, on the consumer's thread and stream: the caching allocator hands out memory whose
         # previous users are queued on this stream, so the copies wait for the event recorded after them.
@@ -281,16 +299,38 @@ class ChunkLoader:
         win = _Window(x, y, np.empty(total, np.int64), np.empty(0, np.int64), [])
         # The row order is planned off the training thread too (sorting a large window takes ~0.1 s).
         win.futures.append(self.pool.submit(self._plan_rows, win, placed, epoch, window))
+        win.futures += self._read(placed, x, y)
+        return win
+
+    def _read(self, placed: list[tuple[int, int]], x: torch.Tensor, y: torch.Tensor | None) -> list[Future]:
+        """Start decoding chunks into ``x``/``y`` at the given row offsets."""
         if self._cuda:
             writable = torch.cuda.Event()
             writable.record(torch.cuda.current_stream(self.device))
-            win.futures.append(self.pool.submit(self._read_cuda, placed, x, y, writable))
-        else:  # whole chunks in one zarr call, token-filtered chunks one task each
-            xs, ys = self._np(x), self._np(y)
-            whole = [p for p in placed if self._is_whole(p[0])]
-            if whole:
-                win.futures.append(self.pool.submit(self._read_into, whole, xs, ys))
-            win.futures += [self.pool.submit(self._read_into, [p], xs, ys) for p in placed if not self._is_whole(p[0])]
+            return [self.pool.submit(self._read_cuda, placed, x, y, writable)]
+        # Whole chunks in one zarr call, token-filtered chunks one task each.
+        xs, ys = self._np(x), self._np(y)
+        whole = [p for p in placed if self._is_whole(p[0])]
+        futures = [self.pool.submit(self._read_into, whole, xs, ys)] if whole else []
+        return futures + [self.pool.submit(self._read_into, [p], xs, ys) for p in placed if not self._is_whole(p[0])]
+
+    def _submit_kept(self, epoch: int, window: int, placed: list[tuple[int, int]], counts: list[int],
+                     total: int) -> _Window:
+        """A window over the kept rows: its chunks not read yet are decoded into their slots (consecutive, so the
+        staged CUDA copies stay contiguous), the others are gathered from where they already lie."""
+        if self._kept is None:  # allocated on the consumer's thread and stream, like a window
+            lay = self.store.layout
+            self._kept = KeptRows(self.rows_per_epoch, (lay.n_layers, lay.d_model), self._dtype, self.device,
+                                  with_targets=not self.store.recompute)
+        kept = self._kept
+        chunks = [c for c, _ in placed]
+        new = [(c, n) for c, n in zip(chunks, counts) if c not in kept.slots]
+        if new:
+            slots = kept.allocate([c for c, _ in new], [n for _, n in new])
+            kept.claim(slots, [n for _, n in new], self._read(slots, kept.x, kept.y))
+        win = _Window(kept.x, kept.y, np.empty(total, np.int64), np.empty(0, np.int64), kept.waits(chunks),
+                      rows=kept.rows(chunks), tier=STORE if new else self.keep_plan.tier)
+        win.futures.append(self.pool.submit(self._plan_rows, win, placed, epoch, window))
         return win
 
     def _plan_rows(self, win: _Window, placed: list[tuple[int, int]], epoch: int, window: int) -> None:
@@ -346,16 +386,29 @@ class ChunkLoader:
             n_batches = len(win.order) // B
             if self.batch_in_window >= n_batches:
                 continue
+            self.served.setdefault(epoch, set()).add(win.tier)
             # Sorted indices: the gather then walks memory forwards (CPU caches; coalescing on the GPU).
             sels = np.sort(win.order[:n_batches * B].reshape(n_batches, B), axis=1)
-            sels_dev = torch.from_numpy(sels).to(self.device, non_blocking=False)
+            at = sels if win.rows is None else win.rows[sels]  # the same rows, where the kept tensor holds them
+            sels_dev = torch.from_numpy(at).to(self.device, non_blocking=False)
             for b in range(self.batch_in_window, n_batches):
                 t0 = time.perf_counter()
                 bx = self._widen(win.x.index_select(0, sels_dev[b]))
                 by = self._targets(bx) if win.y is None else self._widen(win.y.index_select(0, sels_dev[b]))
                 self.waits["gather_s"] += time.perf_counter() - t0
                 self.batch_in_window += 1
-                yield Batch(bx, by, win.image[sels[b]])
+                yield Batch(bx, by, win.image[sels[b]], win.tier)
+
+    def tiers(self) -> str:
+        """Which tier served each epoch so far, e.g. ``epoch 0 store; epochs 1-97 memory host``."""
+        runs: list[list] = []
+        for epoch in sorted(self.served):
+            name = "+".join(sorted(self.served[epoch]))
+            if runs and runs[-1][2] == name and runs[-1][1] == epoch - 1:
+                runs[-1][1] = epoch
+            else:
+                runs.append([epoch, epoch, name])
+        return "; ".join(f"epoch {a} {name}" if a == b else f"epochs {a}-{b} {name}" for a, b, name in runs)
 
     def close(self) -> None:
         """Drop the reads not started and wait for the running ones: nothing reads the store once this returns
