@@ -20,8 +20,9 @@ AdamW, dead-latent counters) is timed in interleaved blocks of steps fed by:
 
 Before the steps, the data path alone (loaders built as the trainer builds them, no training): rows/s of an
 epoch decoded from the store with the page cache dropped (``/proc/sys/vm/drop_caches``, when this process may
-write it; else "cached only" is printed), with it warm, and of an epoch served from the kept rows, next to the
-rows/s the preloaded step consumes: the smallest of these names what bounds a fit.
+write it; else "cached only" is printed), with it warm, of an epoch served from the kept rows and of the
+preloaded baseline's own batches, next to the rows/s the preloaded step consumes: the smallest of these names
+what bounds a fit, and kept vs preloaded rows/s is the data-path cost the kept epochs add per step.
 
 AuxK's cost grows with the number of dead latents, and after a few steps of a healthy run often none is dead:
 every timed step therefore sees ``--dead-frac`` of each layer's latents counting as dead (the trainer's own
@@ -147,7 +148,16 @@ def data_path_rates(trainer: Trainer, device: torch.device) -> dict[str, tuple[f
     out["store, cached" + ("" if cold else " (the page cache could not be dropped: cached only)")] = cached
     kept = loader_like(trainer)
     out[f"kept rows ({kept.keep_plan.describe()})"] = epoch_rates(kept, device, 2)[1]
+    n = kept.rows_per_epoch // kept.batch_size
     kept.close()
+    rows = preloaded(trainer.store, device, kept.batch_size)
+    next(rows)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        next(rows)
+    sync(device)
+    out["preloaded rows (random index, widened)"] = (n * kept.batch_size / (time.perf_counter() - t0), "memory")
     return out
 
 
@@ -245,8 +255,11 @@ def main() -> None:
     block("store", 2)
     block("preloaded", 2)
     rates: dict[str, list[float]] = {k: [] for k in dead}
+    names = list(rates)
     for r in range(args.repeats):
-        for name in rates:
+        # The order rotates each repeat: a block right after the AuxK-off one, or after another loader's reads,
+        # is not always the same source's.
+        for name in names[r % len(names):] + names[:r % len(names)]:
             rates[name].append(block(name, args.steps))
         print(f"  repeat {r}: " + "   ".join(f"{k} {v[-1]:.2f} steps/s" for k, v in rates.items()))
     trainer.loader.close()
