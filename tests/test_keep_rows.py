@@ -158,3 +158,17 @@ def test_fit_weights_and_summary_with_kept_rows(store, tmp_path):
     lines = [json.loads(ln) for ln in (tmp_path / "on" / "metrics.jsonl").read_text().splitlines()]
     assert [r["data_tier"] for r in lines[:per_epoch[0]]] == ["store"] * per_epoch[0]
     assert {r["data_tier"] for r in lines[per_epoch[0]:]} == {"memory host"}
+
+
+def test_keep_options_from_toml_and_cli(tmp_path):
+    from clt_pipe.errors import ConfigError
+    from clt_pipe.pipeline import stage_config
+
+    toml = tmp_path / "fit.toml"
+    toml.write_text("[fit]\nkeep_rows = false\nkeep_memory = 12.5\n")
+    cfg = stage_config(FitConfig, "fit", str(toml), {})
+    assert (cfg.keep_rows, cfg.keep_memory) == (False, 12.5)
+    cli = stage_config(FitConfig, "fit", str(toml), {"keep_rows": True, "keep_memory": None})
+    assert (cli.keep_rows, cli.keep_memory) == (True, 12.5)
+    with pytest.raises(ConfigError, match="keep_memory"):
+        build(FitConfig, {"keep_memory": -1.0})
