@@ -1,6 +1,6 @@
 """What `clt-pipe fit` ships, timed against the same step on rows already on the device.
 
-    python benchmarks/bench_fit.py [--layers 12 --d-model 768 --batch 4096 --device cuda] [--write]
+    python benchmarks/bench_fit.py [--layers 12 --d-model 768 --batch 4096 --device cuda] [--data-only] [--write]
 
 The configuration is the one `clt-pipe fit` builds (``pipeline.stage_config(FitConfig, ...)``, the CLI's
 code path) from its defaults, with only these overrides: the store, the device, the batch size if given, and a
@@ -109,13 +109,12 @@ def preloaded(store: ActivationStore, device: torch.device, batch: int):
         yield Batch(X[gidx].float(), Y[gidx].float(), (idx // tpi).numpy())
 
 
-def loader_like(trainer: Trainer, **kw) -> ChunkLoader:
-    """A loader built as the trainer built its own (same store, options and window size)."""
-    cfg, lo = trainer.cfg, trainer.loader
+def loader_like(cfg: FitConfig, store: ActivationStore, device: torch.device, **kw) -> ChunkLoader:
+    """A loader built as the trainer builds its own from ``cfg`` (``kw`` overrides)."""
     opts = dict(tokens=cfg.tokens, split="train", holdout=cfg.holdout, seed=cfg.seed,
-                shuffle_chunks=lo.shuffle_chunks, read_threads=cfg.read_threads, device=lo.device,
-                keep_rows=cfg.keep_rows, keep_memory=cfg.keep_memory)
-    return ChunkLoader(lo.store, cfg.batch_size, **(opts | kw))
+                shuffle_chunks=cfg.shuffle_chunks, shuffle_memory=cfg.shuffle_memory, read_threads=cfg.read_threads,
+                device=device, keep_rows=cfg.keep_rows, keep_memory=cfg.keep_memory)
+    return ChunkLoader(store, cfg.batch_size, **(opts | kw))
 
 
 def epoch_rates(loader: ChunkLoader, device: torch.device, epochs: int) -> list[tuple[float, str]]:
@@ -137,27 +136,36 @@ def epoch_rates(loader: ChunkLoader, device: torch.device, epochs: int) -> list[
             for e in range(epochs)]
 
 
-def data_path_rates(trainer: Trainer, device: torch.device) -> dict[str, tuple[float, str]]:
+def data_path_rates(cfg: FitConfig, store: ActivationStore, device: torch.device) -> dict[str, tuple[float, str]]:
     """The data path alone, no training: rows/s of an epoch from the store (cold if the page cache could be
-    dropped), from the store cached, and from the kept rows."""
+    dropped), from the store cached, from the kept rows, and of the preloaded baseline's batches."""
+    out = {}
+
+    def put(name: str, value: tuple[float, str]) -> None:
+        out[name] = value
+        print(f"  data path alone, {name}: {value[0]:,.0f} rows/s from {value[1]}", flush=True)
+
     cold = drop_page_cache()
-    store = loader_like(trainer, keep_rows=False)
-    first, cached = epoch_rates(store, device, 2)
-    store.close()
-    out = {"store, cold (page cache dropped)": first} if cold else {}
-    out["store, cached" + ("" if cold else " (the page cache could not be dropped: cached only)")] = cached
-    kept = loader_like(trainer)
-    out[f"kept rows ({kept.keep_plan.describe()})"] = epoch_rates(kept, device, 2)[1]
+    loader = loader_like(cfg, store, device, keep_rows=False)
+    print(f"data path alone: window {loader.shuffle_chunks} chunks of {store.layout.n_chunks}, B {cfg.batch_size}")
+    first, cached = epoch_rates(loader, device, 2)
+    loader.close()
+    if cold:
+        put("store, cold (page cache dropped)", first)
+    put("store, cached" + ("" if cold else " (the page cache could not be dropped: cached only)"), cached)
+    kept = loader_like(cfg, store, device)
+    put(f"kept rows ({kept.keep_plan.describe()})", epoch_rates(kept, device, 2)[1])
     n = kept.rows_per_epoch // kept.batch_size
     kept.close()
-    rows = preloaded(trainer.store, device, kept.batch_size)
+    del kept
+    rows = preloaded(store, device, cfg.batch_size)
     next(rows)
     sync(device)
     t0 = time.perf_counter()
     for _ in range(n):
         next(rows)
     sync(device)
-    out["preloaded rows (random index, widened)"] = (n * kept.batch_size / (time.perf_counter() - t0), "memory")
+    put("preloaded rows (random index, widened)", (n * cfg.batch_size / (time.perf_counter() - t0), "memory"))
     return out
 
 
@@ -186,6 +194,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=4, help="untimed steps first (AuxK needs dead latents)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     ap.add_argument("--skip-startup", action="store_true")
+    ap.add_argument("--data-only", action="store_true", help="only the data path's rates (no model, no steps)")
     ap.add_argument("--write", action="store_true", help="append the result line to BENCHMARKS.md")
     args = ap.parse_args()
     if args.threads:
@@ -215,9 +224,11 @@ def main() -> None:
     assert diff == {"aux_k"}, diff
     assert {k for k, v in runs["store"].items() if runs["product"][k] != v} == {"keep_rows", "data"}
 
+    rates_alone = data_path_rates(cfg, store, device)
+    if args.data_only:
+        return
     trainer = Trainer(cfg, store, device)
-    rates_alone = data_path_rates(trainer, device)
-    store_loader = loader_like(trainer, keep_rows=False)
+    store_loader = loader_like(cfg, store, device, keep_rows=False, shuffle_chunks=trainer.loader.shuffle_chunks)
     sources = {"product": iter(trainer.loader), "store": iter(store_loader),
                "preloaded": preloaded(store, device, cfg.batch_size)}
     while trainer.loader.epoch == 0:  # the product's first epoch (it decodes the store into the kept rows)
