@@ -24,6 +24,7 @@ DEFAULT_STORE_ROOT = "storage/stores"
 ANALYZE_PARTS = ("fidelity", "attribution", "zeroshot", "openloop", "closedloop", "ablation", "retrieval", "atlas")
 ABLATION_RANKS = ("attribution", "final_layer", "fvu")
 ABLATION_MODES = ("features", "true", "zero")
+ABLATION_PROTOCOLS = ("replacement", "real")
 FEATURE_RE = re.compile(r"^\d+:\d+$")
 # AdamW moves every weight by about lr per step; the CLT's weights live in standardised units of order 1, so a
 # peak lr above 1 can only diverge. Refused up front rather than found as a NaN loss after the first step.
@@ -218,7 +219,14 @@ class AnalyzeConfig:
                              "features: a dropped layer's CLT features write into no target (every MLP replaced) | "
                              "true: a dropped layer's MLP keeps its real output | "
                              "zero: a dropped layer's MLP outputs 0")
+    ablation_protocol: str = opt("replacement",
+                                 "replacement: ablations start from the CLT at every MLP | real: from the unmodified "
+                                 "model, only the kept layers' MLPs replaced (the paper's table; modes features, zero)")
+    mean_images: int = opt(2048, "images of the CLT's training store whose per-position MLP-output means give "
+                                 "mean-ablation and the mean-predictor baseline (0 = all)")
     retrieval_queries: int = opt(6, 'Query images for the retrieval grids')
+    retrieval_eval_queries: int = opt(2500, 'Query images for the retrieval label agreement (0 = every image; '
+                                            '2,500 bound its s.e. by .01)')
     retrieval_k: int = opt(5, 'Neighbours shown per query and layer')
     max_images: int = opt(0, 'cap on images for closed-loop parts (0 = all in the store)')
     max_tokens: int = opt(0, 'cap on rows streamed for fidelity (0 = all)')
@@ -250,9 +258,14 @@ class AnalyzeConfig:
             raise ConfigError("window_tokens: empty token selection")
         _check_choice("ablation_rank", self.ablation_rank, ABLATION_RANKS)
         _check_choice("ablation_mode", self.ablation_mode, ABLATION_MODES)
+        _check_choice("ablation_protocol", self.ablation_protocol, ABLATION_PROTOCOLS)
+        if self.ablation_protocol == "real" and self.ablation_mode == "true":
+            raise ConfigError("ablation_mode: true has nothing to drop with ablation_protocol real (the real MLP is "
+                              "already there): use features or zero")
         for key in ("batch_size", "retrieval_k", "read_threads"):
             _check_positive(key, getattr(self, key))
-        for key in ("ablation_keep", "retrieval_queries", "max_images", "max_tokens"):
+        for key in ("ablation_keep", "retrieval_queries", "retrieval_eval_queries", "max_images", "max_tokens",
+                    "mean_images"):
             _check_positive(key, getattr(self, key), allow_zero=True)
 
 

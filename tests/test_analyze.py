@@ -220,7 +220,10 @@ def test_run_analyze_full_report(env, full_report):
     # substitution rows: open-loop CLS windows (rescaled), closed-loop cls+all windows, baselines agree
     sub = pq.read_table(out / "substitution.parquet").to_pylist()
     modes = [r["mode"] for r in sub]
-    assert modes.count("openloop") == 4 and modes.count("closedloop") == 8
+    # each window three times: the CLT, mean- and zero-ablation of the same layers
+    assert modes.count("openloop") == 4 * 3 and modes.count("closedloop") == 8 * 3
+    assert all({"lost", "gained", "mcnemar_p", "ci_lo_pp", "ci_hi_pp"} <= set(r) for r in sub if "window" in r
+               and r["window"])
     assert res["closedloop_baseline"]["top1"] == pytest.approx(res["zeroshot"]["top1"])
     assert any("rescaled" in n for n in res["notes"])
 
@@ -230,21 +233,26 @@ def test_run_analyze_full_report(env, full_report):
     assert share.sum() == pytest.approx(1.0, abs=1e-4)
     order = abl["ranking"]["cls"]["order"]
     assert order[0] == int(np.argmax(share))
-    keep = next(r for r in abl["rows"] if r["tokens"] == "cls" and r["variant"] == "keep_top2")
-    assert keep["clt_layers"] == ",".join(map(str, sorted(order[:2])))
-    drop = next(r for r in abl["rows"] if r["tokens"] == "cls" and r["variant"] == "drop_top1")
-    assert drop["dropped"] == str(order[0]) and str(order[0]) not in drop["clt_layers"].split(",")
+    clt_rows = [r for r in abl["rows"] if r["model"] == "CLT"]
+    keep = next(r for r in clt_rows if r["tokens"] == "cls" and r["variant"] == "keep_top2")
+    assert keep["clt_sources"] == ",".join(map(str, sorted(order[:2])))
+    drop = next(r for r in clt_rows if r["tokens"] == "cls" and r["variant"] == "drop_top1")
+    assert drop["dropped"] == str(order[0]) and str(order[0]) not in drop["clt_sources"].split(",")
+    assert drop["mlp_clt"] == ",".join(map(str, range(store.n_layers)))  # features mode: every MLP replaced
+    real = {(r["variant"], r["model"]) for r in abl["rows"] if r["tokens"] == "cls" and r["model"] != "CLT"}
+    assert real == {(v, f"real, {m}-ablated") for v in ("drop_top1", "keep_top2") for m in ("mean", "zero")}
     # the report says which substitution rule, ranking and drop definition ran
     assert res["substitution_rule"]["name"] == "full" and summary["substitution_rule"] == "full"
-    assert abl["rank"] == "attribution" and abl["mode"] == "features"
-    for text in ("Substitution rule", "full reconstruction", "Ablation ranking", "Ablation drop"):
+    assert abl["rank"] == "attribution" and abl["mode"] == "features" and abl["protocol"] == "replacement"
+    for text in ("Substitution rule", "full reconstruction", "Ablation ranking", "Ablation drop",
+                 "Ablation protocol"):
         assert text in html_text, text
 
     # retrieval: neighbours exclude the query; label agreement consistent with the table
     rrows = res["retrieval"]["rows"]
     assert all(r["neighbour"] != r["query"] for r in rrows)
-    l0 = [r for r in rrows if r["layer"] == 0]
-    assert res["retrieval"]["per_layer"][0]["label_agreement"] == pytest.approx(np.mean([r["same_label"] for r in l0]))
+    assert {r["query"] for r in rrows} == set(res["retrieval"]["queries"]) and len(res["retrieval"]["queries"]) == 3
+    assert res["retrieval"]["per_layer"][0]["n_queries"] == 24  # agreement: every image is a query
     assert res["retrieval"]["grids"] == "images"
 
 

@@ -7,9 +7,9 @@ and leaves the caller's pyplot state alone.
 * ``fidelity.parquet`` (per layer × token type), ``fidelity_aggregate.parquet`` (paper form: averages over
   layers), ``attribution.parquet`` (source, target, c_proj per token type), ``substitution.parquet`` (baselines,
   open-loop and closed-loop windows), ``ablation.parquet``, ``retrieval.parquet`` (+ ``retrieval_layers``).
-* PNGs: ``attribution.png`` (C_proj heatmaps, CLS vs patches), ``cascade.png`` (top-1 vs window start, with
-  the baseline ± 1 binomial standard error as a band), ``fidelity.png`` (R² and cosine per layer),
-  ``ablation.png``, ``retrieval_q<image>.png`` (rows = layers, columns = query + neighbours).
+* PNGs: ``attribution.png`` (C_proj heatmaps, CLS vs patches), ``cascade.png``, ``fidelity.png`` and
+  ``ablation.png`` (``clt_pipe.analyze.plots``: each beside its baseline, with paired intervals),
+  ``retrieval_q<image>.png`` (rows = layers, columns = query + neighbours).
 * ``report.html`` — self-contained: PNGs embedded as base64, tables as HTML.
 """
 
@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
-TOKEN_COLOURS = {"cls": "tab:red", "patches": "tab:blue", "all": "tab:green"}
+from clt_pipe.analyze.plots import plot_ablation, plot_cascade, plot_fidelity
 
 
 def _jsonable(obj):
@@ -75,12 +75,6 @@ def substitution_rows(results: dict) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------ plots
 
-def _save(fig, path: Path) -> bool:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return True
-
-
 def plot_attribution(path: Path, attribution: dict) -> bool:
     kinds = [t for t in ("cls", "patches") if t in attribution] or list(attribution)
     if not kinds:
@@ -109,96 +103,6 @@ def plot_attribution(path: Path, attribution: dict) -> bool:
     fig.colorbar(im, ax=list(axes[0]), shrink=0.85, label="share of ŷ_j (columns sum to 1)")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return True
-
-
-def plot_cascade(path: Path, results: dict) -> bool:
-    series = []
-    if "closedloop" in results:
-        for t in dict.fromkeys(r["tokens"] for r in results["closedloop"]["rows"]):
-            rows = sorted((r for r in results["closedloop"]["rows"] if r["tokens"] == t), key=lambda r: r["first"])
-            series.append((f"closed-loop, {t}", TOKEN_COLOURS.get(t, "k"), "-", "o", rows))
-    if "openloop" in results:
-        rows = sorted(results["openloop"]["rows"], key=lambda r: r["first"])
-        series.append(("open-loop (cache), cls", TOKEN_COLOURS["cls"], "--", "s", rows))
-    if not series:
-        return False
-    base = results.get("closedloop_baseline") or (results.get("openloop") or {}).get("baseline_resid") \
-        or results.get("zeroshot")
-    fig = Figure(figsize=(11, 4.2))
-    axes = fig.subplots(1, 2)
-    for ax, key in zip(axes, ("top1", "top5")):
-        if base and base.get(key) is not None and base.get("n"):
-            p, n = base[key] / 100, base["n"]
-            se = 100 * math.sqrt(max(p * (1 - p), 1e-12) / n)
-            ax.axhspan(base[key] - se, base[key] + se, color="0.85", label=f"baseline {base[key]:.2f} ± 1 s.e.")
-            ax.axhline(base[key], color="0.4", lw=1)
-        for si, (label, colour, ls, marker, rows) in enumerate(series):
-            xs = [r["first"] for r in rows]
-            # earlier series drawn wider so identical curves stay visible underneath later ones
-            ax.plot(xs, [r[key] for r in rows], ls=ls, marker=marker, color=colour, label=label,
-                    lw=1.5 + 1.5 * (len(series) - 1 - si), ms=5 + 3 * (len(series) - 1 - si), alpha=0.85)
-        last = max(r["last"] for _, _, _, _, rows in series for r in rows)
-        ax.set_xlabel(f"window start layer (window = start…{last})")
-        ax.set_ylabel(f"{'top-1' if key == 'top1' else 'top-5'} zero-shot accuracy (%)")
-        ax.set_title(f"CLT substitution cascade, {key}")
-        ax.grid(alpha=0.3)
-        starts = sorted({r["first"] for _, _, _, _, rows in series for r in rows})
-        ax.set_xticks(starts)
-        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
-        lo, hi = ax.get_ylim()
-        if hi - lo < 2.0:  # a flat curve (e.g. top-5 with ≤ 5 classes): show a readable range around it
-            mid = (hi + lo) / 2
-            ax.set_ylim(mid - 1.0, mid + 1.0)
-    axes[0].legend(fontsize=8, loc="best")
-    return _save(fig, path)
-
-
-def plot_fidelity(path: Path, fidelity: dict) -> bool:
-    rows = fidelity.get("per_layer") or []
-    if not rows:
-        return False
-    fig = Figure(figsize=(14, 4))
-    axes = fig.subplots(1, 3)
-    for t in dict.fromkeys(r["tokens"] for r in rows):
-        rs = sorted((r for r in rows if r["tokens"] == t), key=lambda r: r["layer"])
-        xs = [r["layer"] for r in rs]
-        for ax, key in zip(axes, ("r2", "cosine", "mse_std")):
-            ax.plot(xs, [r[key] for r in rs], marker="o", color=TOKEN_COLOURS.get(t, "k"), label=t)
-    for ax, title in zip(axes, ("R² = 1 − SSE/SST", "mean cosine(ŷ, y)", "MSE / mean target variance")):
-        ax.set_title(title)
-        ax.set_xlabel("layer")
-        ax.grid(alpha=0.3)
-        ax.set_xticks(sorted({r["layer"] for r in rows}))
-    axes[0].legend(title="tokens")
-    return _save(fig, path)
-
-
-def plot_ablation(path: Path, ablation: dict) -> bool:
-    rows = ablation.get("rows") or []
-    if not rows:
-        return False
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
-    tokens = list(dict.fromkeys(r["tokens"] for r in rows))
-    fig = Figure(figsize=(7, 4))
-    ax = fig.subplots()
-    w = 0.8 / len(tokens)
-    for k, t in enumerate(tokens):
-        vals = [next((r["delta_top1_pp"] for r in rows if r["tokens"] == t and r["variant"] == v), np.nan)
-                for v in variants]
-        bars = ax.bar(np.arange(len(variants)) + (k - (len(tokens) - 1) / 2) * w, vals, w,
-                      color=TOKEN_COLOURS.get(t, "k"), label=t)
-        ax.bar_label(bars, fmt="%+.2f", fontsize=8)
-    ax.axhline(0, color="k", lw=0.8)
-    lo, hi = ax.get_ylim()
-    span = max(hi - lo, 1e-6)
-    ax.set_ylim(lo - 0.08 * span, hi + 0.12 * span)
-    ax.set_xticks(range(len(variants)))
-    ax.set_xticklabels(variants)
-    ax.set_ylabel("Δ top-1 vs baseline (pp)")
-    ax.set_title(f"ablations (rank={ablation['rank']}, drop={ablation['mode']})", pad=12)
-    ax.legend(title="tokens")
-    ax.grid(alpha=0.3, axis="y")
-    return _save(fig, path)
 
 
 def plot_retrieval(out: Path, retrieval: dict, class_names: list[str], dataset=None) -> list[Path]:
@@ -391,10 +295,18 @@ def rules(results: dict) -> list[tuple[str, str]]:
     if ("openloop" in results or "closedloop" in results) and results.get("substitution_rule"):
         r = results["substitution_rule"]
         out.append(("Substitution rule", f"{r['name']} — {r['text']}"))
+    if results.get("mean_baseline"):
+        out.append(("Mean baseline", results["mean_baseline"]["text"] + " (mean-ablation rows, the mean predictor)"))
     if "ablation" in results:
         a = results["ablation"]
+        out.append(("Ablation protocol", f"{a.get('protocol', 'replacement')} — {a.get('protocol_rule', '')}"))
         out.append(("Ablation ranking", f"{a['rank']} — {a.get('rank_rule', '')}"))
         out.append(("Ablation drop", f"{a['mode']} — {a.get('mode_rule', '')}"))
+    if any(k in results for k in ("openloop", "closedloop", "ablation")):
+        out.append(("Paired comparison", "every accuracy Δ is against the unmodified model on the same images: "
+                                         "lost / gained = images it got right / wrong that the variant does not, "
+                                         "mcnemar_p = exact McNemar test, ci_lo_pp … ci_hi_pp = 95 % paired "
+                                         "bootstrap interval of Δtop-1"))
     return out
 
 
@@ -412,11 +324,16 @@ def summary(results: dict, files: dict) -> dict:
         s[f"r2_{agg['tokens']}"] = round(agg["r2"], 4)
         s[f"cosine_{agg['tokens']}"] = round(agg["cosine"], 4)
     for r in (results.get("openloop") or {}).get("rows", []):
-        s[f"openloop_cls_{r['window']}_top1"] = round(r["top1"], 2)
+        if r.get("replaced_by", "CLT") == "CLT":
+            s[f"openloop_cls_{r['window']}_top1"] = round(r["top1"], 2)
     for r in (results.get("closedloop") or {}).get("rows", []):
-        s[f"closedloop_{r['tokens']}_{r['window']}_top1"] = round(r["top1"], 2)
+        if r.get("replaced_by", "CLT") == "CLT" and r.get("reaches_readout") is not False:
+            s[f"closedloop_{r['tokens']}_{r['window']}_top1"] = round(r["top1"], 2)
     for r in (results.get("ablation") or {}).get("rows", []):
-        s[f"ablation_{r['tokens']}_{r['variant']}_dtop1_pp"] = round(r["delta_top1_pp"], 2)
+        if r.get("model", "CLT") == "CLT":
+            s[f"ablation_{r['tokens']}_{r['variant']}_dtop1_pp"] = round(r["delta_top1_pp"], 2)
+    if "ablation" in results:
+        s["ablation_protocol"] = results["ablation"].get("protocol", "replacement")
     if "atlas" in results:
         s["atlas"] = results["atlas"]["index"]
     s["report"] = (files.get("html") or [""])[0]

@@ -25,6 +25,7 @@ from clt_pipe.analyze.atlas import run as ATL
 from clt_pipe.analyze.atlas.scan import FeatureScan
 from clt_pipe.analyze.fidelity import FidelityAccumulator
 from clt_pipe.analyze.inputs import check_clt_matches_store, distinct_prefix
+from clt_pipe.analyze.means import PositionMeans, train_means
 from clt_pipe.analyze.stream import iter_chunks
 from clt_pipe.backbone.loading import load_backbone
 from clt_pipe.clt.rundir import load_fitted
@@ -114,6 +115,10 @@ PARTS: dict[str, Part] = {p.name: p for p in (
 )}
 
 
+# parts that compare against the per-position train means (mean-ablation, the mean predictor)
+MEAN_PARTS = {"fidelity", "openloop", "closedloop", "ablation"}
+
+
 def part_needs(name: str, cfg: AnalyzeConfig) -> tuple[str, ...]:
     if name == "ablation":
         return ("fidelity",) if cfg.ablation_rank == "fvu" else ("attribution",)
@@ -137,6 +142,7 @@ class AnalyzeResults:
     closedloop_baseline: dict | None = None
     closedloop: dict | None = None
     ablation: dict | None = None
+    mean_baseline: dict | None = None  # where the per-position means (mean-ablation, mean predictor) come from
     atlas: dict | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
 
@@ -154,6 +160,11 @@ class Context:
     device: torch.device
     windows: list[dict]
     closed_loop: tuple | None = None  # closed_loop_inputs(...) when a closed-loop part runs
+    means: PositionMeans | None = None
+
+    @property
+    def mu(self) -> torch.Tensor | None:
+        return None if self.means is None else self.means.y
 
     @property
     def n_layers(self) -> int:
@@ -188,12 +199,13 @@ def _check_tokens(store: ActivationStore, need: set[str], cfg: AnalyzeConfig) ->
 def _stream_accumulators(ctx: Context, need: set[str]) -> dict:
     cfg, store, clt = ctx.cfg, ctx.store, ctx.clt
     makers = {
-        "fidelity": lambda: FidelityAccumulator(clt, store.stats()["var_out"]),
+        "fidelity": lambda: FidelityAccumulator(clt, store.stats()["var_out"], means=ctx.mu),
         "attribution": lambda: AT.AttributionAccumulator(clt),
         "openloop": lambda: ZS.OpenLoopAccumulator(store, clt, ctx.windows, cfg.template_set,
-                                                   cfg.sources_before_window, ctx.device),
+                                                   cfg.sources_before_window, ctx.device, ctx.mu),
         "retrieval": lambda: RT.RetrievalAccumulator(store, clt, ctx.device, cfg.retrieval_queries,
-                                                     cfg.retrieval_k, read_threads=cfg.read_threads),
+                                                     cfg.retrieval_k, cfg.retrieval_eval_queries,
+                                                     read_threads=cfg.read_threads),
         "atlas": lambda: FeatureScan(clt, cfg.atlas_top_images),
     }
     return {name: make() for name, make in makers.items() if name in need}
@@ -229,14 +241,27 @@ def run_stream_parts(ctx: Context, need: set[str], res: AnalyzeResults, progress
         raise CltPipeError("fidelity: no valid token rows were evaluated (empty token selection)")
 
 
-def window_plans(ctx: Context) -> list[SU.Plan]:
-    plans = []
+def window_plans(ctx: Context) -> tuple[list[SU.Plan], list[dict]]:
+    """Closed-loop plans of every window × token type (the CLT, then mean- and zero-ablation of the same layers),
+    and the rows of windows that cannot reach the readout (not run)."""
+    plans, unreachable = [], []
+    kinds = ("clt",) if ctx.means is None else ("clt", "mean", "zero")
     for tokens in ctx.cfg.window_tokens:
         for w in ctx.windows:
-            p = SU.window_plan(tokens, w["first"], w["last"], ctx.cfg.sources_before_window)
-            p.meta = {"window": w["name"], "requested": w["requested"], "first": w["first"], "last": w["last"]}
-            plans.append(p)
-    return plans
+            meta = {"window": w["name"], "requested": w["requested"], "first": w["first"], "last": w["last"]}
+            if not SU.reaches_readout(tokens, w["first"], ctx.n_layers):
+                unreachable.append({"mode": "closedloop", "tokens": tokens, **meta, "reaches_readout": False,
+                                    "note": SU.UNREACHABLE_NOTE})
+                continue
+            for kind in kinds:
+                if kind == "clt":
+                    p = SU.window_plan(tokens, w["first"], w["last"], ctx.cfg.sources_before_window)
+                else:
+                    p = SU.Plan(f"{tokens}:{w['first']}-{w['last']}:{kind}", tokens,
+                                {j: kind for j in range(w["first"], w["last"] + 1)})
+                p.meta = {"replaced_by": ZS.REPLACED_BY[kind], **meta}
+                plans.append(p)
+    return plans, unreachable
 
 
 def ablation_setup(ctx: Context, res: AnalyzeResults) -> tuple[list[SU.Plan], dict]:
@@ -247,7 +272,8 @@ def ablation_setup(ctx: Context, res: AnalyzeResults) -> tuple[list[SU.Plan], di
         order, scores = AB.rank_layers(cfg.ablation_rank, tokens, res.attribution,
                                        (res.fidelity or {}).get("per_layer"), ctx.n_layers)
         ranking[tokens] = {"order": order, "scores": scores}
-        plans += AB.ablation_plans(tokens, order, ctx.n_layers, cfg.ablation_keep, cfg.ablation_mode)
+        plans += AB.ablation_plans(tokens, order, ctx.n_layers, cfg.ablation_keep, cfg.ablation_mode,
+                                   cfg.ablation_protocol)
     return plans, ranking
 
 
@@ -256,25 +282,28 @@ def run_closed_loop_parts(ctx: Context, need: set[str], res: AnalyzeResults, pro
         return
     cfg = ctx.cfg
     dataset, bb, idx, labels = ctx.closed_loop
-    plans = window_plans(ctx) if "closedloop" in need else []
+    plans, unreachable = window_plans(ctx) if "closedloop" in need else ([], [])
     abl_plans, ranking = ablation_setup(ctx, res) if "ablation" in need else ([], {})
     t0 = time.perf_counter()
     progress.start(f"closed loop: {len(plans) + len(abl_plans)} passes + baseline", len(idx))
     try:
         out = SU.closed_loop(bb, ctx.clt, plans + abl_plans, dataset, idx, labels,
                              ctx.store.text_classifier(cfg.template_set), ZS.logit_scale(ctx.store),
-                             cfg.batch_size, progress)
+                             cfg.batch_size, progress, means=ctx.mu)
     finally:
         progress.stop()
     res.timings_s["closedloop"] = time.perf_counter() - t0
     res.closedloop_baseline = out["baseline"]
-    if plans:
-        res.closedloop = {"baseline": out["baseline"], "rows": SU.window_rows(out, plans)}
+    if plans or unreachable:
+        res.closedloop = {"baseline": out["baseline"], "rows": SU.window_rows(out, plans) + unreachable}
     if abl_plans:
         res.ablation = {"rank": cfg.ablation_rank, "rank_rule": AB.RANK_DESCRIPTIONS[cfg.ablation_rank],
-                        "mode": cfg.ablation_mode, "mode_rule": AB.MODE_DESCRIPTIONS[cfg.ablation_mode],
+                        "mode": cfg.ablation_mode,
+                        "mode_rule": AB.mode_description(cfg.ablation_protocol, cfg.ablation_mode),
+                        "protocol": cfg.ablation_protocol,
+                        "protocol_rule": AB.PROTOCOL_DESCRIPTIONS[cfg.ablation_protocol],
                         "keep": cfg.ablation_keep, "ranking": ranking, "baseline": out["baseline"],
-                        "rows": AB.ablation_rows(out, abl_plans, ranking)}
+                        "rows": AB.ablation_rows(out, abl_plans, ranking, ctx.n_layers)}
 
 
 def run_analyze(cfg: AnalyzeConfig, console=None) -> dict:
@@ -304,10 +333,20 @@ def _analyze(cfg: AnalyzeConfig, console) -> dict:
     ctx = Context(cfg, store, clt, device, windows)
     if any(PARTS[n].kind == "closedloop" for n in need):
         ctx.closed_loop = closed_loop_inputs(cfg, store, device)  # fail before the long streaming pass
+    if need & MEAN_PARTS:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            ctx.means = train_means(store, (run_meta.get("store") or {}).get("url"), device, cfg.mean_images,
+                                    cfg.read_threads)
+        timings_means = time.perf_counter() - t0
 
     res = AnalyzeResults(parts=parts, computed=sorted(need), notes=notes, windows=windows,
                          substitution_rule={"name": SRC.rule(cfg.sources_before_window),
                                             "text": SRC.describe(cfg.sources_before_window)})
+    if ctx.means is not None:
+        res.mean_baseline = {"source": ctx.means.source, "n_images": ctx.means.n_images,
+                             "in_sample": ctx.means.in_sample, "text": ctx.means.describe()}
+        res.timings_s["means"] = timings_means
     with torch.inference_mode():
         if "zeroshot" in need:
             t0 = time.perf_counter()

@@ -10,6 +10,9 @@ Open-loop substitution (no images, no model): for the CLS token only, the final 
     embedding'   = LayerNorm(resid_final'; ln_post weight/bias, eps) @ proj,   then normalise and classify.
 
 ŷ_l comes from codes of the *true* (cached) inputs, so errors do not cascade (that is what closed-loop does).
+Beside every window the same edit with ŷ_l = μ_l (the per-position train mean of the CLS MLP output,
+mean-ablation) and ŷ_l = 0 (zero-ablation) is classified: what the CLT's substitution is worth against knowing
+nothing about the image; every row carries its paired comparison with the baseline (``analyze.paired``).
 Which sources write into a substituted layer is the source rule of ``clt_pipe.analyze.sources`` (by default
 all 0..j: the CLT's full reconstruction; in-window only with ``sources_before_window = false``). This
 assumes ``ls_2`` is the identity (true for every CLIP ViT in open_clip). Both the stored-embedding baseline and
@@ -29,11 +32,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clt_pipe.analyze.paired import paired_columns
 from clt_pipe.analyze.stream import ChunkBatch, iter_chunks
 from clt_pipe.analyze.sources import source_floor, sources_for
 from clt_pipe.errors import CltPipeError
 
 DEFAULT_LN_EPS = 1e-5
+# what a substituted window's MLP outputs become, as the report's ``replaced_by`` column says it
+REPLACED_BY = {"clt": "CLT", "mean": "train mean (mean-ablation)", "zero": "zero (zero-ablation)"}
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -130,8 +136,11 @@ class OpenLoopAccumulator:
     """Consumes ChunkBatch objects; classifies each image's edited CLS residual for every window."""
 
     def __init__(self, store, clt, windows: list[dict], template_set: str, sources_before_window: bool,
-                 device: torch.device):
+                 device: torch.device, means: torch.Tensor | None = None):
         self.clt = clt
+        # replacements per window: the CLT, then (with the means) the train mean and zero
+        self.cls_mean = None if means is None else means[:, 0].to(device).float()  # [L, d]
+        self.replacements = ("clt",) if means is None else ("clt", "mean", "zero")
         self.windows = windows
         self.sbw = sources_before_window
         self.device = device
@@ -144,9 +153,9 @@ class OpenLoopAccumulator:
         self.labels = store.labels
         self.use = np.zeros(store.layout.n_images, bool)
         self.use[eval_images(store)] = True
-        self.hits = {w["name"]: [] for w in windows}
+        self.hits = {(w["name"], r): [] for w in windows for r in self.replacements}
         self.hits_base: list[np.ndarray] = []
-        self.ce = {w["name"]: 0.0 for w in windows}
+        self.ce = {(w["name"], r): 0.0 for w in windows for r in self.replacements}
         self.ce_base = 0.0
         self.n_cls = 0
 
@@ -168,37 +177,47 @@ class OpenLoopAccumulator:
         self.ce_base += cross_entropy(base_logits, labels) * len(imgs)
         for w in self.windows:
             floor = source_floor(w["first"], self.sbw)
-            delta = torch.zeros_like(resid)
-            for j in range(w["first"], w["last"] + 1):
-                srcs = [zs[i] if w else None for i, w in enumerate(sources_for(j, floor))]
-                delta += self.clt.decode_to(srcs, j).float() - y[:, j].float()
-            logits = classify(head_embed(resid + delta, self.head, self.eps), self.clf, self.scale)
-            self.hits[w["name"]].append(topk_hits(logits, labels))
-            self.ce[w["name"]] += cross_entropy(logits, labels) * len(imgs)
+            layers = range(w["first"], w["last"] + 1)
+            for r in self.replacements:
+                delta = torch.zeros_like(resid)
+                for j in layers:
+                    if r == "clt":
+                        srcs = [zs[i] if on else None for i, on in enumerate(sources_for(j, floor))]
+                        delta += self.clt.decode_to(srcs, j).float()
+                    elif r == "mean":
+                        delta += self.cls_mean[j]
+                    delta -= y[:, j].float()
+                logits = classify(head_embed(resid + delta, self.head, self.eps), self.clf, self.scale)
+                self.hits[(w["name"], r)].append(topk_hits(logits, labels))
+                self.ce[(w["name"], r)] += cross_entropy(logits, labels) * len(imgs)
 
     def result(self) -> dict:
         if self.n_cls == 0:
             raise CltPipeError("openloop: the store holds no CLS slots of labelled images (tokens=patches?); "
                                "open-loop substitution edits the CLS residual and needs them")
-        base = accuracy(np.concatenate(self.hits_base))
+        base_hits = np.concatenate(self.hits_base)
+        base = accuracy(base_hits)
         base["cross_entropy"] = self.ce_base / self.n_cls
         rows = []
         for w in self.windows:
-            acc = accuracy(np.concatenate(self.hits[w["name"]]))
-            rows.append({"mode": "openloop", "tokens": "cls", "window": w["name"], "requested": w["requested"],
-                         "first": w["first"], "last": w["last"], **acc,
-                         "cross_entropy": self.ce[w["name"]] / self.n_cls,
-                         "delta_top1_pp": acc["top1"] - base["top1"], "delta_top5_pp": acc["top5"] - base["top5"]})
+            for r in self.replacements:
+                hits = np.concatenate(self.hits[(w["name"], r)])
+                acc = accuracy(hits)
+                rows.append({"mode": "openloop", "replaced_by": REPLACED_BY[r], "tokens": "cls", "window": w["name"],
+                             "requested": w["requested"], "first": w["first"], "last": w["last"], **acc,
+                             "cross_entropy": self.ce[(w["name"], r)] / self.n_cls,
+                             "delta_top1_pp": acc["top1"] - base["top1"], "delta_top5_pp": acc["top5"] - base["top5"],
+                             **paired_columns(base_hits, hits, with_top5=self.clf.shape[0] > 5)})
         return {"baseline_resid": base, "rows": rows}
 
 
 def openloop_substitution(store, clt, windows: list[str], template_set: str = "single",
                           sources_before_window: bool = True, device: torch.device | str = "cpu",
-                          read_threads: int = 4) -> dict:
+                          read_threads: int = 4, means: torch.Tensor | None = None) -> dict:
     """Stand-alone open-loop pass. Only chunks holding CLS slots are needed, but a chunk is read whole."""
     device = torch.device(device)
     acc = OpenLoopAccumulator(store, clt, parse_windows(windows, store.n_layers), template_set,
-                              sources_before_window, device)
+                              sources_before_window, device, means)
     for batch in iter_chunks(store, device, 0, read_threads):
         acc.update(batch)
     return acc.result()
