@@ -248,3 +248,23 @@ def test_cascade_plot_leaves_out_what_cannot_move(tmp_path):
     plot_cascade(tmp_path / "c5.png", {"closedloop": {"baseline": base, "rows": rows}})
     w2, h2 = Image.open(tmp_path / "c5.png").size
     assert w1 == w2 and h2 > 1.6 * h1  # a top-5 row only where top-5 can move
+
+
+def test_real_protocol_runs_and_the_report_says_so(env, tmp_path):
+    cfg = _cfg(env, out=str(tmp_path / "r"), only=["ablation"], ablation_protocol="real", ablation_keep=2)
+    summary = run_analyze(cfg)
+    rep = json.loads((tmp_path / "r" / "report.json").read_text())
+    abl = rep["results"]["ablation"]
+    assert abl["protocol"] == "real" and summary["ablation_protocol"] == "real"
+    L = env["store"].n_layers
+    for t in ("cls", "all"):
+        order = abl["ranking"][t]["order"]
+        rows = {(r["variant"], r["model"]): r for r in abl["rows"] if r["tokens"] == t}
+        keep = rows[("keep_top2", "CLT")]
+        assert keep["mlp_clt"] == ",".join(map(str, sorted(order[:2])))
+        assert keep["mlp_real"] == ",".join(map(str, sorted(order[2:])))
+        drop = rows[("drop_top1", "CLT")]
+        assert drop["mlp_minus_features"] == ",".join(map(str, range(order[0], L))) and drop["mlp_clt"] == ""
+        assert rows[("drop_top1", "real, zero-ablated")]["mlp_zero"] == str(order[0])
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert "Ablation protocol:</strong> real" in html

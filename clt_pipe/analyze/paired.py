@@ -52,3 +52,9 @@ def paired_columns(base_hits: np.ndarray, hits: np.ndarray, with_top5: bool) -> 
     if with_top5:
         cols.update({f"top5_{k}": v for k, v in paired_delta(base_hits[:, 1], hits[:, 1]).items()})
     return cols
+
+
+def paired_text(row: dict) -> str:
+    """One line for the CLI summary: Δtop-1 with its interval, lost / gained and the McNemar p."""
+    return (f"Δ {row['delta_top1_pp']:+.2f} pp [{row['ci_lo_pp']:+.2f}, {row['ci_hi_pp']:+.2f}], "
+            f"lost {row['lost']} gained {row['gained']}, McNemar p {row['mcnemar_p']:.2g}")

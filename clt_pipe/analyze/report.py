@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
+from clt_pipe.analyze.paired import paired_text
 from clt_pipe.analyze.plots import plot_ablation, plot_cascade, plot_fidelity
 
 
@@ -327,8 +328,13 @@ def summary(results: dict, files: dict) -> dict:
         if r.get("replaced_by", "CLT") == "CLT":
             s[f"openloop_cls_{r['window']}_top1"] = round(r["top1"], 2)
     for r in (results.get("closedloop") or {}).get("rows", []):
-        if r.get("replaced_by", "CLT") == "CLT" and r.get("reaches_readout") is not False:
-            s[f"closedloop_{r['tokens']}_{r['window']}_top1"] = round(r["top1"], 2)
+        if r.get("reaches_readout") is False:
+            continue
+        what = {"CLT": "", "train mean (mean-ablation)": "_mean_ablated", "zero (zero-ablation)": "_zeroed"}
+        key = f"closedloop_{r['tokens']}_{r['window']}{what.get(r.get('replaced_by', 'CLT'), '_other')}"
+        s[f"{key}_top1"] = round(r["top1"], 2)
+        if "lost" in r and r.get("replaced_by", "CLT") == "CLT":
+            s[f"{key}_vs_baseline"] = paired_text(r)
     for r in (results.get("ablation") or {}).get("rows", []):
         if r.get("model", "CLT") == "CLT":
             s[f"ablation_{r['tokens']}_{r['variant']}_dtop1_pp"] = round(r["delta_top1_pp"], 2)
