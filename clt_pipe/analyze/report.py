@@ -324,6 +324,9 @@ def summary(results: dict, files: dict) -> dict:
     for agg in (results.get("fidelity") or {}).get("aggregate", []):
         s[f"r2_{agg['tokens']}"] = round(agg["r2"], 4)
         s[f"cosine_{agg['tokens']}"] = round(agg["cosine"], 4)
+        for key in ("r2_mean_pred", "skill_vs_mean", "cosine_mean_pred", "cosine_centred"):
+            if key in agg:
+                s[f"{key}_{agg['tokens']}"] = round(agg[key], 4)
     for r in (results.get("openloop") or {}).get("rows", []):
         if r.get("replaced_by", "CLT") == "CLT":
             s[f"openloop_cls_{r['window']}_top1"] = round(r["top1"], 2)
