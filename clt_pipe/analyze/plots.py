@@ -55,7 +55,7 @@ def plot_cascade(path: Path, results: dict) -> bool:
         pre = "" if key == "top1" else "top5_"
         for pi, (title, base, rows) in enumerate(panels):
             ax = axes[ki][pi]
-            ax.axhline(base[key], color="0.3", lw=1.2, label=f"unmodified model {base[key]:.2f}")
+            ax.axhline(base[key], color="0.3", lw=1.2, label="unmodified model")
             colour = TOKEN_COLOURS.get(rows[0]["tokens"], "k") if rows else "k"
             skipped = sorted({r["window"] for r in rows if r.get("reaches_readout") is False})
             for what, (ls, marker, alpha) in REPLACEMENT_STYLE.items():
@@ -70,7 +70,7 @@ def plot_cascade(path: Path, results: dict) -> bool:
                 err = np.vstack([np.clip(ys - lo, 0, None), np.clip(hi - ys, 0, None)])
                 ax.errorbar(xs, ys, yerr=None if np.isnan(err).all() else err, ls=ls, marker=marker,
                             color=colour, alpha=alpha, capsize=3, label=what)
-            ax.set_title(title, fontsize=10)
+            ax.set_title(f"{title} (unmodified {base[key]:.2f})", fontsize=10)
             ax.set_xlabel("window start layer (window = start … last)")
             ax.set_ylabel(f"zero-shot {'top-1' if key == 'top1' else 'top-5'} (%)")
             ax.grid(alpha=0.3)
@@ -78,10 +78,18 @@ def plot_cascade(path: Path, results: dict) -> bool:
             if skipped:
                 ax.text(0.02, 0.02, "not drawn, cannot reach the readout: " + ", ".join(skipped),
                         transform=ax.transAxes, fontsize=7, color="0.3")
-    axes[0][0].legend(fontsize=7, loc="lower left" if len(panels) > 1 else "best")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes.flat[1:]:  # another panel may hold a replacement the first lacks
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle("substitution vs ablation of the same windows; bars: paired 95 % bootstrap interval vs the "
                  "unmodified model", fontsize=10)
-    return save(fig, path)
+    fig.tight_layout(rect=(0, 0.06 / len(keys), 1, 1))
+    fig.savefig(path, dpi=110)
+    return True
 
 
 def plot_fidelity(path: Path, fidelity: dict) -> bool:
