@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -268,3 +269,18 @@ def test_real_protocol_runs_and_the_report_says_so(env, tmp_path):
         assert rows[("drop_top1", "real, zero-ablated")]["mlp_zero"] == str(order[0])
     html = (tmp_path / "r" / "report.html").read_text()
     assert "Ablation protocol:</strong> real" in html
+
+
+def test_demo_figures_script_reads_what_the_report_holds(env, full_report):
+    """The figures the docs quote come from clt_pipe.demo.figures: its full-reconstruction R² is the report's."""
+    from clt_pipe.demo.figures import report_figures, truncated_r2
+
+    cfg, _ = full_report
+    rep = json.loads((Path(cfg.out) / "report.json").read_text())
+    t = truncated_r2(env["store"], env["clt"], layer=1)
+    row = next(r for r in rep["results"]["fidelity"]["per_layer"] if r["tokens"] == "cls" and r["layer"] == 1)
+    assert t["full_r2"] == pytest.approx(row["r2"], rel=1e-4, abs=1e-6) and t["n"] == 24
+    assert t["window_r2"] != pytest.approx(t["full_r2"], abs=1e-3)  # layer 0's writes are missing
+    lines = report_figures(Path(cfg.out) / "report.json")
+    assert any("lost" in ln and "McNemar p" in ln for ln in lines)
+    assert any(ln.startswith("retrieval layer 0") and "raw MLP input" in ln for ln in lines)
