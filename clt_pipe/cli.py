@@ -23,7 +23,7 @@ from rich.table import Table
 
 from clt_pipe import __version__
 from clt_pipe import preflight
-from clt_pipe.config import AnalyzeConfig, AtlasConfig, FitConfig, HarvestConfig
+from clt_pipe.config import AnalyzeConfig, AtlasConfig, FitConfig, GraphConfig, HarvestConfig
 from clt_pipe.pipeline import stage_config
 from clt_pipe.errors import CltPipeError
 
@@ -148,6 +148,16 @@ def atlas_cmd(cfg: AtlasConfig) -> None:
 
     summary = run_atlas(cfg, console=err_console)
     _print_summary(f"atlas -> {summary['index']}", summary)
+
+
+@stage_command(GraphConfig, "graph", "Attribution graph of one image: which CLT features, at which patches, make "
+                                    "the class (circuit-tracer's method; graph page, circuit-tracer files).")
+def graph_cmd(cfg: GraphConfig) -> None:
+    from clt_pipe.graph.run import run_graph
+
+    with _io_errors("graph", cfg.out):
+        summary = run_graph(cfg, console=err_console)
+    _print_summary(f"graph -> {summary['page']}", summary)
 
 
 @app.command("run")

@@ -305,6 +305,44 @@ class AtlasConfig:
             raise ConfigError("atlas: top_per_layer is 0 and no --features given: nothing to show")
 
 
+@dataclass(frozen=True)
+class GraphConfig:
+    """`clt-pipe graph`: the attribution graph of one image through the CLT's replacement model."""
+
+    store: str = opt(f"{DEFAULT_STORE_ROOT}/default.zarr", 'Store: local path or fsspec URL')
+    clt: str = opt("runs/clt", 'Directory of a fitted CLT (clt-pipe fit --out)')
+    out: str = opt("runs/graph", 'Output directory (graph page, circuit-tracer files, atlas of its features)')
+    image: str = opt("0", 'The image: a store image index, or an image file')
+    target: str = opt("", 'Target class (name or index); default: the predicted class')
+    versus: str = opt("", 'Second class: the target becomes logit(target) - logit(versus)')
+    template_set: str = opt("single", 'Zero-shot template set whose text classifier is the head')
+    node_threshold: float = opt(0.8, 'Pruning: keep the nodes holding this share of the influence (circuit-tracer)')
+    edge_threshold: float = opt(0.98, 'Pruning: keep the edges holding this share of the influence (circuit-tracer)')
+    max_n_logits: int = opt(10, 'Logit nodes: at most this many top classes (circuit-tracer)')
+    desired_logit_prob: float = opt(0.95, 'Logit nodes: top classes until their probabilities sum to this')
+    batch_size: int = opt(256, 'Target nodes per batched backward pass (memory: B x (L+2) x positions x d floats)')
+    paths: int = opt(10, 'Strongest paths to the target listed on the page')
+    atlas: bool = opt(True, 'Write atlas pages of the kept features under OUT/atlas (one pass over the store)')
+    atlas_max_tokens: int = opt(0, 'atlas: cap on store rows scanned (0 = all)')
+    top_images: int = opt(8, 'atlas: top images kept per feature')
+    thumb_px: int = opt(192, 'Pixel size of the image heatmaps')
+    data_root: str = opt("", "Dataset root for the image; default: the store's recorded data_root")
+    device: str = opt("auto", 'auto | cpu | cuda | cuda:N')
+    read_threads: int = opt(4, 'Threads decoding store chunks')
+
+    def validate(self) -> None:
+        for key in ("node_threshold", "edge_threshold", "desired_logit_prob"):
+            v = getattr(self, key)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"{key}: must be between 0 and 1, got {v}")
+        for key in ("max_n_logits", "batch_size", "top_images", "thumb_px", "read_threads"):
+            _check_positive(key, getattr(self, key))
+        for key in ("paths", "atlas_max_tokens"):
+            _check_positive(key, getattr(self, key), allow_zero=True)
+        if not self.image:
+            raise ConfigError("image: give a store image index or an image file")
+
+
 STAGES: dict[str, type] = {"harvest": HarvestConfig, "fit": FitConfig, "analyze": AnalyzeConfig}
 
 

@@ -1,0 +1,114 @@
+"""Influence on the target, pruning, and the strongest paths — circuit-tracer 0.5.0's rules (``graph.py``).
+
+Influence: rows of |A| normalised to sum 1 (each node's input split into its sources' shares), then
+``w @ (Â + Â² + …)`` for target weights ``w`` on the logit nodes. Pruning keeps the nodes holding
+``node_threshold`` of the total influence (embeddings and logits always), then, in the graph of those, the edges
+holding ``edge_threshold`` of the edge influence, then drops feature/error nodes left without outgoing edges and
+features without incoming ones until nothing changes. This is circuit-tracer's ``prune_graph`` step for step (the
+tests check it against circuit-tracer's own on our graphs); it is ours so that the command does not need
+circuit-tracer installed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+NODE_THRESHOLD = 0.8  # circuit-tracer's prune_graph / create_graph_files defaults
+EDGE_THRESHOLD = 0.98
+
+
+def normalize_matrix(a: Tensor) -> Tensor:
+    m = a.abs()
+    return m / m.sum(dim=1, keepdim=True).clamp(min=1e-10)
+
+
+def compute_influence(a: Tensor, weights: Tensor, max_iter: int = 1000) -> Tensor:
+    current = weights @ a
+    influence = current
+    for _ in range(max_iter):
+        if not current.any():
+            return influence
+        current = current @ a
+        influence = influence + current
+    raise RuntimeError(f"influence did not converge after {max_iter} iterations (the graph has a cycle?)")
+
+
+def find_threshold(scores: Tensor, threshold: float) -> Tensor:
+    s = torch.sort(scores, descending=True).values
+    cum = torch.cumsum(s, 0) / torch.sum(s)
+    i = min(int(torch.searchsorted(cum, torch.tensor(threshold, dtype=cum.dtype, device=cum.device))),
+            len(cum) - 1)
+    return s[i]
+
+
+@dataclass
+class Pruned:
+    node_mask: Tensor  # [N] bool
+    edge_mask: Tensor  # [N, N] bool
+    cumulative_scores: Tensor  # [N] cumulative share of influence at each node's rank (circuit-tracer's)
+    influence: Tensor  # [N] each node's influence on the target
+
+
+def prune(adjacency: Tensor, target_weights: Tensor, n_features: int, n_tokens: int,
+          node_threshold: float = NODE_THRESHOLD, edge_threshold: float = EDGE_THRESHOLD) -> Pruned:
+    """circuit-tracer's ``prune_graph`` on a raw adjacency (rows = targets) whose last ``len(target_weights)``
+    nodes are the logits and the ``n_tokens`` before them the embeddings."""
+    for name, v in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name} must be between 0.0 and 1.0")
+    n_logits = target_weights.shape[0]
+    w = torch.zeros(adjacency.shape[0], device=adjacency.device)
+    w[-n_logits:] = target_weights
+    influence = compute_influence(normalize_matrix(adjacency), w)
+    node_mask = influence >= find_threshold(influence, node_threshold)
+    node_mask[-n_logits - n_tokens:] = True
+    pruned = adjacency.clone()
+    pruned[~node_mask] = 0
+    pruned[:, ~node_mask] = 0
+    norm = normalize_matrix(pruned)
+    edge_scores = norm * (compute_influence(norm, w) + w)[:, None]
+    edge_mask = edge_scores >= find_threshold(edge_scores.flatten(), edge_threshold)
+    src_end = adjacency.shape[0] - n_logits - n_tokens
+    old = node_mask.clone()
+    node_mask[:src_end] &= edge_mask[:, :src_end].any(0)
+    node_mask[:n_features] &= edge_mask[:n_features].any(1)
+    while not torch.equal(node_mask, old):
+        old[:] = node_mask
+        edge_mask[~node_mask] = False
+        edge_mask[:, ~node_mask] = False
+        node_mask[:src_end] &= edge_mask[:, :src_end].any(0)
+        node_mask[:n_features] &= edge_mask[:n_features].any(1)
+    s, order = torch.sort(influence, descending=True)
+    cum = torch.zeros_like(influence)
+    cum[order] = torch.cumsum(s, 0) / torch.sum(s)
+    return Pruned(node_mask, edge_mask, cum, influence)
+
+
+def strongest_paths(adjacency: Tensor, edge_mask: Tensor, order_key: Tensor, target: int, sources: Tensor,
+                    k: int = 10) -> list[tuple[float, list[int]]]:
+    """The ``k`` source nodes (of ``sources``) with the strongest single path to ``target`` over kept edges,
+    each with that path. A path's strength is the product of its edges' shares of their target's input
+    (|A| row-normalised); ``order_key`` ranks nodes so that every edge goes from a lower to a higher key."""
+    share = normalize_matrix(adjacency) * edge_mask
+    N = adjacency.shape[0]
+    best = torch.zeros(N, dtype=torch.float64, device=adjacency.device)
+    nxt = torch.full((N,), -1, dtype=torch.long, device=adjacency.device)
+    best[target] = 1.0
+    for key in torch.unique(order_key, sorted=True).flip(0):
+        nodes = torch.nonzero(order_key == key).squeeze(1)
+        cand = share[:, nodes].double() * best[:, None]  # [targets, these sources]
+        val, arg = cand.max(0)
+        keep = (val > best[nodes]) & (nodes != target)
+        best[nodes[keep]] = val[keep]
+        nxt[nodes[keep]] = arg[keep]
+    ranked = sorted(((float(best[s]), int(s)) for s in sources.tolist() if best[s] > 0), reverse=True)[:k]
+    paths = []
+    for score, s in ranked:
+        path = [s]
+        while path[-1] != target and nxt[path[-1]] >= 0 and len(path) <= N:
+            path.append(int(nxt[path[-1]]))
+        paths.append((score, path))
+    return paths

@@ -1,0 +1,171 @@
+"""`clt-pipe graph`: load the store's ViT, the CLT and one image; build, check, prune and write its graph."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clt_pipe.config import AtlasConfig, GraphConfig, build
+from clt_pipe.errors import CltPipeError
+from clt_pipe.graph import attribution as AT
+from clt_pipe.graph import prune as PR
+
+GRAPH_JSON = "graph.json"
+
+
+def load_image(cfg: GraphConfig, store):
+    """(PIL image, store index or None, label or -1, how it was found) for ``cfg.image``."""
+    from PIL import Image
+
+    from clt_pipe.analyze.atlas.images import _sources
+    from clt_pipe.datasets.registry import open_dataset
+
+    spec = cfg.image.strip()
+    if not spec.isdigit():
+        path = Path(spec)
+        if not path.is_file():
+            raise CltPipeError(f"graph: --image {spec!r} is neither a store image index nor an image file")
+        try:
+            return Image.open(path).convert("RGB"), None, -1, str(path)
+        except OSError as e:
+            raise CltPipeError(f"graph: --image {spec}: cannot read it as an image ({e})") from None
+    i = int(spec)
+    n = store.layout.n_images
+    if i >= n:
+        raise CltPipeError(f"graph: --image {i} is outside the store ({n} images)")
+    if not bool(store.image_ok[i]):
+        raise CltPipeError(f"graph: image {i} was not harvested (image_ok is false in the store)")
+    ds = store.meta.dataset
+    root = cfg.data_root or ds.data_root or ""
+    dataset = open_dataset(ds.name, root, ds.split, coco_label_rule=ds.coco_label_rule or "largest_area")
+    source = _sources(store, [i]).get(i)
+    if i >= len(dataset) or dataset.record(i).source != source:
+        raise CltPipeError(f"graph: image {i} of {ds.name}/{ds.split} at {root or '(no data root)'} is not the "
+                           f"store's image {i} (images.parquet names {source!r}); pass --data-root")
+    return dataset.load_image(i), i, int(store.labels[i]), f"store image {i} ({source})"
+
+
+def class_index(spec: str, names: list[str], what: str) -> int | None:
+    if not spec:
+        return None
+    if spec in names:
+        return names.index(spec)
+    if spec.isdigit() and int(spec) < len(names):
+        return int(spec)
+    raise CltPipeError(f"graph: --{what} {spec!r} is not a class of the store ({len(names)} classes, e.g. "
+                       f"{', '.join(names[:5])})")
+
+
+def load_backbone_of(store, device):
+    from clt_pipe.backbone.loading import load_backbone
+
+    m = store.meta.model
+    bb = load_backbone(m.model_arg, m.pretrained, device)
+    if bb.identity.weights_sha256 != m.weights_sha256:
+        raise CltPipeError(f"graph: weights {m.pretrained!r} now hash to {bb.identity.weights_sha256[:12]}, the "
+                           f"store was harvested with {m.weights_sha256[:12]}")
+    return bb
+
+
+def position_labels(n_pos: int, grid: tuple[int, int]) -> list[str]:
+    gw = grid[1]
+    return ["CLS"] + [f"patch r{(p - 1) // gw} c{(p - 1) % gw}" for p in range(1, n_pos)]
+
+
+def run_graph(cfg: GraphConfig, console=None) -> dict:
+    from clt_pipe.analyze import zeroshot as ZS
+    from clt_pipe.analyze.atlas.render import patch_grid
+    from clt_pipe.analyze.inputs import check_clt_matches_store
+    from clt_pipe.clt.rundir import load_fitted
+    from clt_pipe.device import resolve_device
+    from clt_pipe.graph import ctfiles, page
+    from clt_pipe.graph.replacement import Replacement, capture
+    from clt_pipe.store.reader import ActivationStore
+
+    t0 = time.perf_counter()
+    log = console.print if console is not None else (lambda *a, **k: None)
+    store = ActivationStore(cfg.store)
+    clt, run_meta = load_fitted(cfg.clt)
+    check_clt_matches_store(store, clt, run_meta)
+    names = list(store.class_names)
+    target, versus = class_index(cfg.target, names, "target"), class_index(cfg.versus, names, "versus")
+    if versus is not None and target is None:
+        raise CltPipeError("graph: --versus needs --target (the class it is compared with)")
+    if versus is not None and versus == target:
+        raise CltPipeError("graph: --target and --versus name the same class")
+    classifier = torch.from_numpy(store.text_classifier(cfg.template_set)).float()
+    image, index, label, where = load_image(cfg, store)
+    device = resolve_device(cfg.device)
+    bb = load_backbone_of(store, device)
+    clt = clt.to(device).eval()
+    pixels = bb.preprocess(image).to(device)
+    t_load = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    cap, W = capture(bb.visual, pixels)
+    rep = Replacement(cap, W, classifier.to(device), ZS.logit_scale(store))
+    graph = AT.build_graph(rep, clt, names, target, versus, cfg.batch_size, cfg.max_n_logits, cfg.desired_logit_prob)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t_attr = time.perf_counter() - t1
+
+    completeness = graph.completeness_error()
+    with torch.no_grad():
+        real = ZS.classify(bb.model.encode_image(pixels[None]).float(), classifier.to(device), rep.logit_scale)[0]
+        replayed = AT.replacement_logits(rep, graph, clt)
+    t2 = time.perf_counter()
+    pruned = PR.prune(graph.adjacency, graph.target_weights, graph.n_features, graph.n_pos,
+                      cfg.node_threshold, cfg.edge_threshold)
+    t_prune = time.perf_counter() - t2
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    grid = patch_grid(store.model, graph.n_pos - 1)
+    labels = position_labels(graph.n_pos, grid)
+    kept = graph.active_features[pruned.node_mask[:graph.n_features].cpu()].tolist() if graph.n_features else []
+    atlas_note = None
+    if cfg.atlas and kept:
+        from clt_pipe.analyze.atlas.run import run_atlas
+
+        feats = sorted({f"{layer}:{f}" for layer, _, f in kept})
+        acfg = build(AtlasConfig, {"store": cfg.store, "clt": cfg.clt, "out": str(out), "data_root": cfg.data_root,
+                                   "features": feats, "top_per_layer": 0, "top_images": cfg.top_images,
+                                   "template_set": cfg.template_set, "max_tokens": cfg.atlas_max_tokens,
+                                   "device": str(device), "read_threads": cfg.read_threads})
+        run_atlas(acfg)
+    elif cfg.atlas:
+        atlas_note = "no feature node survived the pruning: no atlas pages"
+    else:
+        atlas_note = "atlas pages not written (--no-atlas)"
+    slug = f"image-{index}" if index is not None else Path(cfg.image).stem
+    ct = ctfiles.write(graph, pruned, out, slug, labels, model_name=store.model.get("name", ""),
+                       scan=Path(cfg.clt).name, d_mlp=int(store.model.get("d_mlp", 0)), n_heads=W.n_heads,
+                       node_threshold=cfg.node_threshold, edge_threshold=cfg.edge_threshold)
+    summary = {
+        "image": where, "store_index": index, "label": names[label] if 0 <= label < len(names) else None,
+        "predicted": names[int(real.argmax())] if names else int(real.argmax()),
+        "target": graph.logit_nodes[0].label, "completeness error": completeness,
+        "replacement logits max |diff| vs encode_image": float((replayed - real).abs().max()),
+        "logits max |diff| (own forward vs encode_image)": float((graph.logits - real).abs().max()),
+        "nodes": graph.n_nodes, "feature nodes": graph.n_features,
+        "edges (non-zero)": int((graph.adjacency != 0).sum()),
+        "kept nodes": int(pruned.node_mask.sum()), "kept feature nodes": len(kept),
+        "kept edges": int(pruned.edge_mask.sum()),
+        "attribution_s": t_attr, "prune_s": t_prune, "load_s": t_load, "device": str(device),
+        "batch_size": cfg.batch_size,
+    }
+    pg = page.write(out, graph, pruned, summary, image, grid, labels, cfg, ct, atlas_note)
+    summary["page"] = str(pg)
+    summary["circuit_tracer"] = ct.get("json") or ct.get("note")
+    summary["seconds"] = time.perf_counter() - t0
+    (out / GRAPH_JSON).write_text(json.dumps(_jsonable(summary), indent=1))
+    log(f"graph: completeness error {completeness:.3g}")
+    return summary
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (float(v) if isinstance(v, (np.floating,)) else v) for k, v in d.items()}

@@ -1,0 +1,230 @@
+"""`clt-pipe graph`: the replacement model is exact, a planted graph is found, the files read back in
+circuit-tracer, the page renders."""
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import assert_one_line_error, run_cli
+
+COMPLETENESS_TOL = 1e-4
+
+
+def _graph_of(bb, clt, image, n_classes=10, seed=0, **kw):
+    from clt_pipe.graph.attribution import build_graph
+    from clt_pipe.graph.replacement import Replacement, capture
+
+    cap, W = capture(bb.visual, image)
+    g = torch.Generator().manual_seed(seed)
+    clf = torch.nn.functional.normalize(torch.randn(n_classes, cap.embedding.shape[0], generator=g), dim=-1)
+    rep = Replacement(cap, W, clf, 100.0)
+    return rep, build_graph(rep, clt, [f"c{i}" for i in range(n_classes)], **kw)
+
+
+def _random_clt(n_layers, d, n_features, k, seed=1, b_dec=False):
+    from clt_pipe.clt.model import CrossLayerTranscoder
+    from clt_pipe.clt.spec import CLTSpec
+
+    torch.manual_seed(seed)
+    clt = CrossLayerTranscoder(CLTSpec(n_layers, d, n_features, "relu_topk", k, dec_bias=b_dec)).eval()
+    with torch.no_grad():  # non-trivial standardisation and bias, as a fitted CLT has
+        clt.set_standardization(torch.randn(n_layers, d) * 0.1, torch.rand(n_layers) + 0.5, torch.rand(n_layers) + 0.5)
+        if b_dec:
+            clt.b_dec.normal_(0, 0.1)
+    return clt
+
+
+def test_capture_is_open_clips_forward(analyze_env):
+    from clt_pipe.graph.replacement import capture
+
+    bb = analyze_env["bb"]
+    image = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(3))
+    cap, _ = capture(bb.visual, image)
+    with torch.no_grad():
+        ref = bb.model.encode_image(image[None])[0]
+    assert torch.allclose(cap.embedding, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("b_dec", [False, True])
+def test_tiny_clip_graph_is_complete_and_replays_the_logits(analyze_env, b_dec):
+    from clt_pipe.graph.attribution import replacement_logits
+
+    bb = analyze_env["bb"]
+    clt = _random_clt(6, 64, 128, 8, b_dec=b_dec)
+    image = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(4))
+    rep, g = _graph_of(bb, clt, image, batch_size=37)  # batches that split layers and the logit rows
+    assert g.n_features == 17 * 6 * 8  # ReLU-TopK of random directions: every kept slot fires
+    assert g.completeness_error() <= COMPLETENESS_TOL
+    # the residual is small against the inputs' own scale, feature and logit rows alike
+    res = g.completeness_residual()
+    assert res[:g.n_features].max() < 1e-4 * g.inputs[:g.n_features].abs().max()
+    assert res[g.n_features:].max() < 1e-4 * g.inputs[g.logit_start:].abs().max()
+    # the edges are not trivially zero: the inputs are mostly explained by them, not by the constants
+    rows = g.target_rows()
+    assert (g.adjacency[rows].sum(1) - g.inputs[rows]).abs().mean() < (g.inputs[rows]).abs().mean()
+    with torch.no_grad():
+        real = 100.0 * torch.nn.functional.normalize(bb.model.encode_image(image[None]), dim=-1)[0] @ rep.clf.T
+    assert torch.allclose(replacement_logits(rep, g, clt), real, atol=1e-4)
+    assert torch.allclose(g.logits, real, atol=1e-4)
+    # a DAG: nothing at layer l feeds a feature at layer ≤ l
+    L = g.active_features[:, 0]
+    ff = g.adjacency[:g.n_features, :g.n_features]
+    assert not ff[L[:, None] <= L[None, :]].any()
+
+
+def test_batch_size_does_not_change_the_graph(analyze_env):
+    bb = analyze_env["bb"]
+    clt = _random_clt(6, 64, 128, 4)
+    image = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(5))
+    _, a = _graph_of(bb, clt, image, batch_size=512)
+    _, b = _graph_of(bb, clt, image, batch_size=7)
+    assert torch.allclose(a.adjacency, b.adjacency, atol=1e-6)
+
+
+def test_vit_b32_shaped_random_model_is_complete(tmp_path):
+    """open_clip's ViT-B-32 geometry (width 768, 12 heads, 224 px, 32 px patches: 50 positions), random init;
+    two layers instead of twelve to stay fast on a CPU (the GPU benchmark runs all twelve)."""
+    import open_clip
+
+    from clt_pipe.backbone.loading import load_backbone
+
+    cfg = open_clip.get_model_config("ViT-B-32")
+    cfg["vision_cfg"]["layers"] = 2
+    cfg["text_cfg"]["layers"] = 1
+    path = tmp_path / "vit-b-32-2layers.json"
+    path.write_text(json.dumps(cfg))
+    bb = load_backbone(str(path), "none", "cpu")
+    clt = _random_clt(2, 768, 256, 4, b_dec=True)
+    image = torch.randn(3, 224, 224, generator=torch.Generator().manual_seed(6))
+    _, g = _graph_of(bb, clt, image, n_classes=100)
+    assert g.n_pos == 50 and g.n_features == 50 * 2 * 4
+    assert g.completeness_error() <= COMPLETENESS_TOL
+
+
+def test_planted_graph_is_found_exactly(analyze_env):
+    """Attention writes nothing (out_proj zeroed) and LayerNorms are plain, so positions never mix. Feature A
+    (layer 0) fires everywhere and writes c·u1 into layer 0; feature B (layer 1) reads u1; nothing else fires.
+    Then the only feature edges are A(0,p) → B(1,p) = a_A · c / σ₂(1,p), and an embedding reaches B only at
+    its own position, with ⟨emb_p, u1⟩ / σ₂(1,p)."""
+    import copy
+
+    bb = copy.deepcopy(analyze_env["bb"])
+    with torch.no_grad():
+        for blk in bb.blocks:
+            blk.attn.out_proj.weight.zero_()
+            blk.attn.out_proj.bias.zero_()
+            for ln in (blk.ln_1, blk.ln_2):
+                ln.weight.fill_(1.0)
+                ln.bias.zero_()
+    L, d, F, c = 6, 64, 4, 0.7
+    g = torch.Generator().manual_seed(7)
+    q, _ = torch.linalg.qr(torch.randn(d, 3, generator=g))
+    u = q.T - q.T.mean(1, keepdim=True)  # zero-mean directions: LayerNorm's centring leaves them alone
+    u = u / u.norm(dim=1, keepdim=True)
+    from clt_pipe.clt.model import CrossLayerTranscoder
+    from clt_pipe.clt.spec import CLTSpec
+
+    clt = CrossLayerTranscoder(CLTSpec(L, d, F, "relu_topk", 1)).eval()
+    with torch.no_grad():
+        clt.W_enc.zero_()
+        clt.b_enc.fill_(-1.0)
+        for w in clt.W_dec:
+            w.zero_()
+        clt.W_enc[0][:, 0], clt.b_enc[0, 0] = u[0], 5.0
+        clt.W_enc[1][:, 0], clt.b_enc[1, 0] = u[1], 5.0
+        clt.W_dec[0][0, 0] = c * u[1]
+        clt.W_dec[1][0, 0] = c * u[2]
+    image = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(8))
+    rep, gr = _graph_of(bb, clt, image)
+    P = gr.n_pos
+    assert gr.active_features.tolist() == [[0, p, 0] for p in range(P)] + [[1, p, 0] for p in range(P)]
+    sigma2 = rep.cap.sigma2[1, :, 0]
+    a_A = gr.activations[:P]
+    expected = torch.zeros(2 * P, 2 * P)
+    expected[P + torch.arange(P), torch.arange(P)] = a_A * c / sigma2
+    assert torch.allclose(gr.adjacency[:2 * P, :2 * P], expected, atol=1e-5, rtol=1e-4)
+    emb_to_b = gr.adjacency[P:2 * P, gr.token_start:gr.logit_start]
+    assert torch.allclose(emb_to_b, torch.diag(rep.cap.emb @ u[1] / sigma2), atol=1e-5, rtol=1e-4)
+    assert gr.completeness_error() <= COMPLETENESS_TOL
+
+
+def test_pruning_is_circuit_tracers(analyze_env):
+    pytest.importorskip("circuit_tracer")
+    from circuit_tracer.graph import compute_influence, normalize_matrix
+
+    from clt_pipe.graph import prune as PR
+
+    bb = analyze_env["bb"]
+    clt = _random_clt(6, 64, 128, 4)
+    _, g = _graph_of(bb, clt, torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(9)))
+    w = torch.zeros(g.n_nodes)
+    w[g.logit_start:] = g.target_weights
+    ours = PR.compute_influence(PR.normalize_matrix(g.adjacency), w)
+    assert torch.allclose(ours, compute_influence(normalize_matrix(g.adjacency), w))
+
+
+def test_graph_command_writes_circuit_tracer_files_and_page(analyze_env, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "g"
+    code, stdout, err = run_cli(capsys, monkeypatch, [
+        "graph", "--store", analyze_env["store_url"], "--clt", str(analyze_env["run_dir"]), "--out", str(out),
+        "--image", "3", "--device", "cpu", "--batch-size", "64", "--top-images", "2"])
+    assert code == 0, err
+    assert "completeness error" in stdout
+    summary = json.loads((out / "graph.json").read_text())
+    assert summary["completeness error"] <= COMPLETENESS_TOL
+    assert summary["replacement logits max |diff| vs encode_image"] < 1e-3
+    assert (out / "graph.html").is_file() and (out / "graph-img" / "total.png").is_file()
+    html = (out / "graph.html").read_text()
+    assert "atlas/features/" in html  # kept features link to their atlas pages
+    ct = pytest.importorskip("circuit_tracer")
+    from circuit_tracer.frontend.graph_models import Model
+    from circuit_tracer.graph import Graph, prune_graph
+
+    from clt_pipe.graph import prune as PR
+
+    del ct
+    graph = Graph.from_pt(str(out / "circuit-tracer" / "graph.pt"))
+    assert graph.adjacency_matrix.shape[0] == summary["nodes"]
+    assert graph.active_features.shape[0] == summary["feature nodes"]
+    theirs = prune_graph(graph)
+    ours = PR.prune(graph.adjacency_matrix, graph.logit_probabilities, len(graph.selected_features),
+                    len(graph.input_tokens))
+    assert torch.equal(theirs.node_mask, ours.node_mask) and torch.equal(theirs.edge_mask, ours.edge_mask)
+    assert int(ours.node_mask.sum()) == summary["kept nodes"]
+    model = Model.model_validate_json((out / "circuit-tracer" / "graph_files" / "image-3.json").read_text())
+    kinds = {n.feature_type for n in model.nodes}
+    assert {"embedding", "logit"} <= kinds and model.links
+    assert model.metadata.prompt_tokens[0] == "CLS"
+    meta = json.loads((out / "circuit-tracer" / "graph_files" / "graph-metadata.json").read_text())
+    assert [g["slug"] for g in meta["graphs"]] == ["image-3"]
+
+
+def test_graph_page_renders(analyze_env, tmp_path_factory, page_checker):
+    from clt_pipe.config import GraphConfig, build
+    from clt_pipe.graph.run import run_graph
+
+    out = tmp_path_factory.mktemp("graph-page")
+    cfg = build(GraphConfig, {"store": analyze_env["store_url"], "clt": str(analyze_env["run_dir"]), "out": str(out),
+                              "image": "5", "device": "cpu", "top_images": 2, "target": "dog", "versus": "cat"})
+    summary = run_graph(cfg)
+    assert summary["target"] == "dog − cat"
+    assert page_checker.problems(out / "graph.html") == []
+    feature_pages = list((out / "atlas" / "features").glob("*.html"))
+    assert feature_pages and page_checker.problems(feature_pages[0]) == []
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--image", "999"], "outside the store"),
+    (["--image", "/nonexistent.png"], "neither a store image index"),
+    (["--target", "zebra"], "not a class"),
+    (["--versus", "cat"], "needs --target"),
+    (["--node-threshold", "1.5"], "node_threshold"),
+])
+def test_bad_input_is_one_error_line(analyze_env, tmp_path, capsys, monkeypatch, args, needle):
+    code, _, err = run_cli(capsys, monkeypatch, [
+        "graph", "--store", analyze_env["store_url"], "--clt", str(analyze_env["run_dir"]),
+        "--out", str(tmp_path / "g"), "--device", "cpu", *args])
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "g" / "graph.html").exists()
+
