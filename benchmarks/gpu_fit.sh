@@ -24,3 +24,5 @@ echo "clt-pipe fit wall: $(( ($(date +%s%N) - t0) / 1000000 )) ms (the summary a
 #    Compare the two summaries' kept_rows, data_tiers and steps_per_s.
 timeout 180 python -m clt_pipe fit --store "$DIR/store.zarr" --out /tmp/bench-fit-cli --overwrite --device cuda \
   --batch-size 4096 --steps 60 --dead-tokens 8192 --log-every 20 --no-keep-rows || echo "fit --no-keep-rows: exit $?"
+# 4. issue 23: the attribution graph of one ViT-B/32-sized image
+benchmarks/gpu_graph.sh

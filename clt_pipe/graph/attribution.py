@@ -36,7 +36,6 @@ from clt_pipe.graph.replacement import Replacement
 MAX_N_LOGITS = 10  # circuit-tracer's attribute() defaults
 DESIRED_LOGIT_PROB = 0.95
 BATCH_SIZE = 256
-GATHER_ELEMS = 1 << 26  # floats in one gathered [B, n, d] block of feature-source gradients (256 MiB)
 
 
 @dataclass
@@ -164,6 +163,29 @@ def reconstruction(clt, dec: list[Tensor], active: Tensor, acts: Tensor, n_pos: 
     return recon
 
 
+def position_slots(active: Tensor, acts: Tensor, dec: list[Tensor], starts: list[int], n_pos: int):
+    """Per source layer s: (feature ids [P, m] padded with −1, activation × decoder rows [P, m, (L−s)·d]), with
+    the active features of layer s grouped by position, so that every edge from layer s into a batch of targets
+    is one batched GEMM over positions instead of a gather of the targets' gradients per feature."""
+    out = []
+    for s, ds in enumerate(dec):
+        ns = ds.shape[0]
+        if ns == 0:
+            out.append(None)
+            continue
+        pos = active[starts[s]:starts[s + 1], 1]
+        counts = torch.bincount(pos, minlength=n_pos)
+        m = int(counts.max())
+        first = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(ns, device=pos.device) - first[pos]  # features are sorted by position within a layer
+        ids = torch.full((n_pos, m), -1, dtype=torch.long, device=pos.device)
+        ids[pos, slot] = torch.arange(starts[s], starts[s + 1], device=pos.device)
+        dcat = ds.new_zeros(n_pos, m, ds.shape[1] * ds.shape[2])
+        dcat[pos, slot] = (ds * acts[starts[s]:starts[s + 1], None, None]).reshape(ns, -1)
+        out.append((ids, dcat))
+    return out
+
+
 @torch.no_grad()
 def build_graph(rep: Replacement, clt, class_names: list[str], target: int | None = None,
                 versus: int | None = None, batch_size: int = BATCH_SIZE, max_n_logits: int = MAX_N_LOGITS,
@@ -211,11 +233,15 @@ def build_graph(rep: Replacement, clt, class_names: list[str], target: int | Non
         pos, f = active[sl, 1], active[sl, 2]
         constants[sl] = (xs[pos] * W_enc[s][:, f].T).sum(-1) + clt.b_enc[s].float()[f]
 
+    slots = position_slots(active, acts, dec, starts, P)
     adjacency = torch.zeros(N, N, device=dev)
+    # features are sorted by layer, so a batch of them spans few layers and its backward starts at the highest
     rows_all = torch.cat([torch.arange(n, device=dev), torch.arange(l0, N, device=dev)])
+    row_layer = torch.cat([active[:, 0], torch.full((n_logits,), L - 1, device=dev, dtype=active.dtype)])
     head_grads = rep.head_t(U)  # [n_logits, d]
     for b0 in range(0, rows_all.numel(), batch_size):
         rows = rows_all[b0:b0 + batch_size]
+        top = int(row_layer[b0:b0 + batch_size].max())
         B = rows.numel()
         final = torch.zeros(B, d, device=dev)
         is_logit = rows >= l0
@@ -228,22 +254,19 @@ def build_graph(rep: Replacement, clt, class_names: list[str], target: int | Non
             r, p, f = feat_rows[m], tgt[m, 1], tgt[m, 2]
             vec = W_enc[layer][:, f].T / enc_scale[layer]
             mid_targets.append((r, p, rep.ln2_t(layer, p, vec)))
-        g_mlp, g_emb = rep.backward(final, mid_targets)
-        block = adjacency[rows]  # a copy: filled, then written back
-        block[:, t0:l0] = (g_emb * cap.emb).sum(-1)
-        block[:, e0:t0] = (g_mlp * error[:, None]).sum(-1).permute(1, 0, 2).reshape(B, L * P)
-        for s in range(L):
-            ns = starts[s + 1] - starts[s]
-            if ns == 0:
+        g_mlp, g_emb = rep.backward(final, mid_targets, top=top)
+        block = torch.zeros(B, N, device=dev)
+        block[:, t0:l0] = torch.einsum("bpd,pd->bp", g_emb, cap.emb)
+        block[:, e0:t0] = torch.einsum("lbpd,lpd->blp", g_mlp, error).reshape(B, L * P)
+        gp = g_mlp.permute(2, 1, 0, 3).contiguous()  # [P, B, L, d]: per position, a unit write into each layer
+        # a feature target reads sources below its own layer; a logit reads every layer
+        for s in range(L if bool(is_logit.any()) else top):
+            if slots[s] is None:
                 continue
-            pos = active[starts[s]:starts[s + 1], 1]
-            step = max(1, GATHER_ELEMS // max(1, B * d))
-            for c0 in range(0, ns, step):
-                c1 = min(ns, c0 + step)
-                acc = torch.zeros(B, c1 - c0, device=dev)
-                for t in range(s, L):  # one gather per target layer: cheaper than one 4-d gather and einsum
-                    acc += torch.einsum("bnd,nd->bn", g_mlp[t][:, pos[c0:c1]], dec[s][c0:c1, t - s])
-                block[:, starts[s] + c0:starts[s] + c1] = acc * acts[starts[s] + c0:starts[s] + c1]
+            ids, dcat = slots[s]  # [P, m], [P, m, (L−s)·d]
+            e = torch.bmm(gp[:, :, s:].reshape(P, B, (L - s) * d), dcat.transpose(1, 2))  # [P, B, m]
+            keep = ids >= 0
+            block[:, ids[keep]] = e.permute(1, 0, 2)[:, keep]
         adjacency[rows] = block
     return AttributionGraph(active, acts, adjacency, inputs, constants, lnodes, _target_weights(n_logits, dev),
                             L, P, real_logits, error,

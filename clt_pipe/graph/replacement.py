@@ -207,12 +207,15 @@ class Replacement:
         """Gradient at the residual entering ln_2 of ``vec · mlp_input`` at positions ``pos`` [n] (vec [n, d])."""
         return frozen_ln_t(vec, self.W.ln2_w[layer], self.cap.sigma2[layer][pos])
 
-    def backward(self, final: Tensor, mid_targets: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    def backward(self, final: Tensor, mid_targets: list[tuple[Tensor, Tensor, Tensor]],
+                 top: int | None = None) -> tuple[Tensor, Tensor]:
         """Transpose of the linear part, for B rows at once.
 
         ``final`` [B, d]: gradient injected at the final CLS residual (zeros for rows whose target is not a logit);
         ``mid_targets[l]`` = (rows [n], positions [n], vectors [n, d]): gradients injected at the residual entering
         layer l's ln_2. Returns (gradient at every MLP output [L, B, P, d], at every embedding [B, P, d]).
+        ``top``: the highest layer any row injects at (``final`` counts as layer L−1); the pass starts there and
+        the MLP outputs above it get zero gradient.
         """
         W = self.W
         B = final.shape[0]
@@ -220,8 +223,11 @@ class Replacement:
         H = W.n_heads
         g = final.new_zeros(B, P, d)
         g[:, 0] = final
-        g_mlp = final.new_empty(self.n_layers, B, P, d)
-        for layer in reversed(range(self.n_layers)):
+        top = self.n_layers - 1 if top is None else top
+        if top < self.n_layers - 1 and final.any():
+            raise ValueError("backward: a logit row needs the pass to start at the last layer")
+        g_mlp = final.new_zeros(self.n_layers, B, P, d)
+        for layer in reversed(range(top + 1)):
             g_mlp[layer] = g * W.ls2[layer]
             rows, pos, vec = mid_targets[layer]
             if rows.numel():
