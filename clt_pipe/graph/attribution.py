@@ -115,7 +115,7 @@ def logit_nodes(logits: Tensor, class_names: list[str], target: int | None = Non
     C = logits.shape[0]
     probs = torch.softmax(logits.double(), -1)
     top_p, top_i = probs.topk(min(max_n_logits, C))
-    cutoff = int(torch.searchsorted(top_p.cumsum(0), torch.tensor(desired_logit_prob, dtype=top_p.dtype))) + 1
+    cutoff = int(torch.searchsorted(top_p.cumsum(0), top_p.new_tensor(desired_logit_prob))) + 1
     salient = top_i[:cutoff].tolist()
     if target is None:
         target = int(probs.argmax())
