@@ -228,3 +228,18 @@ def test_bad_input_is_one_error_line(analyze_env, tmp_path, capsys, monkeypatch,
     assert_one_line_error(code, err, needle)
     assert not (tmp_path / "g" / "graph.html").exists()
 
+
+
+def test_an_atlas_written_by_another_run_is_kept(analyze_env, tmp_path):
+    from clt_pipe.config import GraphConfig, build
+    from clt_pipe.graph.run import run_graph
+
+    out = tmp_path / "report"
+    (out / "atlas" / "features").mkdir(parents=True)
+    (out / "atlas" / "index.html").write_text("the report's atlas")
+    cfg = build(GraphConfig, {"store": analyze_env["store_url"], "clt": str(analyze_env["run_dir"]), "out": str(out),
+                              "image": "1", "device": "cpu"})
+    run_graph(cfg)
+    assert (out / "atlas" / "index.html").read_text() == "the report's atlas"
+    page = (out / "graph.html").read_text()
+    assert "kept as it is" in page and "atlas/features/" not in page  # no page there: nothing linked

@@ -3,7 +3,8 @@
 It shows the image twice with a per-patch heatmap: the *total influence* on the target of every node at the
 patch (its features, its error nodes and its embedding), and the influence of the patch's embedding alone
 (where the evidence enters); then the strongest paths from a patch to the target logit (a path's strength is
-the product of its edges' shares of their target's input, over the kept edges), and every kept feature node,
+the product of its edges' shares of their target's input, over the kept edges), the strongest paths from a
+feature node, and every kept feature node,
 ranked by influence, linked to its atlas page (``OUT/atlas/features/L<l>-F<f>.html``).
 """
 
@@ -92,10 +93,14 @@ def write(out: Path, graph, pruned, summary: dict, image, grid: tuple[int, int],
     name = NodeNames(graph, labels, atlas_dir)
     adj, em = graph.adjacency.cpu(), pruned.edge_mask.cpu()
     tokens = torch.arange(graph.token_start + 1, graph.logit_start)  # patch embeddings (CLS has no pixels)
-    paths = PR.strongest_paths(adj, em, order_key(graph), graph.logit_start, tokens, cfg.paths)
-    path_rows = "".join(
-        f"<tr><td data-v='{s}'>{s:.3g}</td><td class='l'>{' → '.join(name(i) for i in p)}</td></tr>"
-        for s, p in paths) or "<tr><td></td><td class='l'>no path over the kept edges</td></tr>"
+    key = order_key(graph)
+    features = torch.arange(graph.n_features)
+
+    def path_rows(sources) -> str:
+        paths = PR.strongest_paths(adj, em, key, graph.logit_start, sources, cfg.paths)
+        return "".join(
+            f"<tr><td data-v='{s}'>{s:.3g}</td><td class='l'>{' → '.join(name(i) for i in p)}</td></tr>"
+            for s, p in paths) or "<tr><td></td><td class='l'>no path over the kept edges</td></tr>"
     nf = graph.n_features
     mask = pruned.node_mask[:nf].cpu()
     inf = pruned.influence[:nf].detach().cpu()
@@ -115,19 +120,21 @@ def write(out: Path, graph, pruned, summary: dict, image, grid: tuple[int, int],
     head = ("<table>" + "".join(
         f"<tr><td class='l'>{html.escape(str(k))}</td><td class='l'>{html.escape(_fmt(v))}</td></tr>"
         for k, v in summary.items()) + "</table>")
-    ct_links = (f"<p>circuit-tracer files: <a href='circuit-tracer/graph.pt'>graph.pt</a> · "
-                f"<a href='circuit-tracer/graph_files/graph-metadata.json'>graph-metadata.json</a> "
-                f"(its viewer loads d3 from the web)</p>" if ct.get("json") else
+    ct_links = ("<p>circuit-tracer files: <a href='circuit-tracer/graph.pt'>graph.pt</a> · "
+                "<a href='circuit-tracer/graph_files/graph-metadata.json'>graph-metadata.json</a> "
+                "(its viewer loads d3 from the web)</p>" if ct.get("json") else
                 f"<p class='note'>{html.escape(ct.get('note', ''))}</p>")
-    atlas_link = ("<p><a href='atlas/index.html'>atlas of the kept features</a></p>" if atlas_dir is not None
-                  else f"<p class='note'>{html.escape(atlas_note or 'no atlas')}</p>")
+    atlas_link = ("<p><a href='atlas/index.html'>atlas</a></p>" if atlas_dir is not None else "") + (
+        f"<p class='note'>{html.escape(atlas_note)}</p>" if atlas_note else "")
     body = (f"<h1>Attribution graph: {html.escape(str(summary.get('image')))} → "
             f"{html.escape(graph.logit_nodes[0].label)}</h1>{head}{ct_links}{atlas_link}"
             f"<div class='thumbs'>{''.join(figs)}</div>"
             "<h2 id='logits'>Logit nodes</h2><table><tr><th>class</th><th>p</th><th>input (logit − mean)</th></tr>"
             f"{logit_rows}</table>"
             f"<h2 id='paths'>Strongest paths from a patch to the target</h2><table><thead><tr><th>strength</th>"
-            f"<th>path</th></tr></thead><tbody>{path_rows}</tbody></table>"
+            f"<th>path</th></tr></thead><tbody>{path_rows(tokens)}</tbody></table>"
+            f"<h2 id='feature-paths'>Strongest paths from a feature to the target</h2><table><thead><tr>"
+            f"<th>strength</th><th>path</th></tr></thead><tbody>{path_rows(features)}</tbody></table>"
             f"<h2 id='features'>Kept feature nodes ({len(kept)} of {nf})</h2>"
             "<p><input id='q' placeholder='search: L3-F17, patch r1…' oninput='filterRows(this.value)' size='40'></p>"
             "<table><thead><tr>" + "".join(f"<th onclick='sortBy(this)'>{c}</th>" for c in (

@@ -190,7 +190,8 @@ class Replacement:
         return W.ls1[layer] * (u @ W.w_o[layer].T + W.b_o[layer])
 
     def forward(self, emb: Tensor, mlp_writes: Tensor) -> tuple[Tensor, Tensor]:
-        """emb [..., P, d], mlp_writes [L, ..., P, d] -> (residual entering each ln_2 [L, ..., P, d], logits [..., C])."""
+        """emb [..., P, d], mlp_writes [L, ..., P, d] -> (residual entering each ln_2 [L, ..., P, d],
+        logits [..., C])."""
         x = emb
         mids = []
         for layer in range(self.n_layers):

@@ -128,7 +128,11 @@ def run_graph(cfg: GraphConfig, console=None) -> dict:
     labels = position_labels(graph.n_pos, grid)
     kept = graph.active_features[pruned.node_mask[:graph.n_features].cpu()].tolist() if graph.n_features else []
     atlas_note = None
-    if cfg.atlas and kept:
+    foreign = (out / "atlas" / "index.html").is_file() and not (out / GRAPH_JSON).is_file()
+    if cfg.atlas and foreign:  # an analyze/atlas run's atlas: never replaced, linked where it has the page
+        atlas_note = (f"{out / 'atlas'} was written by another run and is kept as it is: features without a "
+                      f"page there are not linked")
+    elif cfg.atlas and kept:
         from clt_pipe.analyze.atlas.run import run_atlas
 
         feats = sorted({f"{layer}:{f}" for layer, _, f in kept})
