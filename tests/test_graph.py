@@ -95,10 +95,10 @@ def test_vit_b32_shaped_random_model_is_complete(tmp_path):
     path = tmp_path / "vit-b-32-2layers.json"
     path.write_text(json.dumps(cfg))
     bb = load_backbone(str(path), "none", "cpu")
-    clt = _random_clt(2, 768, 256, 4, b_dec=True)
+    clt = _random_clt(2, 768, 128, 2, b_dec=True)
     image = torch.randn(3, 224, 224, generator=torch.Generator().manual_seed(6))
     _, g = _graph_of(bb, clt, image, n_classes=100)
-    assert g.n_pos == 50 and g.n_features == 50 * 2 * 4
+    assert g.n_pos == 50 and g.n_features == 50 * 2 * 2
     assert g.completeness_error() <= COMPLETENESS_TOL
 
 
