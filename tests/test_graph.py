@@ -230,7 +230,9 @@ def test_bad_input_is_one_error_line(analyze_env, tmp_path, capsys, monkeypatch,
 
 
 
-def test_an_atlas_written_by_another_run_is_kept(analyze_env, tmp_path):
+def test_an_image_file_and_an_atlas_written_by_another_run(analyze_env, tmp_path):
+    """The image given as a file (here the store's image 1 itself: the same logits as by index); an atlas already
+    in OUT (an analyze report's) is kept as it is."""
     from clt_pipe.config import GraphConfig, build
     from clt_pipe.graph.run import run_graph
 
@@ -238,8 +240,12 @@ def test_an_atlas_written_by_another_run_is_kept(analyze_env, tmp_path):
     (out / "atlas" / "features").mkdir(parents=True)
     (out / "atlas" / "index.html").write_text("the report's atlas")
     cfg = build(GraphConfig, {"store": analyze_env["store_url"], "clt": str(analyze_env["run_dir"]), "out": str(out),
-                              "image": "1", "device": "cpu"})
-    run_graph(cfg)
+                              "image": str(analyze_env["data"]["paths"][1]), "device": "cpu"})
+    summary = run_graph(cfg)
+    assert summary["store_index"] is None and summary["completeness error"] <= COMPLETENESS_TOL
+    by_index = run_graph(build(GraphConfig, {**{k: getattr(cfg, k) for k in ("store", "clt", "device")},
+                                             "out": str(tmp_path / "by-index"), "image": "1", "atlas": False}))
+    assert by_index["predicted"] == summary["predicted"] and by_index["nodes"] == summary["nodes"]
     assert (out / "atlas" / "index.html").read_text() == "the report's atlas"
     page = (out / "graph.html").read_text()
     assert "kept as it is" in page and "atlas/features/" not in page  # no page there: nothing linked
