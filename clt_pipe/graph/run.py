@@ -166,7 +166,16 @@ def run_graph(cfg: GraphConfig, console=None) -> dict:
     summary["page"] = str(pg)
     summary["circuit_tracer"] = ct.get("json") or ct.get("note")
     summary["seconds"] = time.perf_counter() - t0
-    (out / GRAPH_JSON).write_text(json.dumps(_jsonable(summary), indent=1))
+    total, emb = page.position_influence(graph, pruned.influence)
+    inf = pruned.influence.detach().cpu()
+    ranked = sorted(((float(inf[i]), i) for i in torch.nonzero(pruned.node_mask[:graph.n_features].cpu())
+                     .squeeze(1).tolist()), reverse=True)
+    detail = {"grid": list(grid), "positions": labels,
+              "patch_influence_total": total.tolist(), "patch_influence_embedding": emb.tolist(),
+              "kept_features": [dict(zip(("layer", "position", "feature"), graph.active_features[i].tolist()),
+                                     activation=float(graph.activations[i]), influence=v) for v, i in ranked],
+              "logit_nodes": [{"label": n.label, "index": n.index, "prob": n.prob} for n in graph.logit_nodes]}
+    (out / GRAPH_JSON).write_text(json.dumps({**_jsonable(summary), **detail}, indent=1))
     log(f"graph: completeness error {completeness:.3g}")
     return summary
 
