@@ -3,7 +3,7 @@
 # and shuffle, the device data path, rows kept in GPU memory after the first epoch) and the same fit decoding
 # the store every epoch, vs the same step on rows already in GPU memory, at ViT-B/32 sizes (L 12, d 768, x8,
 # k 32, B 4096); the data path's own rows/s (store cold/cached, kept rows), the AuxK cost, the mixing, and the
-# start-up of the real command.
+# start-up of the real command. Step 4 (issue 23, ~2 min more): the attribution graph of one ViT-B/32 image.
 # Every step has its own timeout, so one hang cannot eat the session's device time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
