@@ -84,6 +84,7 @@ def run_graph(cfg: GraphConfig, console=None) -> dict:
     from clt_pipe.device import resolve_device
     from clt_pipe.graph import ctfiles, page
     from clt_pipe.graph.replacement import Replacement, capture
+    from clt_pipe.outdir import hold_out_dir
     from clt_pipe.store.reader import ActivationStore
 
     t0 = time.perf_counter()
@@ -123,59 +124,59 @@ def run_graph(cfg: GraphConfig, console=None) -> dict:
     t_prune = time.perf_counter() - t2
 
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    grid = patch_grid(store.model, graph.n_pos - 1)
-    labels = position_labels(graph.n_pos, grid)
-    kept = graph.active_features[pruned.node_mask[:graph.n_features].cpu()].tolist() if graph.n_features else []
-    atlas_note = None
-    foreign = (out / "atlas" / "index.html").is_file() and not (out / GRAPH_JSON).is_file()
-    if cfg.atlas and foreign:  # an analyze/atlas run's atlas: never replaced, linked where it has the page
-        atlas_note = (f"{out / 'atlas'} was written by another run and is kept as it is: features without a "
-                      f"page there are not linked")
-    elif cfg.atlas and kept:
-        from clt_pipe.analyze.atlas.run import run_atlas
+    with hold_out_dir(out, "graph"):  # one writer per output folder (the atlas inside re-enters it)
+        grid = patch_grid(store.model, graph.n_pos - 1)
+        labels = position_labels(graph.n_pos, grid)
+        kept = graph.active_features[pruned.node_mask[:graph.n_features].cpu()].tolist() if graph.n_features else []
+        atlas_note = None
+        foreign = (out / "atlas" / "index.html").is_file() and not (out / GRAPH_JSON).is_file()
+        if cfg.atlas and foreign:  # an analyze/atlas run's atlas: never replaced, linked where it has the page
+            atlas_note = (f"{out / 'atlas'} was written by another run and is kept as it is: features without a "
+                          f"page there are not linked")
+        elif cfg.atlas and kept:
+            from clt_pipe.analyze.atlas.run import run_atlas
 
-        feats = sorted({f"{layer}:{f}" for layer, _, f in kept})
-        acfg = build(AtlasConfig, {"store": cfg.store, "clt": cfg.clt, "out": str(out), "data_root": cfg.data_root,
-                                   "features": feats, "top_per_layer": 0, "top_images": cfg.top_images,
-                                   "template_set": cfg.template_set, "max_tokens": cfg.atlas_max_tokens,
-                                   "device": str(device), "read_threads": cfg.read_threads})
-        run_atlas(acfg)
-    elif cfg.atlas:
-        atlas_note = "no feature node survived the pruning: no atlas pages"
-    else:
-        atlas_note = "atlas pages not written (--no-atlas)"
-    slug = f"image-{index}" if index is not None else Path(cfg.image).stem
-    ct = ctfiles.write(graph, pruned, out, slug, labels, model_name=store.model.get("name", ""),
-                       scan=Path(cfg.clt).name, d_mlp=int(store.model.get("d_mlp", 0)), n_heads=W.n_heads,
-                       node_threshold=cfg.node_threshold, edge_threshold=cfg.edge_threshold)
-    summary = {
-        "image": where, "store_index": index, "label": names[label] if 0 <= label < len(names) else None,
-        "predicted": names[int(real.argmax())] if names else int(real.argmax()),
-        "target": graph.logit_nodes[0].label, "completeness error": completeness,
-        "replacement logits max |diff| vs encode_image": float((replayed - real).abs().max()),
-        "logits max |diff| (own forward vs encode_image)": float((graph.logits - real).abs().max()),
-        "nodes": graph.n_nodes, "feature nodes": graph.n_features,
-        "edges (non-zero)": int((graph.adjacency != 0).sum()),
-        "kept nodes": int(pruned.node_mask.sum()), "kept feature nodes": len(kept),
-        "kept edges": int(pruned.edge_mask.sum()),
-        "attribution_s": t_attr, "prune_s": t_prune, "load_s": t_load, "device": str(device),
-        "batch_size": cfg.batch_size,
-    }
-    pg = page.write(out, graph, pruned, summary, image, grid, labels, cfg, ct, atlas_note)
-    summary["page"] = str(pg)
-    summary["circuit_tracer"] = ct.get("json") or ct.get("note")
-    summary["seconds"] = time.perf_counter() - t0
-    total, emb = page.position_influence(graph, pruned.influence)
-    inf = pruned.influence.detach().cpu()
-    ranked = sorted(((float(inf[i]), i) for i in torch.nonzero(pruned.node_mask[:graph.n_features].cpu())
-                     .squeeze(1).tolist()), reverse=True)
-    detail = {"grid": list(grid), "positions": labels,
-              "patch_influence_total": total.tolist(), "patch_influence_embedding": emb.tolist(),
-              "kept_features": [dict(zip(("layer", "position", "feature"), graph.active_features[i].tolist()),
-                                     activation=float(graph.activations[i]), influence=v) for v, i in ranked],
-              "logit_nodes": [{"label": n.label, "index": n.index, "prob": n.prob} for n in graph.logit_nodes]}
-    (out / GRAPH_JSON).write_text(json.dumps({**_jsonable(summary), **detail}, indent=1))
+            feats = sorted({f"{layer}:{f}" for layer, _, f in kept})
+            acfg = build(AtlasConfig, {"store": cfg.store, "clt": cfg.clt, "out": str(out), "data_root": cfg.data_root,
+                                       "features": feats, "top_per_layer": 0, "top_images": cfg.top_images,
+                                       "template_set": cfg.template_set, "max_tokens": cfg.atlas_max_tokens,
+                                       "device": str(device), "read_threads": cfg.read_threads})
+            run_atlas(acfg)
+        elif cfg.atlas:
+            atlas_note = "no feature node survived the pruning: no atlas pages"
+        else:
+            atlas_note = "atlas pages not written (--no-atlas)"
+        slug = f"image-{index}" if index is not None else Path(cfg.image).stem
+        ct = ctfiles.write(graph, pruned, out, slug, labels, model_name=store.model.get("name", ""),
+                           scan=Path(cfg.clt).name, d_mlp=int(store.model.get("d_mlp", 0)), n_heads=W.n_heads,
+                           node_threshold=cfg.node_threshold, edge_threshold=cfg.edge_threshold)
+        summary = {
+            "image": where, "store_index": index, "label": names[label] if 0 <= label < len(names) else None,
+            "predicted": names[int(real.argmax())] if names else int(real.argmax()),
+            "target": graph.logit_nodes[0].label, "completeness error": completeness,
+            "replacement logits max |diff| vs encode_image": float((replayed - real).abs().max()),
+            "logits max |diff| (own forward vs encode_image)": float((graph.logits - real).abs().max()),
+            "nodes": graph.n_nodes, "feature nodes": graph.n_features,
+            "edges (non-zero)": int((graph.adjacency != 0).sum()),
+            "kept nodes": int(pruned.node_mask.sum()), "kept feature nodes": len(kept),
+            "kept edges": int(pruned.edge_mask.sum()),
+            "attribution_s": t_attr, "prune_s": t_prune, "load_s": t_load, "device": str(device),
+            "batch_size": cfg.batch_size,
+        }
+        pg = page.write(out, graph, pruned, summary, image, grid, labels, cfg, ct, atlas_note)
+        summary["page"] = str(pg)
+        summary["circuit_tracer"] = ct.get("json") or ct.get("note")
+        summary["seconds"] = time.perf_counter() - t0
+        total, emb = page.position_influence(graph, pruned.influence)
+        inf = pruned.influence.detach().cpu()
+        ranked = sorted(((float(inf[i]), i) for i in torch.nonzero(pruned.node_mask[:graph.n_features].cpu())
+                         .squeeze(1).tolist()), reverse=True)
+        detail = {"grid": list(grid), "positions": labels,
+                  "patch_influence_total": total.tolist(), "patch_influence_embedding": emb.tolist(),
+                  "kept_features": [dict(zip(("layer", "position", "feature"), graph.active_features[i].tolist()),
+                                         activation=float(graph.activations[i]), influence=v) for v, i in ranked],
+                  "logit_nodes": [{"label": n.label, "index": n.index, "prob": n.prob} for n in graph.logit_nodes]}
+        (out / GRAPH_JSON).write_text(json.dumps({**_jsonable(summary), **detail}, indent=1))
     log(f"graph: completeness error {completeness:.3g}")
     return summary
 
