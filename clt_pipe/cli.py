@@ -249,24 +249,21 @@ def export_cmd(clt: str = typer.Argument(..., help="Fitted CLT directory (fit --
                                          "on (required for relu_topk) and to measure circuit-tracer's agreement on"),
                calibration_rows: int = typer.Option(8192, "--calibration-rows",
                                                     help="Token rows for calibration, as many again for agreement"),
+               calibration: str = typer.Option("error", "--calibration", help="relu_topk thresholds: error (fitted "
+                                               "to the reported R² per token type) | frequency (TopK's firing rate)"),
+               min_r2: float = typer.Option(0.9, "--min-r2", help="Warn when a token type's R² vs the CLT falls "
+                                            "below this at any layer"),
+               input_hook: str = typer.Option("ln2.hook_normalized", "--input-hook", help="ln2.hook_normalized "
+                                              "(LN2 affine folded in; loads the ViT) | mlp.hook_in (as trained)"),
                device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N")) -> None:
     """Export a fitted CLT for circuit-tracer (standardisation folded; raw activations in and out)."""
     preflight.check_export(clt, store)  # a CLT it cannot export is refused before torch loads
-    from clt_pipe.analyze.circuit_tracer import export_for_circuit_tracer
+    from clt_pipe.analyze.circuit_tracer import export_for_circuit_tracer, summary_lines
 
-    summary = export_for_circuit_tracer(clt, out, store, device, calibration_rows)
-    console.print(f"exported to {summary['out']} as {summary['exported_as']} (trained: {summary['sparsifier']})")
-    agr = summary.get("agreement")
-    if agr:
-        console.print(f"agreement on {agr['n_rows']} held-out store rows, read by {summary['reader']}:")
-        for key, label in (("r2_vs_ours", "R² circuit-tracer vs ours"),
-                           ("r2_vs_targets", "R² circuit-tracer vs targets"),
-                           ("r2_ours_vs_targets", "R² ours vs targets"), ("l0_ours", "L0 ours"),
-                           ("l0_circuit_tracer", "L0 circuit-tracer")):
-            v = agr["summary"][key]
-            console.print(f"  {label:30s} mean {v['mean']:.4f}  min over layers {v['min']:.4f}")
-    else:
-        console.print("agreement not measured (pass --store to measure it)")
+    summary = export_for_circuit_tracer(clt, out, store, device, calibration_rows, calibration=calibration,
+                                        min_r2=min_r2, input_hook=input_hook)
+    for line in summary_lines(summary):
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 @app.callback(invoke_without_command=True)

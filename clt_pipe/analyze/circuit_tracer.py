@@ -2,23 +2,26 @@
 
 circuit-tracer (0.5) knows two activations, ReLU and JumpReLU (``z = pre · (pre > θ)``), and picks JumpReLU
 when the files hold ``threshold_{i}``. It has no TopK: ReLU-TopK files without thresholds load without error
-as a plain ReLU CLT (on the demo: ~245 active latents per token instead of 16, R² −2.4 to −6). So:
+as a plain ReLU CLT (on the demo: ~245 active latents per token instead of 16, R² −2.4 to −6), which is why a
+TopK run's ``clt/`` is written with keys circuit-tracer's loader refuses (``clt.export``). So:
 
 * ``jumprelu`` / ``batchtopk`` CLTs are written as they are (batchtopk's per-layer inference threshold broadcast
   per feature), which circuit-tracer reproduces to float precision.
-* ``relu_topk`` CLTs are converted to JumpReLU with per-feature thresholds calibrated on the store: θ_f sits
-  between the pre-activations where TopK keeps feature f and those where it does not, so that each feature fires
-  on the calibration rows exactly as often as under TopK (crosslayer-coding converts BatchTopK to JumpReLU
-  the same way, from the selected pre-activations; it averages their per-batch minimum instead). This needs
-  ``--store``; without it the export is refused.
+* ``relu_topk`` CLTs are converted to JumpReLU with per-feature thresholds calibrated on the store
+  (``jumprelu_calibration``: fitted to the reported error by default, or matching TopK's firing rate). This needs
+  ``--store``; without it the export is refused. circuit-tracer's JumpReLU has one threshold per feature at every
+  position, so what TopK does per token cannot always be matched on every token type: the summary says so.
 * ``abs_topk`` codes are signed, which neither circuit-tracer activation can produce: refused.
 
-Agreement is measured on store rows *not* used for calibration: R² of circuit-tracer's reconstruction against
-ours and against the stored targets, and both L0s, per layer. With circuit-tracer installed the exported files
-are read back through its own ``load_clt``; otherwise through this package's loader, which applies the same
-JumpReLU rule (the summary says which).
+Agreement is measured on store rows *not* used for calibration (``ct_agreement``): R² of circuit-tracer's
+reconstruction against ours and against the stored targets, and both L0s, per layer and per token type (CLS,
+patches, all); a one-line warning names the worst token type and layer below ``--min-r2``. With circuit-tracer
+installed the exported files are read back through its own ``load_clt``; otherwise through this package's loader,
+which applies the same JumpReLU rule (the summary says which).
 
-``config.yaml`` is what circuit-tracer's hub loader (``load_transcoder_from_hub``) reads next to the weights.
+The input hook (``ct_hooks``): ``ln2.hook_normalized`` (LN2's weight and bias folded into the encoder, as
+circuit-tracer 0.5 places that hook before them) or ``mlp.hook_in`` (as trained). ``config.yaml`` is what
+circuit-tracer's hub loader (``load_transcoder_from_hub``) reads next to the weights.
 Note for ViTs: circuit-tracer's attribution zeroes position 0 (``zero_positions=slice(0, 1)``, the BOS token of a
 language model), which in a ViT is the CLS token.
 """
@@ -28,27 +31,35 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from clt_pipe.clt.export import fold_standardization, save_clt
+from clt_pipe.analyze import jumprelu_calibration as cal
+from clt_pipe.analyze import ct_hooks
+from clt_pipe.analyze.ct_agreement import agreement, shortfall
+from clt_pipe.clt.export import fold_input_affine, fold_standardization, save_clt
 from clt_pipe.clt.model import CrossLayerTranscoder
 from clt_pipe.errors import CltPipeError
 
 CALIBRATION_ROWS = 8192
 HUB_CONFIG = "config.yaml"
-# circuit-tracer hook names (TransformerLens naming, per block): the CLT reads the LN2 output, writes the MLP output
-FEATURE_INPUT_HOOK = "ln2.hook_normalized"
-FEATURE_OUTPUT_HOOK = "hook_mlp_out"
-MIN_THRESHOLD = 1e-6  # JumpReLU thresholds must be > 0 (they are stored as log θ)
+MIN_R2 = 0.9  # the export warns when a token type's R² vs the CLT falls below this at any layer
 
 
 # ------------------------------------------------------------------------------------------ store rows
 
-def store_rows(store, n_rows: int, device: torch.device, read_threads: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two disjoint samples of up to ``n_rows`` valid token rows (x, y) each, from chunks spread over the store.
+@dataclass
+class Rows:
+    x: torch.Tensor  # [N, L, d] MLP inputs
+    y: torch.Tensor  # [N, L, d] MLP outputs
+    pos: np.ndarray  # [N] ViT position of each row (0 = CLS)
+
+
+def store_rows(store, n_rows: int, device: torch.device, read_threads: int = 4) -> tuple[Rows, Rows]:
+    """Two disjoint samples of up to ``n_rows`` valid token rows each, from chunks spread over the store.
 
     Even-numbered picked chunks feed the first (calibration), odd-numbered the second (evaluation).
     """
@@ -57,54 +68,28 @@ def store_rows(store, n_rows: int, device: torch.device, read_threads: int = 4) 
     lay = store.layout
     want = max(1, -(-2 * n_rows // max(lay.rows_per_chunk, 1)))
     picked = sorted(set(np.linspace(0, lay.n_chunks - 1, min(want, lay.n_chunks)).round().astype(int).tolist()))
-    parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[], []]
+    parts: list[list[Rows]] = [[], []]
     got = [0, 0]
     for k, batch in enumerate(iter_chunks(store, device, 0, read_threads, chunks=picked)):
         side = k % 2 if len(picked) > 1 else 0
         keep = torch.from_numpy(batch.valid).to(batch.x.device)
-        x, y = batch.x[keep], batch.y[keep]
+        x, y, pos = batch.x[keep], batch.y[keep], batch.pos[batch.valid]
         room = n_rows - got[side]
         if room > 0 and x.shape[0]:
-            parts[side].append((x[:room], y[:room]))
+            parts[side].append(Rows(x[:room], y[:room], pos[:room]))
             got[side] += min(room, x.shape[0])
+
+    def cat(ps: list[Rows]) -> Rows:
+        return Rows(torch.cat([p.x for p in ps]), torch.cat([p.y for p in ps]), np.concatenate([p.pos for p in ps]))
+
     if len(picked) == 1:  # one chunk: split its rows
-        x = torch.cat([p[0] for p in parts[0]])
-        y = torch.cat([p[1] for p in parts[0]])
-        h = x.shape[0] // 2
-        return (x[:h], y[:h]), (x[h:], y[h:])
-    return tuple((torch.cat([p[0] for p in ps]), torch.cat([p[1] for p in ps])) for ps in parts)  # type: ignore
+        r = cat(parts[0])
+        h = r.x.shape[0] // 2
+        return Rows(r.x[:h], r.y[:h], r.pos[:h]), Rows(r.x[h:], r.y[h:], r.pos[h:])
+    return cat(parts[0]), cat(parts[1])
 
 
 # ------------------------------------------------------------------------------------------ calibration
-
-@torch.no_grad()
-def calibrate_thresholds(clt: CrossLayerTranscoder, x: torch.Tensor) -> torch.Tensor:
-    """Per-feature JumpReLU thresholds [L, F] reproducing ``clt``'s TopK firing on the rows ``x`` [N, L, d].
-
-    For feature f with n_f firing rows among N, θ_f is the midpoint between the (n_f+1)-th and n_f-th largest
-    pre-activation, so exactly the n_f largest pass ``pre > θ_f`` (ties aside); never-firing features get a θ
-    just above their largest pre-activation, always-firing ones just below their smallest.
-    """
-    L = clt.n_layers
-    thr = torch.empty(L, clt.n_features, dtype=torch.float32, device=x.device)
-    for layer in range(L):
-        xl = x[:, layer]
-        xs = (xl.to(clt.W_enc.dtype) - clt.in_mean[layer]) / clt.in_scale[layer]
-        pre = torch.addmm(clt.b_enc[layer], xs, clt.W_enc[layer]).float()  # [N, F]
-        fires = (clt.encode_layer(xl, layer) != 0).sum(0)  # [F]
-        s = pre.sort(0).values  # ascending
-        n = s.shape[0]
-        lo_idx = (n - fires - 1).clamp(0, n - 1)  # largest non-firing value (when fires < n)
-        hi_idx = (n - fires).clamp(0, n - 1)  # smallest firing value (when fires > 0)
-        lo = s.gather(0, lo_idx[None]).squeeze(0)
-        hi = s.gather(0, hi_idx[None]).squeeze(0)
-        mid = (lo + hi) / 2
-        pad = 1e-3 * s.abs().amax(0).clamp_min(1e-6)
-        mid = torch.where(fires == 0, s[-1] + pad, mid)
-        mid = torch.where(fires == n, s[0] - pad, mid)
-        thr[layer] = mid.clamp_min(MIN_THRESHOLD)
-    return thr
-
 
 @torch.no_grad()
 def as_jumprelu(clt: CrossLayerTranscoder, thresholds: torch.Tensor) -> CrossLayerTranscoder:
@@ -125,8 +110,10 @@ def as_jumprelu(clt: CrossLayerTranscoder, thresholds: torch.Tensor) -> CrossLay
 
 # ------------------------------------------------------------------------------------------ agreement
 
-def circuit_tracer_reader(path: Path, device: torch.device):
-    """(name, fn x[N, L, d] -> (recon [N, L, d], l0 [L])) reading the exported files as circuit-tracer does."""
+def circuit_tracer_reader(path: Path, device: torch.device, to_hook=None):
+    """(name, fn x[N, L, d] -> (recon [N, L, d], active count [N, L])): the exported files read as circuit-tracer
+    reads them; ``to_hook`` maps the store's x to what the export's input hook holds (None: x itself)."""
+    hook = to_hook or (lambda x: x)
     try:
         from circuit_tracer.transcoder.cross_layer_transcoder import load_clt as ct_load_clt
         import circuit_tracer
@@ -137,9 +124,8 @@ def circuit_tracer_reader(path: Path, device: torch.device):
 
         @torch.no_grad()
         def read(x):
-            out = ours(x)
-            z = ours.encode(x)
-            return out.recon.float(), (z != 0).float().sum(-1).mean(0)
+            out = ours(hook(x))
+            return out.recon.float(), (out.z != 0).float().sum(-1)
 
         return "clt_pipe (circuit-tracer's JumpReLU rule; circuit-tracer not installed)", read
 
@@ -148,57 +134,28 @@ def circuit_tracer_reader(path: Path, device: torch.device):
 
     @torch.no_grad()
     def read(x):
-        xt = x.transpose(0, 1).contiguous()  # circuit-tracer: [L, n_pos, d]
+        xt = hook(x).transpose(0, 1).contiguous()  # circuit-tracer: [L, n_pos, d]
         z = ct.encode(xt)  # [L, n, F]
-        return ct(xt).transpose(0, 1).float(), (z != 0).float().sum(-1).mean(1)
+        return ct(xt).transpose(0, 1).float(), (z != 0).float().sum(-1).T
 
     return f"circuit-tracer {version} load_clt", read
 
 
-def _r2(pred: torch.Tensor, ref: torch.Tensor) -> list[float]:
-    """Per layer 1 − SSE/SST over rows, pred/ref [N, L, d]."""
-    p, r = pred.double(), ref.double()
-    sse = (p - r).pow(2).sum((0, 2))
-    sst = (r - r.mean(0, keepdim=True)).pow(2).sum((0, 2)).clamp_min(1e-30)
-    return (1 - sse / sst).tolist()
-
-
-@torch.no_grad()
-def agreement(ours: CrossLayerTranscoder, read, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> dict:
-    recs, theirs, l0_ours, l0_theirs = [], [], [], []
-    for s in range(0, x.shape[0], batch):
-        xb = x[s:s + batch]
-        recs.append(ours(xb).recon.float())
-        l0_ours.append((ours.encode(xb) != 0).float().sum(-1).sum(0))
-        rt, l0 = read(xb)
-        theirs.append(rt)
-        l0_theirs.append(l0 * xb.shape[0])
-    rec, th = torch.cat(recs), torch.cat(theirs)
-    n = x.shape[0]
-    per_layer = {
-        "r2_vs_ours": _r2(th, rec),
-        "r2_vs_targets": _r2(th, y),
-        "r2_ours_vs_targets": _r2(rec, y),
-        "l0_ours": (torch.stack(l0_ours).sum(0) / n).tolist(),
-        "l0_circuit_tracer": (torch.stack(l0_theirs).sum(0) / n).tolist(),
-    }
-    summ = {k: {"mean": float(np.mean(v)), "min": float(np.min(v))} for k, v in per_layer.items()}
-    return {"n_rows": n, "per_layer": per_layer, "summary": summ,
-            "max_abs_diff": float((th - rec).abs().max()) if n else 0.0}
-
-
 # ------------------------------------------------------------------------------------------ the export
 
-def write_hub_config(out: Path, clt: CrossLayerTranscoder, run_meta: dict) -> Path:
+def write_hub_config(out: Path, clt: CrossLayerTranscoder, model: dict, input_hook: str) -> Path:
     """``config.yaml`` for circuit-tracer's hub loader. Written as JSON, which is valid YAML."""
-    model = (run_meta.get("store") or {}).get("model") or {}
+    folded = input_hook == ct_hooks.LN2_NORMALIZED
     cfg = {
         "model_kind": "cross_layer_transcoder",
         "model_name": model.get("name", ""),
-        "feature_input_hook": FEATURE_INPUT_HOOK,
-        "feature_output_hook": FEATURE_OUTPUT_HOOK,
+        "feature_input_hook": input_hook,
+        "feature_output_hook": ct_hooks.OUTPUT_HOOK,
         "clt_pipe": {"sparsifier_trained": clt.spec.sparsifier, "n_layers": clt.n_layers, "d_model": clt.d_model,
                      "n_features": clt.n_features, "model": model,
+                     "ln2_affine": ("folded into W_enc/b_enc: ln2.hook_normalized is before LN2's weight and bias "
+                                    "(circuit-tracer 0.5, transformer-lens 3)") if folded else
+                     "not folded: the encoder reads the LN2 output, weight and bias applied, as trained",
                      "note": "ViT: circuit-tracer's attribution zeroes position 0, which is the CLS token"},
     }
     path = out / HUB_CONFIG
@@ -209,16 +166,24 @@ def write_hub_config(out: Path, clt: CrossLayerTranscoder, run_meta: dict) -> Pa
 
 
 def export_for_circuit_tracer(run_dir: str | Path, out: str | Path, store_url: str = "", device: str = "cpu",
-                              calibration_rows: int = CALIBRATION_ROWS, read_threads: int = 4) -> dict:
-    """Write ``out`` for circuit-tracer (see the module docstring); returns the export summary."""
+                              calibration_rows: int = CALIBRATION_ROWS, read_threads: int = 4, *,
+                              calibration: str = "error", min_r2: float = MIN_R2,
+                              input_hook: str = ct_hooks.LN2_NORMALIZED) -> dict:
+    """Write ``out`` for circuit-tracer (see the module docstring); returns the export summary, whose
+    ``warning`` (one line, or absent) says which token type falls below ``min_r2`` against the CLT, and why."""
     from clt_pipe.outdir import hold_out_dir
 
+    if calibration not in cal.METHODS:
+        raise CltPipeError(f"export: --calibration {calibration!r} is not one of {', '.join(cal.METHODS)}")
+    if input_hook not in ct_hooks.INPUT_HOOKS:
+        raise CltPipeError(f"export: --input-hook {input_hook!r} is not one of {', '.join(ct_hooks.INPUT_HOOKS)}")
     with hold_out_dir(out, "export"):
-        return _export(run_dir, out, store_url, device, calibration_rows, read_threads)
+        return _export(run_dir, out, store_url, device, calibration_rows, read_threads, calibration, min_r2,
+                       input_hook)
 
 
 def _export(run_dir: str | Path, out: str | Path, store_url: str, device: str, calibration_rows: int,
-            read_threads: int) -> dict:
+            read_threads: int, calibration: str, min_r2: float, input_hook: str) -> dict:
     from clt_pipe.clt.rundir import load_fitted
 
     clt, run_meta = load_fitted(run_dir)
@@ -229,7 +194,6 @@ def _export(run_dir: str | Path, out: str | Path, store_url: str, device: str, c
     dev = torch.device(device)
     clt = clt.to(dev).eval()
     rows = None
-    store = None
     if store_url:
         from clt_pipe.store.reader import ActivationStore
 
@@ -238,25 +202,109 @@ def _export(run_dir: str | Path, out: str | Path, store_url: str, device: str, c
             raise CltPipeError(f"export: store {store_url} holds {store.n_layers} layers × {store.d_model}, the CLT "
                                f"{clt.n_layers} × {clt.d_model}")
         rows = store_rows(store, calibration_rows, dev, read_threads)
-    summary: dict = {"out": str(out), "sparsifier": sparsifier}
+    model = store.model if store_url else (run_meta.get("store") or {}).get("model") or {}
+    to_hook = None
+    if input_hook == ct_hooks.LN2_NORMALIZED:
+        gamma, beta = ct_hooks.ln2_affine(model, dev)
+
+        def to_hook(x):
+            return ct_hooks.normalized_from_ln_out(x, gamma, beta)
+    summary: dict = {"out": str(out), "sparsifier": sparsifier, "min_r2": min_r2, "input_hook": input_hook}
     if sparsifier == "relu_topk":
-        (xc, _), _ = rows
-        exported = as_jumprelu(clt, calibrate_thresholds(clt, xc))
-        summary.update(exported_as="jumprelu (per-feature thresholds calibrated on the store)",
-                       calibration_rows=int(xc.shape[0]))
+        calib_rows = rows[0]
+        c = cal.calibrate(clt, calib_rows.x, calib_rows.pos, calibration)
+        exported = as_jumprelu(clt, c.thresholds)
+        summary.update(exported_as=f"jumprelu (per-feature thresholds calibrated on the store: {c.chosen})",
+                       calibration_rows=int(calib_rows.x.shape[0]),
+                       calibration={"method": c.method, "chosen": c.chosen, "loss": c.loss,
+                                    "cls_rows": int((calib_rows.pos == 0).sum())})
     else:
-        exported = clt
+        exported = fold_standardization(clt)
         summary["exported_as"] = sparsifier if sparsifier == "jumprelu" else "jumprelu (batchtopk threshold)"
+    if to_hook is not None:
+        exported = fold_input_affine(exported, gamma, beta)
     out = Path(out)
     save_clt(exported, out, extra_meta={"run": run_meta.get("store", {}), "circuit_tracer": {
-        "trained_sparsifier": sparsifier, "calibrated_on": store_url or None}})
-    write_hub_config(out, clt, run_meta)
+        "trained_sparsifier": sparsifier, "calibrated_on": store_url or None, "input_hook": input_hook,
+        "ln2_affine_folded": to_hook is not None}})
+    write_hub_config(out, clt, model, input_hook)
     if rows is not None:
-        (_, _), (xe, ye) = rows
-        if xe.shape[0] == 0:
+        ev = rows[1]
+        if ev.x.shape[0] == 0:
             raise CltPipeError(f"export: store {store_url} has no valid token rows to measure the agreement on")
-        reader, read = circuit_tracer_reader(out, dev)
-        agr = agreement(clt, read, xe, ye)
+        reader, read = circuit_tracer_reader(out, dev, to_hook)
+        agr = agreement(clt, read, ev.x, ev.y, ev.pos)
         summary.update(reader=reader, agreement=agr)
+        low = shortfall(agr, min_r2)
+        if low is not None and sparsifier == "relu_topk":
+            low["alone"] = alone_bound(clt, rows, low, calibration)
+            summary["type_alone_bound"] = low["alone"]
+        if low is not None:
+            summary["warning"] = shortfall_line(low, min_r2, sparsifier)
         (out / "export_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+@torch.no_grad()
+def alone_bound(clt: CrossLayerTranscoder, rows: tuple[Rows, Rows], low: dict, method: str) -> dict:
+    """The short token type's R² vs the CLT at its worst layer (held-out rows) with thresholds calibrated on that
+    type's rows alone, and the other type's R² there with those thresholds: what one threshold per feature
+    costs, measured (circuit-tracer's JumpReLU rule, applied by this package)."""
+    from clt_pipe.analyze.ct_agreement import r2_per_layer
+    from clt_pipe.tokens import token_mask
+
+    calib, ev = rows
+    t, layer = low["type"], low["layer"]
+    keep = token_mask(calib.pos, t)
+    if not keep.any():
+        return {}
+    c = cal.calibrate(clt, calib.x[torch.as_tensor(keep, device=calib.x.device)], calib.pos[keep], method)
+    alone = as_jumprelu(clt, c.thresholds)
+    out: dict = {"type": t, "layer": layer}
+    for name in ("cls", "patches"):
+        m = torch.as_tensor(token_mask(ev.pos, name), device=ev.x.device)
+        if bool(m.any()):
+            x = ev.x[m]
+            out[f"r2_{name}"] = r2_per_layer(alone(x).recon, clt(x).recon)[layer]
+    return out
+
+
+def shortfall_line(low: dict, min_r2: float, sparsifier: str) -> str:
+    """One line: which token type and layer circuit-tracer reproduces worse than ``min_r2``, and why."""
+    t = low["type"]
+    line = (f"{t} tokens: R² of circuit-tracer's reading vs the CLT is {low['r2']:.3f} at layer "
+            f"{low['layer']} (below --min-r2 {min_r2:g}; L0 {low['l0_circuit_tracer']:.1f} vs the CLT's "
+            f"{low['l0_ours']:.1f})")
+    if sparsifier != "relu_topk":
+        return line
+    alone = low.get("alone") or {}
+    other = "patches" if t == "cls" else "cls"
+    if alone.get(f"r2_{t}", -np.inf) >= min_r2:
+        return line + (f"; circuit-tracer's JumpReLU has one threshold per feature at every position: thresholds "
+                       f"fitted to {t} alone reach {alone[f'r2_{t}']:.3f} on {t} but "
+                       f"{alone.get(f'r2_{other}', float('nan')):.3f} on {other}, so no one set serves both")
+    return line + (f"; even thresholds fitted to {t} alone reach only {alone.get(f'r2_{t}', float('nan')):.3f}: "
+                   f"TopK cuts each token at its own k-th value, which no per-feature threshold reproduces")
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """What ``clt-pipe export`` prints: the export, then R² and L0 per token type (mean and worst layer) and
+    per layer, and the warning line when a token type falls below ``min_r2``."""
+    lines = [f"exported to {summary['out']} as {summary['exported_as']} (trained: {summary['sparsifier']}; "
+             f"input hook {summary['input_hook']})"]
+    agr = summary.get("agreement")
+    if not agr:
+        return lines + ["agreement not measured (pass --store to measure it)"]
+    lines.append(f"agreement on {agr['n_rows']} held-out store rows, read by {summary['reader']}:")
+    labels = (("r2_vs_ours", "R² circuit-tracer vs ours"), ("r2_vs_targets", "R² circuit-tracer vs targets"),
+              ("r2_ours_vs_targets", "R² ours vs targets"), ("l0_ours", "L0 ours"),
+              ("l0_circuit_tracer", "L0 circuit-tracer"))
+    for t, block in agr["by_token_type"].items():
+        lines.append(f" {t} ({block['n_rows']} rows)" + " " * max(0, 24 - len(t)) + "  mean    worst  per layer")
+        for key, label in labels:
+            v, pl = block["summary"][key], block["per_layer"][key]
+            worst = v["max"] if key.startswith("l0") else v["min"]
+            lines.append(f"  {label:30s} {v['mean']:7.3f} {worst:7.3f}  " + " ".join(f"{a:.3f}" for a in pl))
+    if summary.get("warning"):
+        lines.append("warning: " + summary["warning"])
+    return lines

@@ -1,6 +1,7 @@
 """Fold the standardisation into the weights; save/load CLTs in circuit-tracer's safetensors layout.
 
-Directory layout (the same file and key names circuit-tracer's ``load_clt`` reads):
+Directory layout (the file and key names circuit-tracer's ``load_clt`` reads; keys prefixed ``clt_pipe.`` where
+it would read another CLT, see below):
 
     W_enc_{i}.safetensors   W_enc_{i} [F, d] (note: transposed w.r.t. the in-memory [d, F]), b_enc_{i} [F],
                             b_dec_{i} [d] (zeros without a decoder bias), threshold_{i} [F] (jumprelu and
@@ -11,8 +12,11 @@ Directory layout (the same file and key names circuit-tracer's ``load_clt`` read
                             complete save
 
 A batchtopk CLT exports its per-layer inference threshold broadcast to [F], so circuit-tracer loads it as a
-JumpReLU CLT with identical outputs; ReLU-TopK/Abs-TopK have no circuit-tracer equivalent (its activations are
-ReLU and JumpReLU), so those checkpoints are for this package (the tensors are still in the same layout).
+JumpReLU CLT with identical outputs. ReLU-TopK/Abs-TopK have no circuit-tracer equivalent (its activations are
+ReLU and JumpReLU), and circuit-tracer ignores a separate standardisation: format version 2 writes such
+checkpoints (clt.json ``"layout": "clt_pipe"``) with the same files and shapes but their tensor keys prefixed
+``clt_pipe.`` (``clt_pipe.W_enc_0``, ...), so circuit-tracer's ``load_clt`` refuses them (it asks for ``W_enc_0``)
+instead of reading a TopK CLT as a plain ReLU one (version 1 wrote circuit-tracer's keys for every CLT).
 """
 
 from __future__ import annotations
@@ -34,7 +38,11 @@ from clt_pipe.clt.spec import CLTSpec
 from clt_pipe.errors import CheckpointError
 
 FORMAT = "clt_pipe.clt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # v1: circuit-tracer's keys whatever the sparsifier
+CT_LAYOUT = "circuit-tracer"  # circuit-tracer's load_clt reads these files as the same CLT
+OWN_LAYOUT = "clt_pipe"  # same files and shapes, keys prefixed: circuit-tracer's load_clt refuses them
+OWN_PREFIX = "clt_pipe."
 META_FILE = "clt.json"
 STD_FILE = "standardization.safetensors"
 _LAYER_FILE = re.compile(r"^W_(enc|dec)_(\d+)\.safetensors$")
@@ -69,6 +77,35 @@ def fold_standardization(model: CrossLayerTranscoder) -> CrossLayerTranscoder:
     return new
 
 
+def circuit_tracer_reads_as_is(model: CrossLayerTranscoder) -> bool:
+    """Whether circuit-tracer's ``load_clt`` reads ``model``'s saved files as this same CLT: a ReLU/JumpReLU
+    rule (jumprelu, batchtopk's inference threshold) and raw activations in and out (standardisation folded)."""
+    return not model.spec.kind.topk and is_identity_standardization(model)
+
+
+def _key_prefix(layout: str) -> str:
+    return OWN_PREFIX if layout == OWN_LAYOUT else ""
+
+
+@torch.no_grad()
+def fold_input_affine(model: CrossLayerTranscoder, weight: Tensor, bias: Tensor) -> CrossLayerTranscoder:
+    """A copy reading n where ``model`` reads x = n ⊙ weight + bias (per layer: weight, bias [L, d]).
+
+    For a LayerNorm's affine: pre = (n ⊙ γ + β) W + b = n (γ ⊙ W) + (β W + b), exact; thresholds act on ``pre``
+    and carry over. ``model`` must have identity standardisation (fold it first)."""
+    if not is_identity_standardization(model):
+        raise ValueError("fold_input_affine: fold the standardisation first")
+    L, d = model.n_layers, model.d_model
+    if tuple(weight.shape) != (L, d) or tuple(bias.shape) != (L, d):
+        raise ValueError(f"fold_input_affine: weight/bias must be [{L}, {d}], got {list(weight.shape)}, "
+                         f"{list(bias.shape)}")
+    new = copy.deepcopy(model)
+    w_enc = model.W_enc.double()
+    new.b_enc.copy_(model.b_enc.double() + torch.einsum("ld,ldf->lf", bias.double().to(w_enc.device), w_enc))
+    new.W_enc.copy_(w_enc * weight.double().to(w_enc.device)[:, :, None])
+    return new
+
+
 def _atomic_save(tensors: dict[str, Tensor], path: Path) -> None:
     write_bytes_atomic(path, save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}))
 
@@ -87,6 +124,8 @@ def save_clt(
     if fold and not is_identity_standardization(model):
         model = fold_standardization(model)
     folded = is_identity_standardization(model)
+    layout = CT_LAYOUT if circuit_tracer_reads_as_is(model) else OWN_LAYOUT
+    pfx = _key_prefix(layout)
 
     (out / META_FILE).unlink(missing_ok=True)  # incomplete until clt.json is back
     for f in out.iterdir():  # a previous, deeper CLT's layers would confuse circuit-tracer's file count
@@ -96,11 +135,11 @@ def save_clt(
     threshold = model.threshold()
     b_dec = model.b_dec_or_zeros()
     for i in range(n_layers):
-        enc = {f"W_enc_{i}": model.W_enc[i].T, f"b_enc_{i}": model.b_enc[i], f"b_dec_{i}": b_dec[i]}
+        enc = {f"{pfx}W_enc_{i}": model.W_enc[i].T, f"{pfx}b_enc_{i}": model.b_enc[i], f"{pfx}b_dec_{i}": b_dec[i]}
         if threshold is not None:
-            enc[f"threshold_{i}"] = threshold[i]
+            enc[f"{pfx}threshold_{i}"] = threshold[i]
         _atomic_save(enc, out / f"W_enc_{i}.safetensors")
-        _atomic_save({f"W_dec_{i}": model.W_dec[i]}, out / f"W_dec_{i}.safetensors")
+        _atomic_save({f"{pfx}W_dec_{i}": model.W_dec[i]}, out / f"W_dec_{i}.safetensors")
     std_path = out / STD_FILE
     if folded:
         std_path.unlink(missing_ok=True)
@@ -111,7 +150,7 @@ def save_clt(
     meta: dict[str, Any] = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        "layout": "circuit-tracer",
+        "layout": layout,
         "spec": spec.to_dict(),
         "standardization": "folded" if folded else "separate",
         "dtype": str(model.W_enc.dtype).removeprefix("torch."),
@@ -138,8 +177,11 @@ def _read_meta(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{meta_path}: unreadable ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_path}: not a {FORMAT} checkpoint")
-    if meta.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{meta_path}: format version {meta.get('version')!r}, expected {FORMAT_VERSION}")
+    if meta.get("version") not in READABLE_VERSIONS:
+        raise CheckpointError(f"{meta_path}: format version {meta.get('version')!r}, this tool reads "
+                              f"{', '.join(map(str, READABLE_VERSIONS))}")
+    if meta["version"] >= 2 and meta.get("layout") not in (CT_LAYOUT, OWN_LAYOUT):
+        raise CheckpointError(f"{meta_path}: unknown layout {meta.get('layout')!r}")
     if not isinstance(meta.get("spec"), dict):
         raise CheckpointError(f"{meta_path}: no spec")
     return meta
@@ -164,6 +206,14 @@ def _read_tensors(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str,
     return tensors
 
 
+def _prefixed(expected: dict, pfx: str) -> dict:
+    return {pfx + k: v for k, v in expected.items()}
+
+
+def _unprefix(tensors: dict, pfx: str) -> dict:
+    return {k.removeprefix(pfx): v for k, v in tensors.items()}
+
+
 @torch.no_grad()
 def load_clt(path: str | Path, *, device: str | torch.device = "cpu") -> CrossLayerTranscoder:
     """Rebuild a CLT saved by ``save_clt``; any missing, truncated or mis-shaped file raises CheckpointError."""
@@ -179,12 +229,14 @@ def load_clt(path: str | Path, *, device: str | torch.device = "cpu") -> CrossLa
         model = CrossLayerTranscoder(spec)
     model = model.to_empty(device=device)
     has_thr = spec.sparsifier in ("jumprelu", "batchtopk")
+    pfx = _key_prefix(meta.get("layout", CT_LAYOUT) if meta["version"] >= 2 else CT_LAYOUT)
     for i in range(n_layers):
         expected = {f"W_enc_{i}": (n_feat, d), f"b_enc_{i}": (n_feat,), f"b_dec_{i}": (d,)}
         if has_thr:
             expected[f"threshold_{i}"] = (n_feat,)
-        enc = _read_tensors(root / f"W_enc_{i}.safetensors", expected)
-        dec = _read_tensors(root / f"W_dec_{i}.safetensors", {f"W_dec_{i}": (n_feat, n_layers - i, d)})
+        enc = _unprefix(_read_tensors(root / f"W_enc_{i}.safetensors", _prefixed(expected, pfx)), pfx)
+        dec = _unprefix(_read_tensors(root / f"W_dec_{i}.safetensors",
+                                      {f"{pfx}W_dec_{i}": (n_feat, n_layers - i, d)}), pfx)
         model.W_enc[i].copy_(enc[f"W_enc_{i}"].T)
         model.b_enc[i].copy_(enc[f"b_enc_{i}"])
         model.W_dec[i].copy_(dec[f"W_dec_{i}"])
