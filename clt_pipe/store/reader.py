@@ -43,7 +43,7 @@ class ActivationStore:
         if not found:
             raise StoreError(f"store {url!r} not found (no zarr.json there)")
         try:
-            self.group = zarr.open_group(self.loc.zarr_store(read_only=True), mode="r")
+            self.group = zarr.open_group(self.loc.zarr_store(read_only=True), mode="r", zarr_format=3)
         except Exception as e:  # noqa: BLE001
             raise StoreError(f"store {url!r} is unreadable: {e}") from None
         meta = self.group.attrs.get(F.ATTRS_KEY)
@@ -62,6 +62,7 @@ class ActivationStore:
             raise StoreError(f"{url!r}: its store description is malformed ({type(e).__name__}: {e})") from None
         self.recompute = self.meta.recompute
         self._targets: dict[str, RecomputedTargets] = {}
+        self._arrays: dict[str, zarr.Array] = {}  # opened once: each open reads the array's zarr.json
         self.layout = self.meta.layout
         self.dtype = self.meta.activations.dtype
         with self.loc.errors("read"):
@@ -123,9 +124,15 @@ class ActivationStore:
         return self.meta.dataset.class_names
 
     # ---- arrays ----------------------------------------------------------------------------------------
+    def _open(self, name: str) -> zarr.Array:
+        """``group[name]``, opened once (its errors as zarr raises them)."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
     def array(self, name: str) -> zarr.Array:
         try:
-            return self.group[name]
+            return self._open(name)
         except KeyError:
             raise StoreError(f"{self.url}: array {name} is missing; {repair_hint(self.url)}") from None
         except Exception as e:  # noqa: BLE001 - a damaged array zarr.json
@@ -197,9 +204,7 @@ class ActivationStore:
             raise
 
     def _activation_arrays(self) -> list[zarr.Array]:
-        if not hasattr(self, "_act_arrays"):  # each open reads the array's metadata from the store
-            self._act_arrays = [self.array(name) for name in self.meta.activation_arrays]
-        return self._act_arrays
+        return [self.array(name) for name in self.meta.activation_arrays]
 
     def _check_block(self, chunk: int, arr: zarr.Array, out: np.ndarray) -> None:
         """One decoded chunk of one activation array against its commit record's crc32c."""
@@ -243,7 +248,7 @@ class ActivationStore:
     def _read_per_image(self, name: str) -> np.ndarray:
         """A whole per-image array, each committed shard's rows checked against its commit record."""
         try:
-            data = self._checked(name, lambda: self.group[name][:], None, "")
+            data = self._checked(name, lambda: self._open(name)[:], None, "")
         except StoreError:
             self._name_bad_per_image_chunk(name)
             raise
@@ -288,7 +293,7 @@ class ActivationStore:
         return self._read_per_image(F.LABELS)
 
     def _final_array(self, name: str) -> np.ndarray:
-        return self._checked(name, lambda: self.group[name][:], self._final_crc(name), "")
+        return self._checked(name, lambda: self._open(name)[:], self._final_crc(name), "")
 
     def head(self) -> dict[str, np.ndarray]:
         return {name: self._final_array(f"{F.HEAD_GROUP}/{name}") for name in F.HEAD_ARRAYS}
@@ -308,8 +313,7 @@ class ActivationStore:
 
     def images(self) -> pa.Table:
         try:
-            with self.loc.fs.open(self.loc.path(F.IMAGES_PARQUET), "rb") as fh:
-                data = fh.read()
+            data = self.loc.read_bytes(F.IMAGES_PARQUET)
         except FileNotFoundError:
             raise StoreError(f"{self.url}: {F.IMAGES_PARQUET} is missing; {repair_hint(self.url)}") from None
         want = ((self.file_checksums or {}).get("files") or {}).get(F.IMAGES_PARQUET)
