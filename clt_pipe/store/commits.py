@@ -54,9 +54,7 @@ def committed_shards(loc: StoreLocation, fingerprint: str) -> list[int]:
 def read_complete(loc: StoreLocation, fingerprint: str) -> tuple[dict | None, str | None]:
     """(COMPLETE.json if it is readable and names this store's fingerprint, else None; why an existing one is
     not this store's: unreadable, or naming another fingerprint)."""
-    if not loc.exists(F.COMPLETE_FILE):
-        return None, None
-    try:
+    try:  # one read, no existence check first (a request of its own on an object store)
         rec = loc.read_json(F.COMPLETE_FILE)
     except FileNotFoundError:
         return None, None

@@ -7,7 +7,7 @@ import collections
 import contextlib
 import threading
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 
 @dataclass
@@ -16,8 +16,14 @@ class RequestLog:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, method: str, url: str) -> None:
+        """A listing (a GET of the bucket with a prefix) is recorded as ``LIST`` of ``bucket?prefix``."""
+        parts = urlsplit(url)
+        method, path = method.upper(), parts.path
+        query = parse_qs(parts.query)
+        if method == "GET" and ("list-type" in query or path.strip("/").count("/") == 0):
+            method, path = "LIST", f"{path}?{query.get('prefix', [''])[0]}"
         with self._lock:
-            self.requests.append((method.upper(), urlsplit(url).path))
+            self.requests.append((method, path))
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -26,8 +32,8 @@ class RequestLog:
         return dict(collections.Counter(m for m, _ in self.requests))
 
     def reads(self) -> list[tuple[str, str]]:
-        """Requests that change nothing (GET, HEAD, and listings)."""
-        return [(m, p) for m, p in self.requests if m in ("GET", "HEAD")]
+        """Requests that change nothing (GET, HEAD, LIST)."""
+        return [(m, p) for m, p in self.requests if m in ("GET", "HEAD", "LIST")]
 
     def repeated(self, method: str = "GET") -> dict[str, int]:
         """Paths requested more than once with ``method``: what a cache could have saved."""
