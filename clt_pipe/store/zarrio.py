@@ -151,8 +151,8 @@ class StagedNodes:
             sync(put_all())
 
     def array_names(self) -> list[str]:
-        return sorted(k.removesuffix("/zarr.json") for k in self._objects
-                      if k.endswith("/zarr.json") and isinstance(self.root.get(k.removesuffix("/zarr.json")), zarr.Array))
+        nodes = [k.removesuffix("/zarr.json") for k in self._objects if k.endswith("/zarr.json")]
+        return sorted(n for n in nodes if isinstance(self.root.get(n), zarr.Array))
 
     def array_on(self, store: zarr.abc.store.Store, name: str) -> zarr.Array:
         """The array ``name`` as made here, bound to ``store``: its metadata is known, nothing is read."""
