@@ -101,7 +101,10 @@ class StoreLocation:
 
     def listdir(self, key: str) -> list[str]:
         try:
-            return sorted(os.path.basename(p.rstrip("/")) for p in self.fs.ls(self.path(key), detail=False))
+            # refresh: s3fs would answer from a listing cached earlier in this process, which another process
+            # may have changed since (a lock taken, a record committed)
+            names = self.fs.ls(self.path(key), detail=False, refresh=True)
+            return sorted(os.path.basename(p.rstrip("/")) for p in names)
         except FileNotFoundError:
             return []
 
@@ -113,9 +116,12 @@ class StoreLocation:
 
     def remove_contents(self, keep: tuple[str, ...] = ()) -> None:
         """Everything under the root except the names in ``keep`` (the harvest lock its holder stands on)."""
-        for name in self.listdir(""):
-            if name not in keep:
-                self.remove(name)
+        doomed = [self.path(name) for name in self.listdir("") if name not in keep]
+        if doomed:  # one call: object stores delete up to 1000 keys per request
+            try:
+                self.fs.rm(doomed, recursive=True)
+            except FileNotFoundError:
+                pass
 
     def clean_temp_files(self, key: str) -> int:
         """Drop ``*.tmp`` leftovers of a killed atomic write; returns how many."""
