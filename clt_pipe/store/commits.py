@@ -9,10 +9,24 @@ from clt_pipe.store import format as F
 from clt_pipe.store.location import StoreLocation
 
 
-def commit_records(loc: StoreLocation, fingerprint: str) -> dict[int, dict]:
-    """Readable commit records that belong to this store, by shard. An unreadable record (torn, flipped bytes)
-    counts as no record: its shard is not committed, to readers and to resume alike."""
-    names = [n for n in loc.listdir(F.COMMITS_DIR) if n.startswith("shard-") and n.endswith(".json")]
+def listed_shards(loc: StoreLocation) -> list[int]:
+    """Shards with a commit record file in the store (one listing; nothing read)."""
+    out = []
+    for n in loc.listdir(F.COMMITS_DIR):
+        stem = n[len("shard-"):-len(".json")] if n.startswith("shard-") and n.endswith(".json") else ""
+        if stem.isdigit():
+            out.append(int(stem))
+    return sorted(out)
+
+
+def commit_records(loc: StoreLocation, fingerprint: str, only: set[int] | None = None) -> dict[int, dict]:
+    """Readable commit records that belong to this store, by shard (``only``: of these shards, without a
+    listing). An unreadable record (torn, flipped bytes) counts as no record: its shard is not committed, to
+    readers and to resume alike."""
+    if only is None:
+        names = [n for n in loc.listdir(F.COMMITS_DIR) if n.startswith("shard-") and n.endswith(".json")]
+    else:
+        names = [F.shard_commit_name(s).rsplit("/", 1)[-1] for s in sorted(only)]
     paths = [loc.path(f"{F.COMMITS_DIR}/{n}") for n in names]
     # One call for all records: object-store filesystems fetch them concurrently (thousands of shards on S3).
     blobs = loc.fs.cat(paths, on_error="return") if paths else {}
@@ -40,9 +54,7 @@ def committed_shards(loc: StoreLocation, fingerprint: str) -> list[int]:
 def read_complete(loc: StoreLocation, fingerprint: str) -> tuple[dict | None, str | None]:
     """(COMPLETE.json if it is readable and names this store's fingerprint, else None; why an existing one is
     not this store's: unreadable, or naming another fingerprint)."""
-    if not loc.exists(F.COMPLETE_FILE):
-        return None, None
-    try:
+    try:  # one read, no existence check first (a request of its own on an object store)
         rec = loc.read_json(F.COMPLETE_FILE)
     except FileNotFoundError:
         return None, None

@@ -24,6 +24,18 @@ def is_backend_error(e: BaseException) -> bool:
     return isinstance(e, OSError) or type(e).__module__.split(".")[0] in ("botocore", "aiobotocore")
 
 
+def with_request_defaults(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """``storage_options`` plus what keeps an object store at one request per object read. s3fs with
+    ``max_concurrency`` > 1 (its default is 10) sends a HEAD before every whole-object GET, to see whether the
+    object is large enough (> its 50 MB block size) to fetch in concurrent ranges: that doubled the requests of
+    every chunk, metadata and commit-record read. Chunks are read many at a time already, so one GET each is
+    the better trade. An explicit ``max_concurrency`` of the caller's wins."""
+    opts = dict(storage_options or {})
+    if url.split("://", 1)[0] in ("s3", "s3a"):
+        opts.setdefault("max_concurrency", 1)
+    return opts
+
+
 class StoreLocation:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
         self.url = url
@@ -31,12 +43,13 @@ class StoreLocation:
         if self.is_local:
             self.root = os.path.abspath(url.removeprefix("file://"))
             self.fs = fsspec.filesystem("file")
+            self.storage_options = dict(storage_options or {})
         else:
+            self.storage_options = with_request_defaults(url, storage_options)
             try:
-                self.fs, self.root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+                self.fs, self.root = fsspec.core.url_to_fs(url, **self.storage_options)
             except (ValueError, ImportError) as e:
                 raise StoreError(f"{url}: unsupported store URL ({e})") from None
-        self.storage_options = storage_options or {}
 
     @contextlib.contextmanager
     def errors(self, action: str):
@@ -62,10 +75,13 @@ class StoreLocation:
     def exists(self, key: str = "") -> bool:
         return self.fs.exists(self.path(key) if key else self.root)
 
+    def read_bytes(self, key: str) -> bytes:
+        """A whole object in one request (``fs.open`` would first ask for its size)."""
+        return self.fs.cat_file(self.path(key))
+
     def read_json(self, key: str) -> dict:
         try:
-            with self.fs.open(self.path(key), "rb") as fh:
-                return json.loads(fh.read())
+            return json.loads(self.read_bytes(key))
         except FileNotFoundError:
             raise
         except (ValueError, OSError) as e:
@@ -85,7 +101,10 @@ class StoreLocation:
 
     def listdir(self, key: str) -> list[str]:
         try:
-            return sorted(os.path.basename(p.rstrip("/")) for p in self.fs.ls(self.path(key), detail=False))
+            # refresh: s3fs would answer from a listing cached earlier in this process, which another process
+            # may have changed since (a lock taken, a record committed)
+            names = self.fs.ls(self.path(key), detail=False, refresh=True)
+            return sorted(os.path.basename(p.rstrip("/")) for p in names)
         except FileNotFoundError:
             return []
 
@@ -97,9 +116,12 @@ class StoreLocation:
 
     def remove_contents(self, keep: tuple[str, ...] = ()) -> None:
         """Everything under the root except the names in ``keep`` (the harvest lock its holder stands on)."""
-        for name in self.listdir(""):
-            if name not in keep:
-                self.remove(name)
+        doomed = [self.path(name) for name in self.listdir("") if name not in keep]
+        if doomed:  # one call: object stores delete up to 1000 keys per request
+            try:
+                self.fs.rm(doomed, recursive=True)
+            except FileNotFoundError:
+                pass
 
     def clean_temp_files(self, key: str) -> int:
         """Drop ``*.tmp`` leftovers of a killed atomic write; returns how many."""

@@ -8,6 +8,7 @@ one raises one StoreError naming the array, the chunk and the shard, and how to 
 
 from __future__ import annotations
 
+import threading
 from functools import cached_property
 
 import numpy as np
@@ -43,7 +44,7 @@ class ActivationStore:
         if not found:
             raise StoreError(f"store {url!r} not found (no zarr.json there)")
         try:
-            self.group = zarr.open_group(self.loc.zarr_store(read_only=True), mode="r")
+            self.group = zarr.open_group(self.loc.zarr_store(read_only=True), mode="r", zarr_format=3)
         except Exception as e:  # noqa: BLE001
             raise StoreError(f"store {url!r} is unreadable: {e}") from None
         meta = self.group.attrs.get(F.ATTRS_KEY)
@@ -62,6 +63,11 @@ class ActivationStore:
             raise StoreError(f"{url!r}: its store description is malformed ({type(e).__name__}: {e})") from None
         self.recompute = self.meta.recompute
         self._targets: dict[str, RecomputedTargets] = {}
+        # Read once per store object: each array open reads its zarr.json, each read its chunks, and analyze's
+        # parts ask for the same arrays again (one request each on an object store).
+        self._arrays: dict[str, zarr.Array] = {}
+        self._read: dict[str, np.ndarray] = {}  # checked per-image and finalised arrays, read-only
+        self._open_lock = threading.Lock()
         self.layout = self.meta.layout
         self.dtype = self.meta.activations.dtype
         with self.loc.errors("read"):
@@ -123,9 +129,16 @@ class ActivationStore:
         return self.meta.dataset.class_names
 
     # ---- arrays ----------------------------------------------------------------------------------------
+    def _open(self, name: str) -> zarr.Array:
+        """``group[name]``, opened once (its errors as zarr raises them)."""
+        with self._open_lock:  # reading threads ask at once on the first window
+            if name not in self._arrays:
+                self._arrays[name] = self.group[name]
+            return self._arrays[name]
+
     def array(self, name: str) -> zarr.Array:
         try:
-            return self.group[name]
+            return self._open(name)
         except KeyError:
             raise StoreError(f"{self.url}: array {name} is missing; {repair_hint(self.url)}") from None
         except Exception as e:  # noqa: BLE001 - a damaged array zarr.json
@@ -197,9 +210,7 @@ class ActivationStore:
             raise
 
     def _activation_arrays(self) -> list[zarr.Array]:
-        if not hasattr(self, "_act_arrays"):  # each open reads the array's metadata from the store
-            self._act_arrays = [self.array(name) for name in self.meta.activation_arrays]
-        return self._act_arrays
+        return [self.array(name) for name in self.meta.activation_arrays]
 
     def _check_block(self, chunk: int, arr: zarr.Array, out: np.ndarray) -> None:
         """One decoded chunk of one activation array against its commit record's crc32c."""
@@ -243,7 +254,7 @@ class ActivationStore:
     def _read_per_image(self, name: str) -> np.ndarray:
         """A whole per-image array, each committed shard's rows checked against its commit record."""
         try:
-            data = self._checked(name, lambda: self.group[name][:], None, "")
+            data = self._checked(name, lambda: self._open(name)[:], None, "")
         except StoreError:
             self._name_bad_per_image_chunk(name)
             raise
@@ -272,35 +283,57 @@ class ActivationStore:
             except Exception as e:  # noqa: BLE001
                 self._bad_chunk(arr, chunk, f"does not decode ({type(e).__name__}: {e})")
 
-    def per_image(self, name: str) -> np.ndarray:
-        return self._read_per_image(name)
+    def _once(self, name: str, read) -> np.ndarray:
+        if name not in self._read:
+            data = read(name)
+            data.flags.writeable = False  # shared by every caller
+            self._read[name] = data
+        return self._read[name]
 
-    @cached_property
+    def per_image(self, name: str) -> np.ndarray:
+        """A whole per-image array, checked; read once per store object (read-only)."""
+        return self._once(name, self._read_per_image)
+
+    def per_image_if_read(self, name: str) -> np.ndarray | None:
+        """``per_image(name)`` if something already read it, else None (for readers that would otherwise read
+        it in slices, to bound their memory)."""
+        return self._read.get(name)
+
+    @property
     def token_index(self) -> np.ndarray:
-        return self._read_per_image(F.TOKEN_INDEX)
+        return self.per_image(F.TOKEN_INDEX)
 
     @cached_property
     def image_ok(self) -> np.ndarray:
-        return self._read_per_image(F.IMAGE_OK).astype(bool)
+        return self.per_image(F.IMAGE_OK).astype(bool)
 
-    @cached_property
+    @property
     def labels(self) -> np.ndarray:
-        return self._read_per_image(F.LABELS)
+        return self.per_image(F.LABELS)
 
     def _final_array(self, name: str) -> np.ndarray:
-        return self._checked(name, lambda: self.group[name][:], self._final_crc(name), "")
+        """A finalised array (small: statistics, head, classifiers), checked once; a copy for each caller."""
+        return self._once(name, lambda n: self._checked(n, lambda: self._open(n)[:], self._final_crc(n), "")).copy()
 
     def head(self) -> dict[str, np.ndarray]:
         return {name: self._final_array(f"{F.HEAD_GROUP}/{name}") for name in F.HEAD_ARRAYS}
 
     def text_classifier(self, template_set: str) -> np.ndarray:
+        name = f"{F.TEXT_GROUP}/{template_set}"
+        if name not in self._read and name not in self._arrays:
+            try:
+                self._open(name)
+            except Exception:  # noqa: BLE001 - absent or damaged: say which below
+                self._explain_missing_classifier(template_set)
+        return self._final_array(name)
+
+    def _explain_missing_classifier(self, template_set: str) -> None:
         try:
             g = self.group[F.TEXT_GROUP]
         except KeyError:
             raise StoreError(f"{self.url}: {F.TEXT_GROUP} is missing; {repair_hint(self.url)}") from None
         if template_set not in g:
             raise StoreError(f"template set {template_set!r} not in store (has: {', '.join(sorted(g.array_keys()))})")
-        return self._final_array(f"{F.TEXT_GROUP}/{template_set}")
 
     def stats(self) -> dict[str, np.ndarray]:
         """Merged per-layer, per-dimension mean/var of inputs and targets (float64, [L, d])."""
@@ -308,8 +341,7 @@ class ActivationStore:
 
     def images(self) -> pa.Table:
         try:
-            with self.loc.fs.open(self.loc.path(F.IMAGES_PARQUET), "rb") as fh:
-                data = fh.read()
+            data = self.loc.read_bytes(F.IMAGES_PARQUET)
         except FileNotFoundError:
             raise StoreError(f"{self.url}: {F.IMAGES_PARQUET} is missing; {repair_hint(self.url)}") from None
         want = ((self.file_checksums or {}).get("files") or {}).get(F.IMAGES_PARQUET)

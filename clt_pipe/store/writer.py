@@ -29,9 +29,10 @@ from clt_pipe.store.identity import IDENTITY_KEYS, fingerprint
 from clt_pipe.store import lock as store_lock
 from clt_pipe.store.location import StoreLocation
 from clt_pipe.store.meta import StoreMeta
+from clt_pipe.store.shardmoments import ShardMomentsMerge
 from clt_pipe.store.stats import Moments
 from clt_pipe.store.timing import StageTimes
-from clt_pipe.store.zarrio import chunk_key, write_rows
+from clt_pipe.store.zarrio import StagedNodes, chunk_key, open_arrays, write_rows
 
 # Identity fields added after stores were already written; a store that lacks them was written before.
 LATER_IDENTITY_FIELDS = {"activations": ("forward_precision",), "dataset": ("content_sha256",)}
@@ -82,6 +83,37 @@ def default_write_threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
+def _create_arrays(g: zarr.Group, meta: StoreMeta) -> None:
+    """Every array of a new store, at its final size with its fill value (storage/FORMAT.md, "Arrays")."""
+    lay, dtype = meta.layout, meta.activations.dtype
+    n_img, ipc = lay.n_images, lay.images_per_chunk
+    for name in meta.activation_arrays:
+        g.create_array(name, shape=(lay.n_tokens, lay.n_layers, lay.d_model),
+                       chunks=(lay.rows_per_chunk, lay.n_layers, lay.d_model),
+                       dtype=F.storage_dtype(dtype), fill_value=F.activation_fill(dtype),
+                       compressors=F.compressors_for(meta.activations.compressor),
+                       dimension_names=("token", "layer", "dim"))
+    d, e, T = lay.d_model, meta.model.embed_dim, lay.tokens_per_image
+    if meta.recompute:  # one chunk per shard, like the moments
+        g.create_array(F.MLP_OUT_CHECK, shape=(lay.n_shards, T, lay.n_layers, d), chunks=(1, T, lay.n_layers, d),
+                       dtype=F.storage_dtype(dtype), fill_value=F.activation_fill(dtype))
+    specs = {
+        F.RESID_FINAL: ((n_img, d), (ipc, d), "float32", float("nan")),
+        F.EMBEDDING: ((n_img, e), (ipc, e), "float32", float("nan")),
+        F.LABELS: ((n_img,), (ipc,), "int32", -1),
+        F.TOKEN_INDEX: ((n_img, T), (ipc, T), "int16", -1),
+        F.IMAGE_OK: ((n_img,), (ipc,), "uint8", 0),
+    }
+    for name, (shape, chunks, dt, fill) in specs.items():
+        g.create_array(name, shape=shape, chunks=chunks, dtype=dt, fill_value=fill)
+    stats = g.create_group(F.STATS_GROUP)
+    for side in ("in", "out"):
+        # One chunk per shard: concurrent writers never share a chunk.
+        stats.create_array(f"shard_moments_{side}", shape=(lay.n_shards, 2, lay.n_layers, d),
+                           chunks=(1, 2, lay.n_layers, d), dtype="float64", fill_value=float("nan"))
+    stats.create_array("shard_count", shape=(lay.n_shards,), chunks=(1,), dtype="int64", fill_value=-1)
+
+
 class StoreWriter:
     def __init__(self, loc: StoreLocation, meta: StoreMeta, group: zarr.Group, write_threads: int = 0):
         self.loc = loc
@@ -105,6 +137,14 @@ class StoreWriter:
         self._fsync_pool: ThreadPoolExecutor | None = None
         self._fsync_lock = threading.Lock()
         self._lock: store_lock.HarvestLock | None = None
+        # What this writer made or committed itself, so that finalize need not read it back from the store:
+        # every request costs a round trip on an object store (see docs/DECISIONS.md, "S3 at S3's pace").
+        self.created = False  # the store was made by this writer: nothing else is in it
+        self._records: dict[int, dict] = {}  # commit records this writer wrote
+        self._moments = ShardMomentsMerge(self.layout.n_shards, (self.layout.n_layers, self.layout.d_model))
+        self._final_crcs: dict[str, int] = {}  # crc32c of finalised arrays this writer wrote, by path
+        self._records_lock = threading.Lock()
+        self._text_arrays: list[str] | None = None  # the classifier arrays, when this writer made them all
 
     def release_lock(self) -> None:
         """Let another harvest open this store (idempotent)."""
@@ -113,9 +153,10 @@ class StoreWriter:
             self._lock = None
 
     def array(self, name: str) -> zarr.Array:
-        """An array of the group, opened once (each open reads its metadata from the store)."""
+        """An array of the group, opened once (each open reads its metadata from the store; the arrays this
+        writer made are opened from the metadata it made them with)."""
         if name not in self._arrays:
-            self._arrays[name] = self.group[name]
+            self._arrays.update(open_arrays(self.group.store, [name]))
         return self._arrays[name]
 
     def activation_array(self, name: str) -> zarr.Array:
@@ -174,7 +215,7 @@ class StoreWriter:
         """
         loc = StoreLocation(url, storage_options)
         with loc.errors("open"):
-            if not overwrite and not loc.exists("zarr.json"):
+            if not overwrite and StagedNodes.ROOT not in loc.listdir(""):
                 cls._refuse_foreign(loc, url)  # before the lock, so a refused run leaves not even a lock file
         lock = store_lock.acquire(loc) if clean_temp else None
         try:
@@ -201,9 +242,10 @@ class StoreWriter:
             meta = StoreMeta.from_dict(meta)
         version = F.version_for("recompute" if meta.recompute else "stored")
         meta = meta.replace(format_version=version, fingerprint=fingerprint(meta))
-        if loc.exists("zarr.json"):
+        names = [n for n in loc.listdir("") if n != store_lock.LOCK_FILE]  # one listing, after the lock
+        if StagedNodes.ROOT in names:
             try:
-                old = zarr.open_group(loc.zarr_store(read_only=True), mode="r").attrs.get(F.ATTRS_KEY)
+                old = zarr.open_group(loc.zarr_store(read_only=True), mode="r", zarr_format=3).attrs.get(F.ATTRS_KEY)
             except Exception as e:  # noqa: BLE001 - any unreadable root is "not ours"
                 old, err = None, e
             else:
@@ -225,7 +267,7 @@ class StoreWriter:
                     raise StoreError(f"{url} holds a different harvest ({_describe_difference(old, meta.to_dict())}); "
                                      f"pass --overwrite to replace it or choose another --store")
                 if old.get("initialised", True):
-                    group = zarr.open_group(loc.zarr_store(), mode="r+")
+                    group = zarr.open_group(loc.zarr_store(), mode="r+", zarr_format=3)
                     writer = cls(loc, StoreMeta.from_dict(old), group, write_threads)
                     if clean_temp:
                         loc.clean_temp_files(F.COMMITS_DIR)
@@ -235,52 +277,31 @@ class StoreWriter:
                 # Killed while creating the arrays: nothing can be committed yet, so start afresh.
             refuse_foreign_entries(loc, url)
             loc.remove_contents(keep=(store_lock.LOCK_FILE,))
-        elif [n for n in loc.listdir("") if n != store_lock.LOCK_FILE]:
+        elif names:
             if not overwrite:
                 cls._refuse_foreign(loc, url)
             loc.remove_contents(keep=(store_lock.LOCK_FILE,))
         meta = meta.replace(created=now(), tool_version=__version__)
-        # "initialised" turns true only once every array exists, so a kill in between is recognisable.
-        # mode "a" on a root without zarr.json creates it: "w" would delete whatever else is under the prefix
-        # (on S3 too), the lock included, and "w-" counts the lock as existing data.
-        group = zarr.open_group(loc.zarr_store(), mode="a",
-                                attributes={F.ATTRS_KEY: identity.seal(meta.replace(initialised=False).to_dict())})
-        writer = cls(loc, meta, group, write_threads)
-        writer._create_arrays()
-        writer.meta = meta.replace(initialised=True)
-        group.attrs[F.ATTRS_KEY] = identity.seal(writer.meta.to_dict())
+        # The group and its arrays are made in memory and written as documents (zarrio.StagedNodes): the root
+        # first with "initialised" false, then every array, then the root again with it true, so a kill in
+        # between is recognisable. Writing the root document itself (never zarr's mode "w") leaves everything
+        # else under the prefix alone, the lock included.
+        staged = StagedNodes({F.ATTRS_KEY: identity.seal(meta.replace(initialised=False).to_dict())})
+        _create_arrays(staged.root, meta)
+        store = loc.zarr_store()
+        staged.write(store, [StagedNodes.ROOT])
+        staged.write(store, [k for k in staged.keys() if k != StagedNodes.ROOT])
+        meta = meta.replace(initialised=True)
+        staged.root.attrs[F.ATTRS_KEY] = identity.seal(meta.to_dict())
+        staged.write(store, [StagedNodes.ROOT])
+        writer = cls(loc, meta, staged.group_on(store), write_threads)
+        writer._arrays = {name: staged.array_on(store, name) for name in staged.array_names()}
+        writer.created = True
         return writer
 
-    def _create_arrays(self) -> None:
-        lay, g = self.layout, self.group
-        n_img, ipc = lay.n_images, lay.images_per_chunk
-        for name in self.act_names:
-            g.create_array(name, shape=(lay.n_tokens, lay.n_layers, lay.d_model),
-                           chunks=(lay.rows_per_chunk, lay.n_layers, lay.d_model),
-                           dtype=F.storage_dtype(self.dtype), fill_value=F.activation_fill(self.dtype),
-                           compressors=F.compressors_for(self.meta.activations.compressor),
-                           dimension_names=("token", "layer", "dim"))
-        d, e, T = lay.d_model, self.meta.model.embed_dim, lay.tokens_per_image
-        if self.recompute:  # one chunk per shard, like the moments
-            g.create_array(F.MLP_OUT_CHECK, shape=(lay.n_shards, T, lay.n_layers, d), chunks=(1, T, lay.n_layers, d),
-                           dtype=F.storage_dtype(self.dtype), fill_value=F.activation_fill(self.dtype))
-        specs = {
-            F.RESID_FINAL: ((n_img, d), (ipc, d), "float32", float("nan")),
-            F.EMBEDDING: ((n_img, e), (ipc, e), "float32", float("nan")),
-            F.LABELS: ((n_img,), (ipc,), "int32", -1),
-            F.TOKEN_INDEX: ((n_img, T), (ipc, T), "int16", -1),
-            F.IMAGE_OK: ((n_img,), (ipc,), "uint8", 0),
-        }
-        for name, (shape, chunks, dtype, fill) in specs.items():
-            g.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill)
-        stats = g.create_group(F.STATS_GROUP)
-        for side in ("in", "out"):
-            # One chunk per shard: concurrent writers never share a chunk.
-            stats.create_array(f"shard_moments_{side}", shape=(lay.n_shards, 2, lay.n_layers, d),
-                               chunks=(1, 2, lay.n_layers, d), dtype="float64", fill_value=float("nan"))
-        stats.create_array("shard_count", shape=(lay.n_shards,), chunks=(1,), dtype="int64", fill_value=-1)
-
     def missing_constants(self, template_sets: list[str]) -> bool:
+        if self.created:
+            return True
         g = self.group
         if F.HEAD_GROUP not in g or F.TEXT_GROUP not in g:
             return True
@@ -294,32 +315,64 @@ class StoreWriter:
                         mlp: dict[str, np.ndarray] | None = None) -> None:
         """Model pieces that analysis needs without the model: ln_post, proj, zero-shot classifier; and, when
         targets are recomputed, every layer's MLP weights (``mlp``; written before any shard is committed)."""
+        # Made in memory and written as objects (zarrio.StagedNodes). The arrays' chunk keys are the same
+        # whatever was there before (one chunk grid per model), so a rewrite replaces every object it needs.
+        staged, store = StagedNodes(), self.group.store
         if self.recompute:
             if mlp is None:
                 raise ValueError("a store with recomputed targets needs the MLP weights")
-            mg = self.group.require_group(F.MLP_GROUP)
+            mg = staged.root.create_group(F.MLP_GROUP)
             crcs = {}
             for name, arr in mlp.items():  # one uncompressed chunk each: float32 weights do not compress
                 arr = np.ascontiguousarray(arr, np.float32)
-                mg.create_array(name, data=arr, chunks=arr.shape, overwrite=True, compressors=None)
+                mg.create_array(name, data=arr, chunks=arr.shape, compressors=None)
                 crcs[name] = crc32c(arr)
+            staged.write(store, [k for k in staged.keys(F.MLP_GROUP) if k != f"{F.MLP_GROUP}/zarr.json"])
             # Checksums last: readers refuse weights without them or not matching them (a lost chunk file
             # would otherwise read back as zeros and silently give wrong targets).
             self.loc.fsync_files([chunk_key(mg[name], 0) for name in mlp])
             mg.attrs["crc32c"] = crcs
-        hg = self.group.require_group(F.HEAD_GROUP)
+            staged.write(store, [f"{F.MLP_GROUP}/zarr.json"])
+            self._final_crcs.update({f"{F.MLP_GROUP}/{k}": v for k, v in crcs.items()})
+        hg = staged.root.create_group(F.HEAD_GROUP)
         for name, arr in head.items():
-            hg.create_array(name, data=np.asarray(arr, np.float32), overwrite=True)
-        tg = self.group.require_group(F.TEXT_GROUP)
+            hg.create_array(name, data=np.asarray(arr, np.float32))
+        tg = staged.root.create_group(F.TEXT_GROUP)
         for name, arr in text.items():
-            tg.create_array(name, data=np.asarray(arr, np.float32), overwrite=True)
+            tg.create_array(name, data=np.asarray(arr, np.float32))
+        staged.write(store, staged.keys(F.HEAD_GROUP) + staged.keys(F.TEXT_GROUP))
+        if self.created:  # then these are all the head and classifier arrays there are
+            self._final_crcs.update(_crcs_of(staged, [f"{F.HEAD_GROUP}/{k}" for k in head]
+                                             + [f"{F.TEXT_GROUP}/{k}" for k in text]))
+            self._text_arrays = sorted(text)
 
     # ---- commits -------------------------------------------------------------------------------------
     def committed_shards(self) -> set[int]:
+        if self.created:  # nothing is committed but what this writer committed
+            return set(self._records)
         return set(commits.committed_shards(self.loc, self.fingerprint))
 
     def is_complete(self) -> bool:
+        if self.created and len(self._records) < self.layout.n_shards:
+            return False
         return commits.is_complete(self.loc, self.fingerprint, self.layout.n_shards)
+
+    def _committed(self, record: dict, moments: dict[str, np.ndarray], count: int) -> None:
+        """A shard of this writer is committed: keep what finalize would otherwise read back."""
+        with self._records_lock:
+            self._records[record["shard"]] = record
+        self._moments.add(record["shard"], count, moments["in"], moments["out"])
+
+    def _commit_records(self) -> dict[int, dict]:
+        """Every commit record of this store that is there now: this writer's own from memory, the others (an
+        earlier run's, other workers') read. One listing either way, so a record gone from the store counts
+        as missing here too."""
+        there = set(commits.listed_shards(self.loc))
+        with self._records_lock:
+            mine = {s: r for s, r in self._records.items() if s in there}
+        rest = there - set(mine)
+        others = commits.commit_records(self.loc, self.fingerprint, only=rest) if rest else {}
+        return {**others, **mine}
 
     def shard(self, shard: int) -> "ShardWriter":
         return ShardWriter(self, shard)
@@ -329,26 +382,25 @@ class StoreWriter:
         """Merge shard moments, write images.parquet, then COMPLETE.json (last)."""
         self.close()
         lay = self.layout
-        done = self.committed_shards()
-        missing = sorted(set(range(lay.n_shards)) - done)
+        recs = self._commit_records()
+        missing = sorted(set(range(lay.n_shards)) - set(recs))
         if missing:
             raise StoreError(f"{self.loc.url}: cannot finalise, shards {missing[:5]} are not committed")
-        stats = self.group[F.STATS_GROUP]
-        counts = stats["shard_count"][:]
-        merged = {}
+        merged, moment_crcs = self._moments.finish(self._read_shard_moments)
+        self._final_crcs.update({f"{F.STATS_GROUP}/{k}": v for k, v in moment_crcs.items()})
+        # The statistics group is rewritten whole: its document only ever holds the count attribute.
+        staged = StagedNodes()
+        stats = staged.root.create_group(F.STATS_GROUP, attributes={"count": int(merged["in"].count)})
         for side in ("in", "out"):
-            arr = stats[f"shard_moments_{side}"][:]
-            total = Moments.empty((lay.n_layers, lay.d_model))
-            for s in range(lay.n_shards):
-                total = total.merge(Moments(int(counts[s]), arr[s, 0], arr[s, 1]))
-            merged[side] = total
-            stats.create_array(f"mean_{side}", data=total.mean, overwrite=True)
-            stats.create_array(f"var_{side}", data=total.var, overwrite=True)
-        stats.attrs["count"] = int(merged["in"].count)
+            stats.create_array(f"mean_{side}", data=merged[side].mean)
+            stats.create_array(f"var_{side}", data=merged[side].var)
+        names = [f"{F.STATS_GROUP}/{k}" for k in F.STATS_ARRAYS]
+        staged.write(self.group.store, [k for n in names for k in staged.keys(n)])
+        staged.write(self.group.store, [f"{F.STATS_GROUP}/zarr.json"])
+        self._final_crcs.update(_crcs_of(staged, names))
         skipped: dict[int, str] = {}
         for s in range(lay.n_shards):
-            rec = self.loc.read_json(F.shard_commit_name(s))
-            skipped.update({int(k): v for k, v in rec.get("skipped", {}).items()})
+            skipped.update({int(k): v for k, v in recs[s].get("skipped", {}).items()})
         parquet_sha = self._write_images_parquet(records, split, skipped)
         summary = {"fingerprint": self.fingerprint, "n_shards": lay.n_shards, "n_images": lay.n_images,
                    "n_tokens": lay.n_tokens, "n_valid_tokens": int(merged["in"].count),
@@ -379,17 +431,33 @@ class StoreWriter:
         self.loc.write_bytes_atomic(F.IMAGES_PARQUET, data)
         return sha256_bytes(data)
 
+    def _read_shard_moments(self, shards: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Stored per-shard counts and moments of ``shards`` (only their chunks are read)."""
+        get = [self.array(f"{F.STATS_GROUP}/{k}") for k in ("shard_count", "shard_moments_in", "shard_moments_out")]
+        return tuple(a.get_orthogonal_selection((np.asarray(shards, np.int64),)) for a in get)
+
     def _final_array_crcs(self) -> dict[str, int]:
         """crc32c (decoded bytes) of every array no commit record covers: merged statistics, per-shard moments,
-        head, zero-shot classifiers and (v2) MLP weights, as they read back now, before COMPLETE.json exists.
-        Per-shard moments are covered here too, so a damaged moment shows before it skews a re-finalisation."""
+        head, zero-shot classifiers and (v2) MLP weights, before COMPLETE.json exists. Per-shard moments are
+        covered here too, so a damaged moment shows before it skews a re-finalisation. Of what this writer
+        wrote, the checksum is of the bytes it wrote (the objects zarr encoded in memory, decoded again there);
+        what it did not write (constants of an earlier run) is read back."""
         names = [f"{F.STATS_GROUP}/{k}" for k in (*F.STATS_ARRAYS, "shard_moments_in", "shard_moments_out",
                                                    "shard_count")]
         names += [f"{F.HEAD_GROUP}/{k}" for k in F.HEAD_ARRAYS]
-        names += [f"{F.TEXT_GROUP}/{k}" for k in sorted(self.group[F.TEXT_GROUP].array_keys())]
+        text = self._text_arrays
+        if text is None:
+            text = sorted(self.group[F.TEXT_GROUP].array_keys())
+        names += [f"{F.TEXT_GROUP}/{k}" for k in text]
         if self.recompute:
             names += [f"{F.MLP_GROUP}/{k}" for k in F.MLP_WEIGHTS]
-        return {name: crc32c(self.group[name][:]) for name in names}
+        return {name: self._final_crcs[name] if name in self._final_crcs else crc32c(self.array(name)[:])
+                for name in names}
+
+
+def _crcs_of(staged: StagedNodes, names: list[str]) -> dict[str, int]:
+    """crc32c of arrays as zarr encoded them into ``staged`` and decodes them back (memory: no requests)."""
+    return {name: crc32c(staged.root[name][:]) for name in names}
 
 
 @dataclass
@@ -576,6 +644,7 @@ class ShardWriter:
             record["mlp_out_check_crc32c"] = check_crc
         with times.stage("commit: record (atomic json)"):
             self.store.loc.write_json_atomic(F.shard_commit_name(self.shard), record)
+        self.store._committed(record, self._stored_moments, self._stored_count)
         return record
 
     def _write_per_shard(self) -> tuple[dict, dict, int | None]:
@@ -587,11 +656,14 @@ class ShardWriter:
             arr_of(name)[sl] = arr
             per_image_crcs[name] = crc32c(arr)
         moments_crcs = {}
+        self._stored_moments = {}
         for side in ("in", "out"):
             m = self.moments[side]
             moments = np.stack([m.mean, m.m2]).astype(np.float64)
             arr_of(f"{F.STATS_GROUP}/shard_moments_{side}")[self.shard] = moments
             moments_crcs[side] = crc32c(moments)
+            self._stored_moments[side] = moments
+        self._stored_count = int(self.moments["in"].count)
         arr_of(f"{F.STATS_GROUP}/shard_count")[self.shard] = self.moments["in"].count
         check_crc = None
         if self.check is not None:

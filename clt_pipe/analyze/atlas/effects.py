@@ -40,9 +40,12 @@ def footprint(clt, layer: int, feature: int) -> np.ndarray:
 
 
 def mean_resid(store, images_per_read: int = 4096) -> np.ndarray | None:
-    """Mean CLS residual over harvested images, read in slices (bounded memory); None if no image is ok."""
-    arr = store.group[SF.RESID_FINAL]
-    ok_arr = store.group[SF.IMAGE_OK]
+    """Mean CLS residual over harvested images, read in slices (bounded memory) unless another part of the run
+    already holds them whole; None if no image is ok."""
+    arr = store.per_image_if_read(SF.RESID_FINAL)
+    arr = store.array(SF.RESID_FINAL) if arr is None else arr
+    ok_arr = store.per_image_if_read(SF.IMAGE_OK)
+    ok_arr = store.array(SF.IMAGE_OK) if ok_arr is None else ok_arr
     n = store.layout.n_images
     total, count = np.zeros(arr.shape[1]), 0
     for s in range(0, n, images_per_read):

@@ -77,7 +77,9 @@ def finish_atlas(store, clt, scan: dict, out: str | Path, *, listed: list[str], 
     thumbs = ThumbnailSource(store, shown, data_root, dataset)
     lens = EF.LogitLens(store, template_set)
     # per-image arrays are read for the shown images only: nothing here grows with the store
-    labels = dict(zip(shown, store.group[SF.LABELS].get_coordinate_selection(np.array(shown, np.int64))
+    held = store.per_image_if_read(SF.LABELS)
+    some = np.array(shown, np.int64)
+    labels = dict(zip(shown, (held[some] if held is not None else store.array(SF.LABELS).get_coordinate_selection(some))
                       if shown else []))
     names = store.class_names
     nt = scan["n_tokens"]

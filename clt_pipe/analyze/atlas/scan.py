@@ -51,13 +51,15 @@ def stream_inputs(store, device, max_rows: int = 0, read_threads: int = 4, chunk
     T = lay.tokens_per_image
     order = list(range(lay.n_chunks)) if chunks is None else list(chunks)
     arr = store.array(SF.MLP_IN)
-    g = store.group
+    # Opened once, not per chunk; already read whole by another part of the run, then not read again.
+    token_index, image_ok = (a if a is not None else store.array(n) for n, a in (
+        (SF.TOKEN_INDEX, store.per_image_if_read(SF.TOKEN_INDEX)), (SF.IMAGE_OK, store.per_image_if_read(SF.IMAGE_OK))))
 
     def load(c: int):
         imgs, rows = lay.chunk_images(c), lay.chunk_rows(c)
         x = store.decode(arr[rows.start:rows.stop])
-        pos = g[SF.TOKEN_INDEX][imgs.start:imgs.stop].reshape(-1).astype(np.int64)
-        ok = g[SF.IMAGE_OK][imgs.start:imgs.stop].astype(bool)
+        pos = token_index[imgs.start:imgs.stop].reshape(-1).astype(np.int64)
+        ok = image_ok[imgs.start:imgs.stop].astype(bool)
         return c, x, pos, ok
 
     budget = max_rows if max_rows > 0 else None
