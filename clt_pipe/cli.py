@@ -274,11 +274,27 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
 
 
 def main() -> None:
+    from clt_pipe import signals
+
     try:
-        app(standalone_mode=True)
+        with signals.handling():  # explicit SIGTERM/SIGINT handlers: graceful stop, PID 1 in a container too
+            app(standalone_mode=True)
     except CltPipeError as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("[bold red]interrupted[/]; committed shards/checkpoints are kept, re-run to resume")
-        sys.exit(130)
+    except signals.Stopped as e:  # typer turns a KeyboardInterrupt into a bare exit, so SIGINT comes here too
+        err_console.print(f"[bold yellow]stopped:[/] {e.message or _stopped_line(e.signum)}", highlight=False,
+                          soft_wrap=True)
+        sys.exit(e.exit_code)
+
+
+def _stopped_line(signum: int) -> str:
+    from clt_pipe.signals import signal_name
+
+    words = [a for a in sys.argv[1:] if not a.startswith("-")]
+    command = " ".join(words[:2] if words[:1] == ["store"] else words[:1]) or "clt-pipe"
+    kept = {"harvest": "committed shards are kept; re-run the same command to resume",
+            "fit": "checkpoints written before are kept; re-run the same command with --resume to continue",
+            "analyze": "no report was written; re-run the same command",
+            "run": "finished stages, committed shards and checkpoints are kept; re-run the same command to resume"}
+    return f"{command} stopped by {signal_name(signum)}; {kept.get(command, 'nothing more was written')}"

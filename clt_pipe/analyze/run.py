@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
+from clt_pipe import signals
 from clt_pipe.analyze import ablation as AB
 from clt_pipe.analyze import attribution as AT
 from clt_pipe.analyze import report as R
@@ -366,6 +367,10 @@ def _analyze(cfg: AnalyzeConfig, console) -> dict:
     }
     res.timings_s["total"] = time.perf_counter() - t_start
     results = res.to_dict()
-    files = R.write_report(cfg.out, results, settings=to_dict(cfg), identity=identity,
-                           class_names=store.class_names, labels=store.labels, dataset=retrieval_ds)
+    with signals.stop_point():  # a report is written whole or not at all: a stop now waits for it
+        files = R.write_report(cfg.out, results, settings=to_dict(cfg), identity=identity,
+                               class_names=store.class_names, labels=store.labels, dataset=retrieval_ds)
+    if signals.requested():
+        raise signals.Stopped(signals.requested(), f"analyze stopped by {signals.signal_name(signals.requested())} "
+                                                   f"while writing its report; the report in {cfg.out} is complete")
     return R.summary(results, files)

@@ -9,7 +9,7 @@ checkpoints and the exported CLT; a checkpoint holds every rank's loader positio
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -20,6 +20,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    _cpu_group: object = field(default=None, repr=False, compare=False)
 
     @property
     def is_main(self) -> bool:
@@ -45,6 +46,17 @@ class Dist:
         m = mask.to(torch.uint8)
         dist.all_reduce(m, op=dist.ReduceOp.MAX)
         return m.bool()
+
+    def max_int(self, value: int) -> int:
+        """The largest of the ranks' ``value``, over a CPU (gloo) group: with NCCL the answer would need a
+        device sync to read."""
+        if not self.active:
+            return value
+        if self._cpu_group is None:
+            self._cpu_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._cpu_group)
+        return int(t.item())
 
     def gather(self, obj) -> list:
         if not self.active:

@@ -24,7 +24,9 @@ from clt_pipe.clt.spec import CLTSpec
 from clt_pipe.config import FitConfig
 from clt_pipe.device import resolve_device
 from clt_pipe.errors import CheckpointError, StoreError
+from clt_pipe import signals
 from clt_pipe.fit import checkpoint as ckpt
+from clt_pipe.fit import stopping
 from clt_pipe.fit.distributed import Dist, init_distributed
 from clt_pipe.fit.metrics import MetricsLog
 from clt_pipe.outdir import clear_out_dir, hold_out_dir
@@ -222,6 +224,7 @@ def _fit(cfg: FitConfig, store: ActivationStore, dist: Dist, device: torch.devic
         if dist.is_main:
             ckpt.save_checkpoint(out, trainer.step, trainer.model.state_dict(), state, meta)
 
+    stop_point = signals.stop_point().enter()  # SIGTERM/SIGINT now stop after the current step, checkpointed
     try:
         while trainer.step < cfg.steps:
             batch = next(batches)
@@ -237,7 +240,13 @@ def _fit(cfg: FitConfig, store: ActivationStore, dist: Dist, device: torch.devic
                 checkpoint()
             if on_step is not None:
                 on_step(trainer.step)
+            signum = stopping.agreed_signal(dist)
+            if signum and trainer.step < cfg.steps:
+                if trainer.step % cfg.checkpoint_every:  # else written just above
+                    checkpoint()
+                raise stopping.stopped(signum, trainer.step, cfg.steps, out)
     finally:
+        stop_point.exit()
         if log:
             log.close()
         trainer.loader.close()

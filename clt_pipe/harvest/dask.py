@@ -65,6 +65,8 @@ def harvest_shard_group(cfg_dict: dict, shards: list[int], torch_threads: int = 
     dataset, bb, meta = _inputs(cfg)
     writer = StoreWriter.open(cfg.store, meta, clean_temp=False, write_threads=cfg.write_threads)
     try:
+        # A group dask retries after its worker died (SIGTERM, preemption) skips what that worker committed.
+        shards = sorted(set(shards) - writer.committed_shards())
         counters = harvest_shards(cfg, writer, dataset, bb, shards)
     except BaseException:
         writer.close(cancel=True)
@@ -91,9 +93,11 @@ def harvest_with_dask(cfg: HarvestConfig, todo: list[int], progress=None) -> dic
         client = Client(cluster)
     try:
         n_workers = max(1, len(client.scheduler_info()["workers"]))
-        # A few interleaved groups per worker, so one slow worker does not hold a large tail of the work.
+        # A few groups per worker, so one slow worker does not hold a large tail of the work. Each group is a run
+        # of consecutive shards: forward batches span shards (harvest/loop.py), and a batch's images outside
+        # the group are computed and dropped, so interleaved groups would compute most images several times.
         n_groups = min(len(todo), 2 * n_workers)
-        groups = [todo[i::n_groups] for i in range(n_groups)] if n_groups else []
+        groups = [todo[len(todo) * i // n_groups:len(todo) * (i + 1) // n_groups] for i in range(n_groups)]
         futures = [client.submit(harvest_shard_group, cfg_dict, g, torch_threads, pure=False) for g in groups]
         totals = {"images": 0, "tokens": 0, "bytes": 0, "shards": 0}
         times = StageTimes()  # summed over the workers' groups

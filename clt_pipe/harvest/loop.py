@@ -1,9 +1,11 @@
 """The harvest batch loop: images -> capture on the device -> (host copy) -> writer thread -> shard commits.
 
 The forward pass runs on the device while a writer thread compresses and writes the previous batch (bounded
-queue), and a thread pool decodes and preprocesses the next images: with a GPU the three overlap. Shards are the
-unit of work, commit and resume: a shard's batches are fixed by the layout, so rewriting an uncommitted shard
-reproduces bit for bit what an uninterrupted run writes.
+queue), and a thread pool decodes and preprocesses the next images: with a GPU the three overlap. Forward
+batches are --batch-size images whatever the shard size; their rows are split into shards after the forward.
+Shards are the unit of commit and resume: the forward batches and the write batches (how rows are added to a
+shard, which fixes the order its statistics merge in) are fixed by the layout and the batch size, so rewriting an
+uncommitted shard reproduces bit for bit what an uninterrupted run writes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from clt_pipe import signals
 from clt_pipe.backbone.capture import Captured, run_capture
 from clt_pipe.backbone.loading import Backbone
 from clt_pipe.config import HarvestConfig
@@ -180,60 +183,145 @@ class ShardHarvest:
         self.prefetch = ImagePrefetcher(dataset, bb.preprocess, cfg.data_workers, cfg.on_bad_image == "skip")
         self.writer_thread = WriterThread()
         self.counters = {"images": 0, "tokens": 0, "bytes": 0, "shards": 0}
+        self.forwards: list[int] = []  # images per forward pass, in order
+        self.partial: dict[int, list[Rows]] = {}  # the writer thread's pieces of unfinished write batches
         self.commits = Commits(self.counters)
         self.times = writer.times
 
-    def batches(self, shards: list[int]) -> list[tuple[int, range]]:
-        """Fixed by the layout alone, so a rewritten shard is computed in exactly the same batches."""
-        out = []
-        for s in shards:
-            imgs = self.layout.shard_images(s)
-            out += [(s, range(b, min(b + self.cfg.batch_size, imgs.stop))) for b in range(imgs.start, imgs.stop,
-                                                                                          self.cfg.batch_size)]
+    def forward_batches(self, shards: list[int]) -> list[range]:
+        """Forward batches of --batch-size images on a grid over the whole dataset, not cut at shard boundaries
+        (shards hold ~72 ViT-B/32 images at all tokens: cut there, a GPU never saw batches of 256): those that
+        hold an image of ``shards``. The grid is fixed by the layout and the batch size, so a shard rewritten on
+        resume is computed in the batches of an uninterrupted run (on a GPU a row's bits can depend on its
+        batch); images of a batch outside ``shards`` are computed and dropped."""
+        lay, size = self.layout, self.cfg.batch_size
+        ids = sorted({k for s in shards for k in range(lay.shard_images(s).start // size,
+                                                        (lay.shard_images(s).stop - 1) // size + 1)})
+        return [range(k * size, min((k + 1) * size, lay.n_images)) for k in ids]
+
+    def pieces(self, idx: range, todo: set[int]) -> list[Piece]:
+        """The rows of forward batch ``idx`` that go into the shards of ``todo``, cut where a shard ends and
+        where a write batch ends: write batches are --batch-size images from the shard's start (the batches
+        forwards were cut into before), so each shard's statistics merge in the same order as they did."""
+        lay, size, out = self.layout, self.cfg.batch_size, []
+        for s in range(idx.start // lay.images_per_shard, (idx.stop - 1) // lay.images_per_shard + 1):
+            if s not in todo:
+                continue
+            imgs = lay.shard_images(s)
+            a, stop = max(idx.start, imgs.start), min(idx.stop, imgs.stop)
+            while a < stop:
+                end = min(imgs.start + ((a - imgs.start) // size + 1) * size, imgs.stop)
+                out.append(Piece(s, range(a, min(stop, end)), end))
+                a = min(stop, end)
         return out
 
     def run(self, shards: list[int]) -> None:
-        shard_writer: ShardWriter | None = None
-        for (shard, idx), futures in prefetched(self.batches(shards), lambda b: self.prefetch.submit(b[1])):
+        """Shards whose rows are all computed are committed; on a stop request (clt_pipe.signals) the loop
+        ends before the next forward, so a shard only partly computed is not committed (resume redoes it)."""
+        todo, open_shards = set(shards), {}
+        for idx, futures in prefetched(self.forward_batches(shards), self.prefetch.submit):
             with self.times.stage("main: wait for decoded images"):
                 images, ok, errors = self.prefetch.collect(futures, idx, self.image_shape)
-            if shard_writer is None or shard_writer.shard != shard:
-                shard_writer = self.writer.shard(shard)  # the previous one is committed and released
+            if signals.requested() is not None:
+                self.counters["stopped"] = True
+                return
             self.commits.check()
-            self.step(shard_writer, idx, images, ok, errors)
-            if idx.stop == self.layout.shard_images(shard).stop:
-                self.writer_thread.put(self.commits.submit, shard_writer)
+            pieces = self.pieces(idx, todo)
+            for p in pieces:
+                if p.shard not in open_shards:
+                    open_shards[p.shard] = self.writer.shard(p.shard)
+            self.step(open_shards, idx, pieces, images, ok, errors)
+            for p in pieces:
+                if p.rows.stop == self.layout.shard_images(p.shard).stop:  # complete: commit, then release it
+                    self.writer_thread.put(self.commits.submit, open_shards.pop(p.shard))
 
-    def step(self, sw: ShardWriter, idx: range, images: torch.Tensor, ok: np.ndarray, errors: dict) -> None:
+    def step(self, open_shards: dict[int, ShardWriter], idx: range, pieces: list[Piece], images: torch.Tensor,
+             ok: np.ndarray, errors: dict) -> None:
         dev, lay = self.bb.device, self.layout
         positions = np.stack([self.tokens.positions(self.bb.identity.n_positions, i, self.cfg.seed) for i in idx])
         labels = np.array([self.dataset.record(i).label for i in idx], np.int32)
         images = images.to(dev, non_blocking=dev.type == "cuda")
         pos_t = torch.from_numpy(positions.astype(np.int64)).to(dev)
+        self.forwards.append(len(idx))
         # On CUDA these stages only queue kernels (the GPU's time shows up as "writer: wait for device->host copy").
         with self.times.stage("main: forward + hooks"):
             cap = run_capture(self.bb, images, pos_t, self.out_dtype, self.cfg.precision,
                               all_tokens=self.tokens.all_tokens)
-        moments, event = None, None  # on CPU the writer thread computes the moments, overlapping the forward
+        spans = [(p.rows.start - idx.start, p.rows.stop - idx.start) for p in pieces]
+        moments, event, out_rows = [None] * len(pieces), None, spans
         if dev.type == "cuda":
             # Statistics of exactly the stored values, on the GPU (free for the CPU); then an async host copy.
             with self.times.stage("main: statistics (GPU)"):
                 good = torch.from_numpy(ok.astype(bool)).to(dev)
-                moments = {side: tensor_moments(t[good].flatten(0, 1)) for side, t in (("in", cap.mlp_in),
-                                                                                      ("out", cap.mlp_out))}
-            if self.writer.recompute:  # only the batch's first image's outputs are kept (the shard's check)
-                cap = dataclasses.replace(cap, mlp_out=cap.mlp_out[:1])
+                moments = [{side: tensor_moments(t[a:b][good[a:b]].flatten(0, 1))
+                            for side, t in (("in", cap.mlp_in), ("out", cap.mlp_out))} for a, b in spans]
+            if self.writer.recompute:  # only each piece's first image's outputs are kept (its shard's check)
+                cap = dataclasses.replace(cap, mlp_out=cap.mlp_out[[a for a, _ in spans]])
+                out_rows = [(j, j + 1) for j in range(len(spans))]
             with self.times.stage("main: device->host copy (pinned)"):
                 cap = _copy_to_pinned_host(cap)
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(dev))  # the copies' stream, also when dev is not current
-        self.writer_thread.put(_write_batch, sw, idx.start, cap, event, labels, positions, ok, errors, moments,
-                               times=self.times)
-        n_tok = len(idx) * lay.tokens_per_image
+        for p, (a, b), (oa, ob), m in zip(pieces, spans, out_rows, moments):
+            part = Rows(p.rows.start, cap.mlp_in[a:b], cap.mlp_out[oa:ob], cap.resid_final[a:b], cap.embedding[a:b],
+                        labels[a:b], positions[a:b], ok[a:b], {i: e for i, e in errors.items() if i in p.rows}, m)
+            self.writer_thread.put(_write_rows, open_shards[p.shard], part, p.end, event, self.partial,
+                                   times=self.times)
+        n_img = sum(len(p.rows) for p in pieces)
+        n_tok = n_img * lay.tokens_per_image
         nbytes = lay.activation_bytes(len(self.writer.act_names), n_tok)
-        for key, v in (("images", len(idx)), ("tokens", n_tok), ("bytes", nbytes)):
+        for key, v in (("images", n_img), ("tokens", n_tok), ("bytes", nbytes)):
             self.counters[key] += v
-        self.progress.advance(len(idx), images=len(idx), tokens=n_tok, MB=nbytes / 1e6)
+        self.progress.advance(n_img, images=n_img, tokens=n_tok, MB=nbytes / 1e6)
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """Consecutive images of one forward batch that go into one shard and one write batch (ending at ``end``)."""
+
+    shard: int
+    rows: range
+    end: int
+
+
+@dataclasses.dataclass
+class Rows:
+    """A piece's captured rows on the host (``mlp_out``: only the first row when targets are recomputed on a GPU)
+    and its statistics when the GPU computed them."""
+
+    first: int
+    mlp_in: object
+    mlp_out: object
+    resid_final: object
+    embedding: object
+    labels: np.ndarray
+    positions: np.ndarray
+    ok: np.ndarray
+    errors: dict
+    moments: dict | None
+
+    def host(self) -> "Rows":
+        """Numpy arrays in the storage dtype; moments as ``Moments``."""
+        moments = None if self.moments is None else {
+            side: Moments(n, mean.cpu().numpy(), m2.cpu().numpy()) for side, (n, mean, m2) in self.moments.items()}
+        return dataclasses.replace(self, mlp_in=_np_activation(self.mlp_in), mlp_out=_np_activation(self.mlp_out),
+                                   resid_final=self.resid_final.numpy(), embedding=self.embedding.numpy(),
+                                   moments=moments)
+
+    @staticmethod
+    def join(parts: list["Rows"]) -> "Rows":
+        """One write batch from the pieces that two forward batches computed (host arrays, in order)."""
+        if len(parts) == 1:
+            return parts[0]
+        cat = {name: np.concatenate([getattr(p, name) for p in parts])
+               for name in ("mlp_in", "mlp_out", "resid_final", "embedding", "labels", "positions", "ok")}
+        moments = None
+        if parts[0].moments is not None:
+            moments = dict(parts[0].moments)
+            for p in parts[1:]:
+                moments = {side: m.merge(p.moments[side]) for side, m in moments.items()}
+        return Rows(parts[0].first, **cat, errors={k: v for p in parts for k, v in p.errors.items()},
+                    moments=moments)
 
 
 def disk_error(e: OSError, url: str) -> StoreError:
@@ -259,14 +347,19 @@ def _np_activation(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def _write_batch(sw: ShardWriter, first: int, cap, event, labels, positions, ok, errors, moments):
+def _write_rows(sw: ShardWriter, part: Rows, end: int, event, partial: dict[int, list[Rows]]):
+    """On the writer thread: add a write batch to its shard once all of its pieces are here (``partial`` holds
+    the pieces of a write batch that the next forward batch completes)."""
     if event is not None:  # on CUDA: wait for this batch's device->host copy, not for the device
         with sw.store.times.stage("writer: wait for device->host copy"):
             event.synchronize()
-    host = None if moments is None else {side: Moments(n, mean.cpu().numpy(), m2.cpu().numpy())
-                                         for side, (n, mean, m2) in moments.items()}
-    sw.add(first, _np_activation(cap.mlp_in), _np_activation(cap.mlp_out), cap.resid_final.numpy(),
-           cap.embedding.numpy(), labels, positions, ok, errors, moments=host)
+    parts = partial.setdefault(sw.shard, [])
+    parts.append(part.host())
+    if part.first + len(part.ok) < end:
+        return
+    rows = Rows.join(partial.pop(sw.shard))
+    sw.add(rows.first, rows.mlp_in, rows.mlp_out, rows.resid_final, rows.embedding, rows.labels, rows.positions,
+           rows.ok, rows.errors, moments=rows.moments)
 
 
 def _commit(sw: ShardWriter, counters: dict):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
 import torch
 
+from clt_pipe import signals
 from clt_pipe.backbone.capture import run_capture
 from clt_pipe.backbone.loading import Backbone
 from clt_pipe.backbone.mlp import mlp_weights
@@ -112,6 +114,16 @@ def _write_store(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, meta: 
         writer.release_lock()
 
 
+def stopped_line(cfg: HarvestConfig, writer: StoreWriter, signum: int) -> str:
+    """What a stopped harvest kept and how to resume (workers that were killed mid-shard left it uncommitted)."""
+    with contextlib.suppress(Exception):  # the line must come out even if the store cannot be read now
+        done = f"{len(writer.committed_shards())}/{writer.layout.n_shards} shards are committed"
+        return (f"harvest stopped by {signals.signal_name(signum)} ({signals.seconds_since_request():.1f} s after "
+                f"the signal): {done} in {cfg.store}; re-run the same command to resume")
+    return (f"harvest stopped by {signals.signal_name(signum)}: committed shards of {cfg.store} are kept; re-run "
+            f"the same command to resume")
+
+
 def _fill_store(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, writer: StoreWriter, progress,
                 log, parts: dict) -> dict:
     lay = writer.layout
@@ -137,7 +149,12 @@ def _fill_store(cfg: HarvestConfig, dataset: ImageDataset, bb: Backbone, writer:
             counters = harvest_with_dask(cfg, todo, progress)
             counters.pop("stage_seconds", None)  # the workers' breakdown: for benchmarks, not the summary
         else:
-            counters = harvest_shards(cfg, writer, dataset, bb, todo, progress)
+            with signals.stop_point():
+                counters = harvest_shards(cfg, writer, dataset, bb, todo, progress)
+        if counters.get("stopped"):
+            raise signals.Stopped(signals.requested())
+    except signals.Stopped as e:
+        raise signals.Stopped(e.signum, stopped_line(cfg, writer, e.signum)) from None
     finally:
         progress.stop()
     parts["images"] = time.perf_counter() - t0
