@@ -276,3 +276,55 @@ def test_resume_recomputes_the_batch_a_committed_shard_shares(tmp_path, ckpt, ca
     assert sizes == [(0, 5, [(4,)]), (5, 10, [(5,), (6, 7)])]
     assert store_files(store) == want
     assert json.loads((store / "COMPLETE.json").read_text())["n_shards"] == 6
+
+
+# ------------------------------------------------------------------------------------------ torchrun ranks
+
+
+def test_sigterm_to_one_torchrun_rank_stops_both_after_the_same_checkpointed_step(tmp_path, synth_store, warm_cli):
+    """A signal that reaches one rank only (the agent forwards docker stop's SIGTERM to all, but not at the same
+    instant) stops every rank after the same step: the checkpoint holds both ranks' loader positions and
+    resumes under torchrun to a finished run."""
+    import threading
+
+    import psutil
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from clt_pipe.fit import checkpoint as ckpt
+    from tests import warmcli
+
+    out = tmp_path / "run"
+    args = fit_args(synth_store, out, 150) + ["--shuffle-chunks", "2"]
+    warmcli.warm_forkserver()
+    t_launch = time.time()
+    signalled: list = []
+
+    def signal_one_rank():  # torchrun's agent needs the main thread (it installs signal handlers)
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (metrics.is_file() and metrics.stat().st_size > 0):
+            time.sleep(0.01)
+        # the ranks: forked from the forkserver, a child of this process, after the launch
+        ranks = [p for p in psutil.Process().children(recursive=True) if p.create_time() >= t_launch - 1]
+        signalled.extend(ranks)
+        if len(ranks) == 2:
+            ranks[1].send_signal(signal.SIGTERM)
+
+    thread = threading.Thread(target=signal_one_rank)
+    thread.start()
+    with pytest.raises(ChildFailedError) as failed:
+        warmcli.torchrun(2, args, tmp_path / "logs")
+    thread.join(60)
+    assert len(signalled) == 2, signalled
+    assert {f.exitcode for f in failed.value.failures.values()} == {143}, failed.value.failures
+    logs = [p.read_text() for p in (tmp_path / "logs").rglob("stderr.log")]
+    lines = [ln for text in logs for ln in text.splitlines() if "fit stopped by SIGTERM after step" in ln]
+    assert len(lines) == 2, logs
+    steps = {int(ln.split("after step ")[1].split("/")[0]) for ln in lines}
+    assert len(steps) == 1, lines  # the same step on both ranks
+    step = steps.pop()
+    _, state = ckpt.load_latest(out, "cpu")
+    assert state["step"] == step and len(state["loader"]) == 2
+
+    assert warmcli.torchrun(2, args + ["--resume"], tmp_path / "logs2") == {0: 0, 1: 0}
+    assert json.loads((out / "run.json").read_text())["finished"]

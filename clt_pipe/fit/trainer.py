@@ -244,6 +244,7 @@ def _fit(cfg: FitConfig, store: ActivationStore, dist: Dist, device: torch.devic
             if signum and trainer.step < cfg.steps:
                 if trainer.step % cfg.checkpoint_every:  # else written just above
                     checkpoint()
+                dist.barrier()  # leave together: torchrun's agent SIGTERMs the other ranks when one exits
                 raise stopping.stopped(signum, trainer.step, cfg.steps, out)
     finally:
         stop_point.exit()
