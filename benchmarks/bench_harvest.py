@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from clt_pipe.config import HarvestConfig, build  # noqa: E402
-from clt_pipe.harvest.loop import ImagePrefetcher, harvest_shards  # noqa: E402
+from clt_pipe.harvest.loop import ImagePrefetcher, ShardHarvest, harvest_shards  # noqa: E402
 from clt_pipe.harvest.plan import head_weights, open_inputs, plan, store_meta  # noqa: E402
 from clt_pipe.backbone.mlp import mlp_weights  # noqa: E402
 from clt_pipe.store.writer import StoreWriter  # noqa: E402
@@ -86,7 +86,16 @@ def store_bytes(store: Path) -> int:
     return sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
 
 
-def full_harvest(cfg: HarvestConfig, dataset, bb, store: Path, times: dict | None = None) -> float:
+def full_harvest(cfg: HarvestConfig, dataset, bb, store: Path, times: dict | None = None,
+                 forwards: str = "grid") -> float:
+    """``forwards`` "shard": forward batches cut at shard boundaries, as before issue 24 (same store bytes)."""
+    if forwards == "shard":
+        real = ShardHarvest.forward_batches
+        ShardHarvest.forward_batches = ShardHarvest.shard_cut_batches
+        try:
+            return full_harvest(cfg, dataset, bb, store, times)
+        finally:
+            ShardHarvest.forward_batches = real
     shutil.rmtree(store, ignore_errors=True)
     hp = plan(cfg, dataset, bb)
     t0 = time.perf_counter()
@@ -121,6 +130,8 @@ def main() -> None:
                     help="comma-separated: harvests with each, interleaved in the same repeats (default: the "
                          "harvest's default)")
     ap.add_argument("--write-threads", type=int, default=0, help="0: the harvest's default")
+    ap.add_argument("--forwards", default="grid", help="comma-separated: grid (forward batches of --batch images "
+                    "across shards, what ships) | shard (cut at shard boundaries, as before issue 24)")
     ap.add_argument("--dir", default=None, help="where the stores and the disk probe go (default: a temp dir)")
     ap.add_argument("--write", action="store_true", help="append the result to benchmarks/BENCHMARKS.md")
     args = ap.parse_args()
@@ -135,30 +146,33 @@ def main() -> None:
                 "write_threads": args.write_threads}
         cfgs = [build(HarvestConfig, {**base, **({"compressor": c} if c else {})})
                 for c in (args.compressor.split(",") if args.compressor else [""])]
+        modes = args.forwards.split(",")
+        cfgs, fwd = [c for c in cfgs for _ in modes], [m for _ in cfgs for m in modes]
         cfg = cfgs[0]
         dataset, bb = open_inputs(cfg)
         bare_forward(cfg, dataset, bb)  # warm-up (allocator, kernels, page cache)
         nbytes = []
-        for c in cfgs:  # warm-up of the writer path; sizes the stores and the disk probe
-            full_harvest(c, dataset, bb, tmp / "s.zarr")
+        for c, m in zip(cfgs, fwd):  # warm-up of the writer path; sizes the stores and the disk probe
+            full_harvest(c, dataset, bb, tmp / "s.zarr", forwards=m)
             nbytes.append(store_bytes(tmp / "s.zarr"))
         bare, disk = [], []
         full: list[list[float]] = [[] for _ in cfgs]
         times: list[dict] = [{} for _ in cfgs]
         for _ in range(args.repeats):
             bare.append(bare_forward(cfg, dataset, bb))
-            for j, c in enumerate(cfgs):
-                full[j].append(full_harvest(c, dataset, bb, tmp / "s.zarr", times[j]))
+            for j, (c, m) in enumerate(zip(cfgs, fwd)):
+                full[j].append(full_harvest(c, dataset, bb, tmp / "s.zarr", times[j], forwards=m))
             shutil.rmtree(tmp / "s.zarr", ignore_errors=True)
             disk.append(max(nbytes) / disk_write(tmp / "disk-probe.bin", max(nbytes)))
         mb, bw = statistics.median(bare), statistics.median(disk)
         print(f"bare runs {['%.2f' % t for t in bare]} s; disk {['%.2f' % (b / 1e9) for b in disk]} GB/s "
               f"(write + fsync of {max(nbytes) / 1e9:.3f} GB in 16 MiB blocks, next to the store)")
-        for c, runs, nb, tms in zip(cfgs, full, nbytes, times):
+        for c, m, runs, nb, tms in zip(cfgs, fwd, full, nbytes, times):
             mf, md = statistics.median(runs), nb / bw
             setting = (f"{bb.name} (random init), {args.images} images, batch {args.batch}, tokens {args.tokens}, "
                        f"targets {args.targets}, compressor {c.compressor}, {bb.device}, {args.data_workers} image "
-                       f"threads, {c.write_threads or 'default'} write threads")
+                       f"threads, {c.write_threads or 'default'} write threads, forward batches "
+                       f"{'across shards' if m == 'grid' else 'cut at shards'}")
             line = (f"| harvest / max(bare forward, disk) | {setting} | bare {mb:.2f} s, disk {md:.2f} s "
                     f"({nb / 1e9:.3f} GB at {bw / 1e9:.2f} GB/s), harvest {mf:.2f} s ({nb / mf / 1e9:.3f} GB/s) "
                     f"| **{mf / max(mb, md):.3f}** (goal <= 1.05; / bare {mf / mb:.3f}) |")

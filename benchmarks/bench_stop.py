@@ -72,7 +72,7 @@ def bench_harvest(args, tmp: Path) -> list[str]:
         store = tmp / f"b{batch}.zarr"
         cmd = ["harvest", "--model", args.model, "--pretrained", "none", "--dataset", "imagefolder",
                "--data-root", str(tmp / "data"), "--store", str(store), "--batch-size", str(batch),
-               "--device", "cpu"]
+               "--device", args.device]
         stops, forward = [], None
         for trial in range(args.trials):
             log = tmp / f"harvest-{batch}-{trial}.log"
@@ -97,7 +97,8 @@ def bench_harvest(args, tmp: Path) -> list[str]:
             print(f"  batch {batch} trial {trial}: SIGTERM {delay:.1f} s after a commit -> exit {rc} in "
                   f"{seconds:.2f} s: {line}")
         if stops:
-            out.append(f"| harvest SIGTERM -> exit | {args.model} (random init), CPU ({os.cpu_count()} cores), "
+            where = "CPU" if args.device == "cpu" else args.device
+            out.append(f"| harvest SIGTERM -> exit | {args.model} (random init), {where} ({os.cpu_count()} cores), "
                        f"all tokens, --batch-size {batch}, {len(stops)} signals at random moments of a forward "
                        f"(~{forward:.1f} s between commits) | median {statistics.median(stops):.2f} s, max "
                        f"{max(stops):.2f} s | docker's grace 10 s |")
@@ -169,6 +170,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=768)
     ap.add_argument("--batch", default="64,256", help="comma-separated --batch-size values")
     ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="harvest device (the fit part runs on CPU)")
     ap.add_argument("--expansion", type=int, default=8)
     ap.add_argument("--fit-images", type=int, default=64, help="images of the synthetic fit store")
     ap.add_argument("--ckpt-repeats", type=int, default=2)

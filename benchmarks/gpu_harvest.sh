@@ -23,3 +23,9 @@ step 60 python benchmarks/bench_harvest.py --device cuda --data-workers $W --dir
   --batch 256 --repeats 3 --tokens cls
 step 150 python benchmarks/bench_harvest_workers.py --device cuda --data-workers $W --dir "$DIR" --model ViT-B-32 \
   --images 2048 --batch 256 --workers 2 --repeats 2
+# Issue 24: forward batches of --batch-size across shards (what ships) against cut at shard boundaries (~72 ViT-B/32
+# images at all tokens, as before), side by side; then SIGTERM -> exit of a harvest on the GPU at batch 256.
+step 200 python benchmarks/bench_harvest.py --device cuda --data-workers $W --dir "$DIR" --model ViT-B-32 --images 2048 \
+  --batch 256 --repeats 3 --forwards grid,shard
+step 240 python benchmarks/bench_stop.py --part harvest --device cuda --dir "$DIR" --model ViT-B-32 --images 4096 \
+  --batch 256 --trials 2

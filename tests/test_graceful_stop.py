@@ -213,16 +213,6 @@ def test_a_second_signal_ends_the_process_at_once_an_echo_does_not(tmp_path):
 # ------------------------------------------------------------------------------------------ full forward batches
 
 
-def _shard_cut_batches(self, shards):
-    """The forward batches before issue 24: --batch-size images from each shard's start, cut at its end."""
-    out = []
-    for s in shards:
-        imgs = self.layout.shard_images(s)
-        out += [range(b, min(b + self.cfg.batch_size, imgs.stop)) for b in range(imgs.start, imgs.stop,
-                                                                                self.cfg.batch_size)]
-    return out
-
-
 @pytest.mark.parametrize("batch,chunks_per_shard", [(8, 2), (4, 6)])
 def test_forward_batches_span_shards_and_store_bytes_do_not_change(tmp_path, ckpt, batch, chunks_per_shard,
                                                                    capsys, monkeypatch):
@@ -242,7 +232,7 @@ def test_forward_batches_span_shards_and_store_bytes_do_not_change(tmp_path, ckp
     assert code == 0, err
     assert sizes == [batch] * (24 // batch)  # one forward per --batch-size images
     sizes.clear()
-    monkeypatch.setattr(loop.ShardHarvest, "forward_batches", _shard_cut_batches)
+    monkeypatch.setattr(loop.ShardHarvest, "forward_batches", loop.ShardHarvest.shard_cut_batches)
     code, _, err = run_cli(capsys, monkeypatch, harvest_args(old, data["root"], ckpt, batch, chunks_per_shard))
     assert code == 0, err
     assert max(sizes) == min(batch, chunks_per_shard)  # cut at shard boundaries, as before
@@ -328,3 +318,61 @@ def test_sigterm_to_one_torchrun_rank_stops_both_after_the_same_checkpointed_ste
 
     assert warmcli.torchrun(2, args + ["--resume"], tmp_path / "logs2") == {0: 0, 1: 0}
     assert json.loads((out / "run.json").read_text())["finished"]
+
+
+# ------------------------------------------------------------------------------------------ PID 1 (docker stop)
+
+CLONE_NEWPID = 0x20000000
+
+
+def _as_pid1(args: list[str] | None, pid_file: str) -> None:
+    """Run ``clt-pipe ARGS`` (None: a bare sleep with Python's default handlers) as PID 1 of a new PID namespace,
+    as the entrypoint of a container is; exit with its status (128 + N for a signal death)."""
+    import ctypes
+
+    from tests.warmcli import _run_clt_pipe
+
+    if ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWPID) != 0:
+        os._exit(99)  # not permitted here
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            if args is None:
+                time.sleep(20)
+            else:
+                _run_clt_pipe(args)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        os._exit(code)
+    Path(pid_file).write_text(str(pid))
+    _, status = os.waitpid(pid, 0)
+    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+
+
+def test_sigterm_reaches_a_fit_that_is_pid_1(tmp_path, synth_store):
+    """The kernel gives PID 1 of a namespace no default action for SIGTERM: a process without a handler ignores
+    ``docker stop`` until SIGKILL. The CLI's explicit handler stops the fit there as anywhere."""
+    from tests.warmcli import WarmProcess
+
+    pid_file = tmp_path / "pid"
+    control = WarmProcess(_as_pid1, (None, str(pid_file)), tmp_path)
+    wait_for(control, pid_file.exists, "the control's start")
+    if control.poll() == 99:
+        pytest.skip("no permission to create a PID namespace")
+    time.sleep(0.3)
+    os.kill(int(pid_file.read_text()), signal.SIGTERM)
+    time.sleep(1.0)
+    assert control.poll() is None  # PID 1 with the default handler: SIGTERM ignored
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    control.wait(30)
+
+    pid_file.unlink()
+    out = tmp_path / "run"
+    proc = WarmProcess(_as_pid1, (fit_args(synth_store, out, 100000), str(pid_file)), tmp_path)
+    metrics = out / "metrics.jsonl"
+    wait_for(proc, lambda: pid_file.exists() and metrics.is_file() and metrics.stat().st_size > 0, "a first step")
+    os.kill(int(pid_file.read_text()), signal.SIGTERM)
+    proc.wait(60)
+    assert proc.returncode == 143, proc.stderr()[-2000:]
+    assert len(stopped_lines(proc.stderr())) == 1 and "--resume" in proc.stderr()

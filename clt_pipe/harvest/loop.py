@@ -224,6 +224,15 @@ class ShardHarvest:
                                                         (lay.shard_images(s).stop - 1) // size + 1)})
         return [range(k * size, min((k + 1) * size, lay.n_images)) for k in ids]
 
+    def shard_cut_batches(self, shards: list[int]) -> list[range]:
+        """The forward batches before issue 24: --batch-size images from each shard's start, cut at its end. Not
+        used by the harvest; benchmarks and tests compare against it (same store bytes, more forwards)."""
+        size, out = self.cfg.batch_size, []
+        for s in shards:
+            imgs = self.layout.shard_images(s)
+            out += [range(b, min(b + size, imgs.stop)) for b in range(imgs.start, imgs.stop, size)]
+        return out
+
     def pieces(self, idx: range, todo: set[int]) -> list[Piece]:
         """The rows of forward batch ``idx`` that go into the shards of ``todo``, cut where a shard ends and
         where a write batch ends: write batches are --batch-size images from the shard's start (the batches
