@@ -78,7 +78,7 @@ def wait_for(proc, cond, what: str, timeout: float = 120.0) -> None:
 
 def test_sigterm_mid_harvest_commits_whole_shards_and_resumes_exactly(tmp_path, ckpt, capsys, monkeypatch,
                                                                         warm_cli):
-    data = make_fake_imagefolder(tmp_path / "data", classes=("a", "b", "c"), per_class=16)  # 48 images
+    data = make_fake_imagefolder(tmp_path / "data", classes=("a", "b", "c"), per_class=32)  # 96 images
     stopped, clean = tmp_path / "stopped.zarr", tmp_path / "clean.zarr"
     args = lambda store: harvest_args(store, data["root"], ckpt, batch=3)  # noqa: E731 - 2-image shards
     proc = warm_cli(args(stopped), tmp_path, env=ENV)
@@ -91,8 +91,8 @@ def test_sigterm_mid_harvest_commits_whole_shards_and_resumes_exactly(tmp_path, 
     assert proc.returncode == 143, proc.stderr()[-2000:]
     lines = stopped_lines(proc.stderr())
     n = len(list(commits.glob("shard-*.json")))
-    assert 1 <= n < 24
-    assert len(lines) == 1 and re.search(rf"harvest stopped by SIGTERM \([0-9.]+ s after the signal\): {n}/24 shards "
+    assert 1 <= n < 48
+    assert len(lines) == 1 and re.search(rf"harvest stopped by SIGTERM \([0-9.]+ s after the signal\): {n}/48 shards "
                                          r"are committed", lines[0]), lines
     assert "re-run the same command to resume" in lines[0] and "Traceback" not in proc.stderr()
     assert seconds < 30, seconds  # a bound, not a benchmark: the in-flight batch of 3 tiny images and its commits
@@ -102,7 +102,7 @@ def test_sigterm_mid_harvest_commits_whole_shards_and_resumes_exactly(tmp_path, 
 
     code, _, err = run_cli(capsys, monkeypatch, args(stopped))  # the same command resumes
     assert code == 0, err
-    assert f"resuming: {n}/24 shards already committed" in err
+    assert f"resuming: {n}/48 shards already committed" in err
     code, _, err = run_cli(capsys, monkeypatch, args(clean))
     assert code == 0, err
     ActivationStore(str(stopped))

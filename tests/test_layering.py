@@ -13,6 +13,7 @@ PKG = Path(__file__).resolve().parents[1] / "clt_pipe"
 # Units side by side on one rank must not import each other; a unit imports its own modules and lower ranks.
 RANKS = {
     "errors": -1, "device": 0, "checksums": 0, "atomic": 0, "precision": 0, "progress": 0, "prefetch": 0, "tokens": 0,
+    "signals": 0,
     "__init__": 0,
     "datasets": 1, "store": 1, "clt": 1, "backbone": 2, "outdir": 2,
     "config": 3, "testing": 3,

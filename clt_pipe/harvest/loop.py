@@ -208,7 +208,6 @@ class ShardHarvest:
         self.prefetch = ImagePrefetcher(dataset, bb.preprocess, cfg.data_workers, cfg.on_bad_image == "skip")
         self.writer_thread = WriterThread()
         self.counters = {"images": 0, "tokens": 0, "bytes": 0, "shards": 0}
-        self.forwards: list[int] = []  # images per forward pass, in order
         self.partial: dict[int, list[Rows]] = {}  # the writer thread's pieces of unfinished write batches
         self.commits = Commits(self.counters)
         self.times = writer.times
@@ -226,7 +225,8 @@ class ShardHarvest:
 
     def shard_cut_batches(self, shards: list[int]) -> list[range]:
         """The forward batches before issue 24: --batch-size images from each shard's start, cut at its end. Not
-        used by the harvest; benchmarks and tests compare against it (same store bytes, more forwards)."""
+        used by the harvest; benchmarks and tests compare against it (more forwards; the same store bytes where
+        the forward is batch-invariant)."""
         size, out = self.cfg.batch_size, []
         for s in shards:
             imgs = self.layout.shard_images(s)
@@ -281,7 +281,6 @@ class ShardHarvest:
         labels = np.array([self.dataset.record(i).label for i in idx], np.int32)
         images = images.to(dev, non_blocking=dev.type == "cuda")
         pos_t = torch.from_numpy(positions.astype(np.int64)).to(dev)
-        self.forwards.append(len(idx))
         # On CUDA these stages only queue kernels (the GPU's time shows up as "writer: wait for device->host copy").
         with self.times.stage("main: forward + hooks"):
             cap = run_capture(self.bb, images, pos_t, self.out_dtype, self.cfg.precision,
