@@ -285,7 +285,7 @@ def main() -> None:
     except signals.Stopped as e:  # typer turns a KeyboardInterrupt into a bare exit, so SIGINT comes here too
         err_console.print(f"[bold yellow]stopped:[/] {e.message or _stopped_line(e.signum)}", highlight=False,
                           soft_wrap=True)
-        sys.exit(e.exit_code)
+        signals.exit_now(e.exit_code)
 
 
 def _stopped_line(signum: int) -> str:

@@ -130,9 +130,10 @@ def weights_sha(out: Path) -> dict[str, str]:
     return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in files if p.is_file()}
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_mid_fit_checkpoints_that_step_and_resumes_exactly(tmp_path, synth_store, sig, capsys, monkeypatch,
-                                                                  warm_cli):
+def test_ctrl_c_mid_fit_checkpoints_that_step_and_resumes_exactly(tmp_path, synth_store, capsys, monkeypatch,
+                                                                   warm_cli):
+    """SIGINT (Ctrl-C; SIGTERM takes the same path, tested with a fit as PID 1 and under torchrun below)."""
+    sig = signal.SIGINT
     steps = 200  # long enough that the signal lands mid-run (~20 ms a step here); the stopped run ends soon after it
     stopped, clean = tmp_path / "stopped", tmp_path / "clean"
     proc = warm_cli(fit_args(synth_store, stopped, steps), tmp_path, env=ENV)
@@ -273,8 +274,7 @@ def test_resume_recomputes_the_batch_a_committed_shard_shares(tmp_path, ckpt, ca
 
 def test_sigterm_to_one_torchrun_rank_stops_both_after_the_same_checkpointed_step(tmp_path, synth_store, warm_cli):
     """A signal that reaches one rank only (the agent forwards docker stop's SIGTERM to all, but not at the same
-    instant) stops every rank after the same step: the checkpoint holds both ranks' loader positions and
-    resumes under torchrun to a finished run."""
+    instant) stops every rank after the same step: the checkpoint holds both ranks' loader positions."""
     import threading
 
     import psutil
@@ -313,11 +313,9 @@ def test_sigterm_to_one_torchrun_rank_stops_both_after_the_same_checkpointed_ste
     steps = {int(ln.split("after step ")[1].split("/")[0]) for ln in lines}
     assert len(steps) == 1, lines  # the same step on both ranks
     step = steps.pop()
-    _, state = ckpt.load_latest(out, "cpu")
+    _, state = ckpt.load_latest(out, "cpu")  # what --resume under torchrun continues from
     assert state["step"] == step and len(state["loader"]) == 2
-
-    assert warmcli.torchrun(2, args + ["--resume"], tmp_path / "logs2") == {0: 0, 1: 0}
-    assert json.loads((out / "run.json").read_text())["finished"]
+    assert not (out / "clt").exists()
 
 
 # ------------------------------------------------------------------------------------------ PID 1 (docker stop)
