@@ -207,7 +207,8 @@ def test_a_second_signal_ends_the_process_at_once_an_echo_does_not(tmp_path):
     assert time.monotonic() - t0 < 5
     assert proc.returncode == 143
     err = proc.stderr()
-    assert "SIGTERM: stopping after the work in flight is saved" in err
+    # the first line names SIGINT when both were pending before the child ran (Python runs lower numbers first)
+    assert re.search(r"SIG(TERM|INT): stopping after the work in flight is saved", err), err
     assert "SIGTERM again: exiting now" in err
 
 
