@@ -33,6 +33,19 @@ ANALYZE_N_FEATURES = 128
 
 
 @pytest.fixture(scope="session")
+def tiny_seeded_weights(tmp_path_factory) -> pathlib.Path:
+    """A checkpoint file of the tiny CLIP's seeded random init (seed 1234): every harvest of a test and every
+    reference forward uses the same model."""
+    import open_clip
+
+    open_clip.add_model_config(str(TINY_MODEL))
+    torch.manual_seed(1234)
+    path = tmp_path_factory.mktemp("weights") / "tiny-seeded.pt"
+    torch.save(open_clip.create_model("tiny-clip").state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def analyze_env(tmp_path_factory):
     """A tiny store (24 images, all tokens, several chunks) of a reloadable tiny CLIP, and a random CLT: what
     the analysis and report tests run against."""

@@ -12,9 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import pytest
-import torch
 import zarr
 from clt_pipe.testing.fakedata import make_fake_imagefolder
 from clt_pipe.testing.synthstore import RandomRows, write_store
@@ -29,13 +27,9 @@ TINY = REPO / "clt_pipe" / "demo" / "assets" / "tiny-clip.json"
 ENV = dict(os.environ, HF_HUB_OFFLINE="1")
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    open_clip.add_model_config(str(TINY))
-    torch.manual_seed(1234)
-    path = tmp_path_factory.mktemp("weights") / "tiny-seeded.pt"
-    torch.save(open_clip.create_model("tiny-clip").state_dict(), path)
-    return path
+@pytest.fixture
+def ckpt(tiny_seeded_weights) -> Path:
+    return tiny_seeded_weights
 
 
 def harvest_args(store, root, ckpt, batch: int, chunks_per_shard: int = 2) -> list[str]:

@@ -135,15 +135,8 @@ def test_hold_out_dir_is_reentrant_and_releases(tmp_path):
 
 # ---- row 2: data identity on resume ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    import open_clip
-    import torch
-
-    open_clip.add_model_config(str(TINY))
-    torch.manual_seed(1234)
-    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
-    torch.save(open_clip.create_model("tiny-clip").state_dict(), path)
-    return path
+def weights(tiny_seeded_weights) -> Path:
+    return tiny_seeded_weights
 
 
 def harvest(store, root, weights, **kw) -> dict:
