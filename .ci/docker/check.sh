@@ -114,7 +114,7 @@ FIT=(fit --store /stores/ref.zarr --n-features 128 --k 8 --steps 60 --batch-size
 run --rm -- "${FIT[@]}" --out /runs/fit-ref >/dev/null
 step "fit, uninterrupted"
 run -d --name clt-ci-fit -- "${FIT[@]}" --out /runs/fit-stopped >/dev/null
-secs=$(stop_when clt-ci-fit "$W/runs/fit-stopped/checkpoints/step-20/DONE")
+secs=$(stop_when clt-ci-fit "$W/runs/fit-stopped/checkpoints/step-00000020/DONE")
 rc=$(exit_code clt-ci-fit)
 docker logs clt-ci-fit 2>&1 | tail -n 2
 docker rm clt-ci-fit >/dev/null
