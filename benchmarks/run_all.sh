@@ -9,3 +9,4 @@ python benchmarks/bench_harvest.py --model ViT-B-32 --images 96 --batch 32 --rep
 python benchmarks/bench_loader.py --write
 python benchmarks/bench_decode.py --batch 128 --repeats 3 --write
 python benchmarks/bench_substitution.py --write
+python benchmarks/bench_sweep.py --repeats 5 --write

@@ -52,8 +52,9 @@ def default_text(f: dataclasses.Field) -> str:
     return '""' if value == "" else str(value)
 
 
-def stage_command(cls: type, name: str, help: str):
-    """Register a typer command whose options are the fields of ``cls`` plus ``--config``."""
+def stage_command(cls: type, name: str, help: str, extra: tuple[inspect.Parameter, ...] = ()):
+    """Register a typer command whose options are the fields of ``cls`` plus ``--config``; ``extra`` options
+    (not config fields) reach the command function as keywords, with ``config_file``."""
 
     def decorate(fn: Callable[[Any], None]):
         hints = typing.get_type_hints(cls)
@@ -71,12 +72,14 @@ def stage_command(cls: type, name: str, help: str):
                 opt = typer.Option(None, flag, help=h, show_default=False)
             params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[tp],
                                             default=opt))
+        params += extra
 
         def command(**kwargs):
             config_file = kwargs.pop("config")
+            extras = {p.name: kwargs.pop(p.name) for p in extra}
             cfg = stage_config(cls, name, config_file, kwargs)
             preflight.check(cfg)
-            fn(cfg)
+            fn(cfg, config_file=config_file, **extras) if extra else fn(cfg)
 
         command.__signature__ = inspect.Signature(params)
         command.__name__ = name
@@ -123,12 +126,28 @@ def harvest_cmd(cfg: HarvestConfig) -> None:
         _print_summary(f"harvest -> {cfg.store}", summary)
 
 
-@stage_command(FitConfig, "fit", "Train a Cross-Layer Transcoder on a committed store.")
-def fit_cmd(cfg: FitConfig) -> None:
-    from clt_pipe.fit.trainer import run_fit
+SWEEP_OPTIONS = (
+    inspect.Parameter("sweep", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[list[str]],
+                      default=typer.Option(None, "--sweep", metavar="KEY=V1,V2",
+                                           help="Train one CLT per value on the same batches (repeatable; replaces "
+                                                "the --config file's [fit.sweep]); members go to OUT/<member>/")),
+    inspect.Parameter("sweep_mode", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                      default=typer.Option(None, "--sweep-mode", metavar="cross|zip",
+                                           help="cross (every combination) | zip (the i-th values together)  "
+                                                "[default: cross]")),
+)
 
+
+@stage_command(FitConfig, "fit", "Train a Cross-Layer Transcoder on a committed store (or a sweep of them).",
+               extra=SWEEP_OPTIONS)
+def fit_cmd(cfg: FitConfig, config_file: str | None = None, sweep: list[str] | None = None,
+            sweep_mode: str | None = None) -> None:
+    from clt_pipe.fit.trainer import run_fit
+    from clt_pipe.pipeline import stage_sweep
+
+    plan = stage_sweep(config_file, sweep, sweep_mode)
     with _io_errors("fit", cfg.out):
-        summary = run_fit(cfg, console=err_console)
+        summary = run_fit(cfg, console=err_console, sweep=plan)
     _print_summary(f"fit -> {cfg.out}", summary)
 
 
@@ -139,6 +158,18 @@ def analyze_cmd(cfg: AnalyzeConfig) -> None:
     with _io_errors("analyze", cfg.out):
         summary = run_analyze(cfg, console=err_console)
     _print_summary(f"analyze -> {cfg.out}", summary)
+
+
+@app.command("compare")
+def compare_cmd(reports: list[str] = typer.Argument(..., help="analyze --out folders (report.json), or earlier "
+                                                          "comparison folders"),
+                out: str = typer.Option("runs/compare", "--out", help="Where the comparison is written")) -> None:
+    """One table and plot across analyzed CLTs: fidelity per token type, L0 against FVU, substitution accuracy."""
+    from clt_pipe.analyze.compare import compare_reports
+
+    with _io_errors("compare", out):
+        summary = compare_reports(reports, out)
+    _print_summary(f"compare -> {out}", summary)
 
 
 @stage_command(AtlasConfig, "atlas", "Static HTML feature atlas of a fitted CLT: top images with patch heatmaps, "

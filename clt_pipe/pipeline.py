@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 from clt_pipe.config import STAGES, AnalyzeConfig, FitConfig, HarvestConfig, build, to_dict
 from clt_pipe.errors import ConfigError
+from clt_pipe.fit.sweep import SweepConfig
 from clt_pipe.preflight import check as preflight
 
 STAGE_ORDER = ("harvest", "harvest_eval", "fit", "analyze")
@@ -32,6 +33,7 @@ class Pipeline:
     harvest_eval: HarvestConfig | None
     fit: FitConfig | None
     analyze: AnalyzeConfig | None
+    sweep: SweepConfig | None = None  # [fit.sweep]: fit trains these members (clt_pipe/fit/sweep.py)
 
 
 def _expand(value: Any, where: str, env: dict[str, str]) -> Any:
@@ -74,9 +76,11 @@ def parse_pipeline(path: str | Path, env: dict[str, str] | None = None) -> Pipel
     harvest_eval = None
     if he is not None:
         harvest_eval = build(HarvestConfig, h or {}, he, section="harvest_eval")
-    fit = None
+    fit = sweep = None
     if f is not None:
+        sweep_table = f.pop("sweep", None)
         fit = build(FitConfig, {"store": harvest.store} if harvest else {}, f, section="fit")
+        sweep = SweepConfig.parse(sweep_table) if sweep_table is not None else None
     analyze = None
     if a is not None:
         wired: dict[str, Any] = {}
@@ -85,7 +89,7 @@ def parse_pipeline(path: str | Path, env: dict[str, str] | None = None) -> Pipel
         if fit:
             wired["clt"] = fit.out
         analyze = build(AnalyzeConfig, wired, a, section="analyze")
-    return Pipeline(meta.get("name", Path(path).stem), harvest, harvest_eval, fit, analyze)
+    return Pipeline(meta.get("name", Path(path).stem), harvest, harvest_eval, fit, analyze, sweep)
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -116,12 +120,31 @@ def stage_config(cls: type, section: str, config_file: str | None, overrides: Ma
             else:  # a command outside the pipeline (atlas) reads its own table of a pipeline file
                 table = dict(doc.get(section, {}))
         else:
-            table = doc
+            table = {k: v for k, v in doc.items() if not (section == "fit" and k == "sweep")}
     return build(cls, table, overrides, section=section)
 
 
+def stage_sweep(config_file: str | None, cli_items: list[str] | None, cli_mode: str | None) -> SweepConfig | None:
+    """The sweep of a `clt-pipe fit`: the CLI's ``--sweep`` options if given, else the ``--config`` file's
+    ``[fit.sweep]`` table (``[sweep]`` of a flat fit file); ``--sweep-mode`` applies to either."""
+    if cli_items:
+        return SweepConfig.from_cli(cli_items, cli_mode)
+    table = None
+    if config_file:
+        doc = load_toml(config_file)
+        table = doc["fit"].get("sweep") if isinstance(doc.get("fit"), dict) else doc.get("sweep")
+    if table is None:
+        if cli_mode:
+            raise ConfigError("sweep-mode: no sweep to combine; add --sweep KEY=V1,V2 or a [fit.sweep] table")
+        return None
+    return SweepConfig.parse(dict(table, mode=cli_mode) if cli_mode else table)
+
+
 def _analysis_done(cfg: AnalyzeConfig) -> bool:
-    report = Path(cfg.out) / "report.json"
+    from clt_pipe.analyze.compare import COMPARE_FILE
+    from clt_pipe.clt.sweepdir import is_sweep
+
+    report = Path(cfg.out) / (COMPARE_FILE if is_sweep(cfg.clt) else "report.json")
     if not report.is_file():
         return False
     try:
@@ -158,7 +181,7 @@ def run_pipeline(path: str | Path, *, only: list[str] | None = None, force: bool
 
             cfg = replace(cfg, resume=not force, overwrite=force)
             say(f"[bold]{pipe.name}: fit[/] -> {cfg.out}")
-            results[s] = run_fit(cfg, console=console)
+            results[s] = run_fit(cfg, console=console, sweep=pipe.sweep)
         else:
             from clt_pipe.analyze.run import run_analyze
 

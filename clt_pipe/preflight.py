@@ -62,8 +62,13 @@ def _analyze(cfg: AnalyzeConfig) -> None:
     from clt_pipe.datasets.registry import check_root
     from clt_pipe.errors import CltPipeError
 
+    from clt_pipe.clt.sweepdir import is_sweep, member_dirs
+
     store = _open_store(cfg.store)
-    read_run(cfg.clt)
+    if is_sweep(cfg.clt):
+        member_dirs(cfg.clt)  # a sweep: its members are checked one by one when their turn comes
+    else:
+        read_run(cfg.clt)
     if {"closedloop", "ablation"} & set(cfg.only):
         ds = store.meta.dataset
         if ds.name != "digits" and not cfg.data_root:

@@ -62,7 +62,8 @@ def test_precedence_defaults_toml_cli(tmp_path):
 def test_cli_override_reaches_config(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setattr("clt_pipe.preflight.check", lambda cfg, **k: None)  # no store here; tested elsewhere
-    monkeypatch.setattr("clt_pipe.fit.trainer.run_fit", lambda cfg, console=None: seen.setdefault("cfg", cfg) and {})
+    monkeypatch.setattr("clt_pipe.fit.trainer.run_fit", lambda cfg, console=None, **kw:
+                        seen.setdefault("cfg", cfg) and {})
     f = tmp_path / "c.toml"
     f.write_text('[fit]\nk = 8\nsteps = 9\n')
     res = CliRunner().invoke(cli.app, ["fit", "--config", str(f), "--k", "5", "--no-dec-bias", "--tokens", "cls"])

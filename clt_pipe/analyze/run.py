@@ -9,7 +9,8 @@ recorded in ``report.json`` (``computed``, ``notes``). Results are collected in 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,12 +25,14 @@ from clt_pipe.analyze import substitution as SU
 from clt_pipe.analyze import zeroshot as ZS
 from clt_pipe.analyze.atlas import run as ATL
 from clt_pipe.analyze.atlas.scan import FeatureScan
+from clt_pipe.analyze.compare import write_comparison
 from clt_pipe.analyze.fidelity import FidelityAccumulator
 from clt_pipe.analyze.inputs import check_clt_matches_store, distinct_prefix
 from clt_pipe.analyze.means import PositionMeans, train_means
 from clt_pipe.analyze.stream import iter_chunks
 from clt_pipe.backbone.loading import load_backbone
-from clt_pipe.clt.rundir import load_fitted
+from clt_pipe.clt.rundir import diverged, load_fitted, read_run
+from clt_pipe.clt.sweepdir import is_sweep, member_dirs
 from clt_pipe.config import AnalyzeConfig, to_dict
 from clt_pipe.device import resolve_device
 from clt_pipe.errors import CltPipeError
@@ -309,6 +312,8 @@ def run_closed_loop_parts(ctx: Context, need: set[str], res: AnalyzeResults, pro
 
 def run_analyze(cfg: AnalyzeConfig, console=None) -> dict:
     with hold_out_dir(cfg.out, "analyze"):
+        if is_sweep(cfg.clt):  # every member (each holding its own folder), then the comparison across them
+            return _analyze_sweep(cfg, console)
         return _analyze(cfg, console)
 
 
@@ -374,3 +379,27 @@ def _analyze(cfg: AnalyzeConfig, console) -> dict:
         raise signals.Stopped(signals.requested(), f"analyze stopped by {signals.signal_name(signals.requested())} "
                                                    f"while writing its report; the report in {cfg.out} is complete")
     return R.summary(results, files)
+
+
+def _analyze_sweep(cfg: AnalyzeConfig, console=None) -> dict:
+    """`analyze` whose --clt is a fit sweep: each finished member's own report into OUT/<member>/, then the
+    comparison across them into OUT (analyze/compare.py); members that diverged or did not finish are named."""
+    say = console.print if console else (lambda *a: None)
+    done, notes = [], []
+    for name, run_dir in member_dirs(cfg.clt):
+        why = diverged(run_dir)
+        if why is None and not (run_dir / "run.json").is_file():
+            why = "not fitted yet"
+        elif why is None and not read_run(run_dir).get("finished"):
+            why = "its fit did not finish"
+        if why is not None:
+            notes.append(f"{name} left out: {why}")
+            say(f"[yellow]{name}[/] left out: {why}")
+            continue
+        member_out = Path(cfg.out) / name
+        say(f"[bold]analyze {name}[/] -> {member_out}")
+        run_analyze(replace(cfg, clt=str(run_dir), out=str(member_out)), console=console)
+        done.append((name, member_out))
+    if not done:
+        raise CltPipeError(f"{cfg.clt}: no member of the sweep has finished fitting ({'; '.join(notes)})")
+    return write_comparison(cfg.out, done, settings=to_dict(cfg), notes=notes)

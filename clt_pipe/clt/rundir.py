@@ -5,6 +5,7 @@ Layout of ``fit --out DIR``:
   clt/                     final CLT with standardisation folded in (safetensors, circuit-tracer layout)
   checkpoints/step-N/      weights + optimiser/loader/RNG state; ``DONE`` marks a complete checkpoint (fit only)
   metrics.jsonl            one JSON line per logged step
+  DIVERGED                 one line, where the fit stopped on a non-finite loss or weights (fit/divergence.py)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from clt_pipe.errors import CheckpointError
 RUN_FILE = "run.json"
 CLT_DIR = "clt"
 RUN_FORMAT_VERSION = 1
+DIVERGED_FILE = "DIVERGED"
 
 
 def read_json(path: Path, missing: str) -> dict:
@@ -74,3 +76,13 @@ def load_fitted(run_dir: str | Path):
     if not clt_dir.is_dir():
         raise CheckpointError(f"{run_dir}: no exported CLT in {clt_dir}")
     return load_clt(clt_dir), meta
+
+
+def mark_diverged(run_dir: str | Path, line: str) -> None:
+    (Path(run_dir) / DIVERGED_FILE).write_text(line + "\n")
+
+
+def diverged(run_dir: str | Path) -> str | None:
+    """The line a fit that went non-finite left in its run directory, or None."""
+    p = Path(run_dir) / DIVERGED_FILE
+    return p.read_text().strip() if p.is_file() else None

@@ -102,22 +102,41 @@ def latest_config(run_dir: str | Path) -> dict | None:
     return None
 
 
-def load_latest(run_dir: str | Path, device, log=print):
-    """(weights, state) of the newest checkpoint that passes its checksums; corrupt ones are skipped, kept."""
+def _load(path: Path, device):
     import torch
     from safetensors.torch import load_file
 
+    _validate(path)
+    weights = load_file(str(path / "model.safetensors"), device=str(device))
+    state = torch.load(path / "state.pt", map_location=device, weights_only=False)
+    return weights, state
+
+
+def load_latest(run_dir: str | Path, device, log=print):
+    """(weights, state) of the newest checkpoint that passes its checksums; corrupt ones are skipped, kept."""
     errors = []
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            _validate(path)
-            weights = load_file(str(path / "model.safetensors"), device=str(device))
-            state = torch.load(path / "state.pt", map_location=device, weights_only=False)
+            return _load(path, device)
         except (CheckpointError, OSError, RuntimeError, ValueError) as e:
             errors.append(str(e).splitlines()[0])
             log(f"skipping checkpoint {path.name}: {errors[-1]}")
-            continue
-        return weights, state
     if errors:
         raise CheckpointError(f"{run_dir}: no usable checkpoint ({errors[0]})")
     return None
+
+
+def complete_steps(run_dir: str | Path) -> list[int]:
+    """Steps of the checkpoints that were finished writing (their DONE is there; checksums not read)."""
+    return [int(p.name.split("-")[1]) for p in list_checkpoints(run_dir) if (p / DONE_FILE).is_file()]
+
+
+def load_step(run_dir: str | Path, step: int, device):
+    """(weights, state) of the checkpoint of ``step``, checked against its checksums."""
+    path = _step_dir(Path(run_dir), step)
+    try:
+        return _load(path, device)
+    except (CheckpointError, OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path}: unusable ({str(e).splitlines()[0]}); the sweep resumes every member "
+                              f"from one step: remove that member's folder to retrain it, or pass "
+                              f"--overwrite") from None

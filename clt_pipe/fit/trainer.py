@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -20,18 +21,22 @@ import torch
 from clt_pipe.clt import rundir
 from clt_pipe.clt.losses import LossConfig, clt_loss
 from clt_pipe.clt.model import CrossLayerTranscoder
+from clt_pipe.clt.rundir import diverged, mark_diverged
 from clt_pipe.clt.spec import CLTSpec
+from clt_pipe.clt.sweepdir import SWEEP_FILE
 from clt_pipe.config import FitConfig
 from clt_pipe.device import resolve_device
 from clt_pipe.errors import CheckpointError, StoreError
 from clt_pipe import signals
 from clt_pipe.fit import checkpoint as ckpt
-from clt_pipe.fit import stopping
+from clt_pipe.fit import memory, stopping
 from clt_pipe.fit.distributed import Dist, init_distributed
+from clt_pipe.fit.divergence import DivergedError, diverged_line, loss_is_finite, weights_are_finite
 from clt_pipe.fit.metrics import MetricsLog
+from clt_pipe.fit.sweep import Member, SweepConfig, members, prepare_root
 from clt_pipe.outdir import clear_out_dir, hold_out_dir
 from clt_pipe.precision import autocast_context
-from clt_pipe.store.loader import ChunkLoader
+from clt_pipe.store.loader import ChunkLoader, available_memory
 from clt_pipe.store.reader import ActivationStore
 
 # Fields that may change between an interrupted run and its resume without changing the result.
@@ -87,8 +92,8 @@ def prepare_out_dir(cfg: FitConfig, store: ActivationStore) -> None:
                               f"to replace it or choose another --out")
     if (old or {}).get("store", {}).get("fingerprint") not in (None, store.meta.fingerprint):
         raise CheckpointError(f"{out} was trained on another store; pass --overwrite or choose another --out")
-    if (old or {}).get("finished"):
-        return  # same settings, already done: run_fit reports it
+    if (old or {}).get("finished") or diverged(out):
+        return  # same settings, already done or diverged: run_fit reports it
     if not cfg.resume:
         raise CheckpointError(f"{out} holds an unfinished run of these settings; pass --resume to continue it "
                               f"or --overwrite to start again")
@@ -101,9 +106,20 @@ def run_meta(cfg: FitConfig, store: ActivationStore, spec: CLTSpec) -> dict:
                       "tokens": store.meta.tokens.to_dict(), "n_layers": store.n_layers, "d_model": store.d_model}}
 
 
+def make_loader(cfg: FitConfig, store: ActivationStore, device: torch.device, dist: Dist) -> ChunkLoader:
+    loader = ChunkLoader(store, cfg.batch_size, tokens=cfg.tokens, split="train", holdout=cfg.holdout,
+                         seed=cfg.seed, shuffle_chunks=cfg.shuffle_chunks, shuffle_memory=cfg.shuffle_memory,
+                         read_threads=cfg.read_threads, device=device, rank=dist.rank, world_size=dist.world,
+                         keep_rows=cfg.keep_rows, keep_memory=cfg.keep_memory)
+    # Ranks split the windows of one schedule, so they must agree on the window size (free memory differs).
+    loader.set_window_chunks(min(dist.gather(loader.shuffle_chunks)))
+    return loader
+
+
 class Trainer:
     def __init__(self, cfg: FitConfig, store: ActivationStore, device: torch.device, dist: Dist | None = None,
-                 spec: CLTSpec | None = None):
+                 spec: CLTSpec | None = None, loader: ChunkLoader | None = None):
+        """``loader``: a sweep's shared loader (its members see the same batches); else this fit's own."""
         self.cfg, self.store, self.device = cfg, store, device
         self.dist = dist or Dist()
         torch.manual_seed(cfg.seed)
@@ -115,14 +131,10 @@ class Trainer:
         self.dist.broadcast_params(self.model)
         # Dense zero grads from the start: the sparse decode then adds its B*k rows into them in place.
         self.model.materialize_grads()
-        self.loader = ChunkLoader(store, cfg.batch_size, tokens=cfg.tokens, split="train", holdout=cfg.holdout,
-                                  seed=cfg.seed, shuffle_chunks=cfg.shuffle_chunks,
-                                  shuffle_memory=cfg.shuffle_memory, read_threads=cfg.read_threads,
-                                  device=device, rank=self.dist.rank, world_size=self.dist.world,
-                                  keep_rows=cfg.keep_rows, keep_memory=cfg.keep_memory)
-        # Ranks split the windows of one schedule, so they must agree on the window size (free memory differs).
-        self.loader.set_window_chunks(min(self.dist.gather(self.loader.shuffle_chunks)))
-        self.loader.prefetch()  # the first window reads while AdamW imports torch._dynamo (seconds)
+        if loader is None:
+            loader = make_loader(cfg, store, device, self.dist)
+            loader.prefetch()  # the first window reads while AdamW imports torch._dynamo (seconds)
+        self.loader = loader
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      betas=(0.9, 0.999))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
@@ -181,85 +193,262 @@ class Trainer:
         return metrics
 
 
-def run_fit(cfg: FitConfig, console=None, on_step: Callable[[int], None] | None = None) -> dict:
+@dataclass
+class _Run:
+    """One CLT being fitted: a single fit, or one member of a sweep (``name``)."""
+
+    name: str | None
+    cfg: FitConfig
+    out: Path
+    trainer: Trainer | None = None
+    meta: dict = field(default_factory=dict)
+    log: MetricsLog | None = None
+    status: str = "training"  # training | finished | diverged
+    note: str = ""
+
+
+def run_fit(cfg: FitConfig, console=None, on_step: Callable[[int], None] | None = None,
+            sweep: SweepConfig | None = None) -> dict:
+    """Fit ``cfg``, or with ``sweep`` every member of it on one stream of batches (clt_pipe/fit/sweep.py)."""
     t_start = time.perf_counter()
+    mems = members(cfg, sweep) if sweep is not None else None  # member configs are checked before the store
     store = ActivationStore(cfg.store)  # refuses incomplete stores and unknown format versions
     dist, device = init_distributed(resolve_device(cfg.device))
     try:
-        with hold_out_dir(cfg.out, "fit") if dist.is_main else contextlib.nullcontext():
+        with _hold(cfg, mems, dist):
+            if mems is not None:
+                return _fit_sweep(cfg, sweep, mems, store, dist, device, console if dist.is_main else None,
+                                  on_step, t_start)
             return _fit(cfg, store, dist, device, console if dist.is_main else None, on_step, t_start)
     finally:
         dist.close()
 
 
+@contextlib.contextmanager
+def _hold(cfg: FitConfig, mems: list[Member] | None, dist: Dist):
+    """Rank 0 holds --out, and in a sweep each member's folder, for as long as it writes (clt_pipe/outdir.py)."""
+    with contextlib.ExitStack() as stack:
+        if dist.is_main:
+            stack.enter_context(hold_out_dir(cfg.out, "fit"))
+            for m in mems or ():
+                stack.enter_context(hold_out_dir(m.cfg.out, "fit"))
+        yield
+
+
 def _fit(cfg: FitConfig, store: ActivationStore, dist: Dist, device: torch.device, console, on_step,
          t_start: float) -> dict:
     startup = {"open_s": time.perf_counter() - t_start}
+    out = Path(cfg.out)
+    if (out / SWEEP_FILE).exists():
+        raise CheckpointError(f"{out} holds a sweep; fit a single CLT into another --out")
     if dist.is_main:
         prepare_out_dir(cfg, store)
     dist.barrier()
-    out = Path(cfg.out)
     if (out / rundir.RUN_FILE).exists() and rundir.read_json(out / rundir.RUN_FILE, "").get("finished"):
         return {"already_finished": True, "out": str(out)}
+    if diverged(out):
+        raise DivergedError(diverged(out))
     spec = cfg.spec(store.n_layers, store.d_model)  # k >= F and other spec errors before anything is written
     t = time.perf_counter()
-    trainer = Trainer(cfg, store, device, dist, spec)
+    run = _Run(None, cfg, out, Trainer(cfg, store, device, dist, spec))
     startup["model_s"] = time.perf_counter() - t
-    meta = dict(run_meta(cfg, store, trainer.spec), world_size=dist.world)
+    run.meta = dict(run_meta(cfg, store, run.trainer.spec), world_size=dist.world)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
     loaded = ckpt.load_latest(out, device, log=(console.print if console else print)) if cfg.resume else None
-    if loaded is not None:
-        trainer.load_state(*loaded)
-    elif dist.is_main:
-        rundir.write_run(out, meta, finished=False)
-    log = MetricsLog(out / "metrics.jsonl", trainer.spec.n_layers, console=console, total_steps=cfg.steps,
-                     resume_step=trainer.step) if dist.is_main else None
-    t0, start_step = time.perf_counter(), trainer.step
-    batches = iter(trainer.loader)
-    first = True
+    _start(run, loaded, dist, console)
+    return _train([run], run.trainer.loader, dist, console, on_step, t_start, startup)
 
-    def checkpoint() -> None:
-        state = trainer.state()  # every rank: it gathers the loader positions
+
+def _fit_sweep(base: FitConfig, sweep: SweepConfig, mems: list[Member], store: ActivationStore, dist: Dist,
+               device: torch.device, console, on_step, t_start: float) -> dict:
+    startup = {"open_s": time.perf_counter() - t_start}
+    say = console.print if console else (lambda *a: None)
+    specs = [m.cfg.spec(store.n_layers, store.d_model) for m in mems]  # before anything is written
+    loader = make_loader(base, store, device, dist)
+    try:
+        window = 2 * loader.shuffle_chunks * store.layout.rows_per_chunk * loader.row_bytes()
+        available = min(dist.gather(available_memory(device)))  # ranks refuse together or not at all
+        kept = loader.keep_plan.need_bytes if loader.keep_plan.tier else 0
+        plan = memory.plan(specs, base.batch_size, window, kept, available, device)
+        say(plan.line())
+        plan.check()  # before --overwrite removes anything
         if dist.is_main:
-            ckpt.save_checkpoint(out, trainer.step, trainer.model.state_dict(), state, meta)
+            prepare_root(base, sweep, mems)
+            for m in mems:
+                prepare_out_dir(m.cfg, store)
+        dist.barrier()
+        runs = [_Run(m.name, m.cfg, Path(m.cfg.out)) for m in mems]
+        for run in runs:
+            if (run.out / rundir.RUN_FILE).exists() and rundir.read_run(run.out).get("finished"):
+                run.status, run.note = "finished", "finished earlier"
+            elif diverged(run.out):
+                run.status, run.note = "diverged", diverged(run.out)
+        todo = [(r, s) for r, s in zip(runs, specs) if r.status == "training"]
+        if not todo:
+            loader.close()
+            _raise_diverged(runs)
+            return {"already_finished": True, "out": base.out, "members": len(runs)}
+        loader.prefetch()
+        t = time.perf_counter()
+        for run, spec in todo:
+            run.trainer = Trainer(run.cfg, store, device, dist, spec, loader=loader)
+            run.meta = dict(run_meta(run.cfg, store, spec), world_size=dist.world)
+            if dist.is_main:
+                run.out.mkdir(parents=True, exist_ok=True)
+        startup["model_s"] = time.perf_counter() - t
+        active = [r for r, _ in todo]
+        loaded = _common_checkpoint(active, device, say) if base.resume else [None] * len(active)
+        for run, state in zip(active, loaded):
+            _start(run, state, dist, None)
+    except BaseException:
+        loader.close()
+        raise
+    return _train(runs, loader, dist, console, on_step, t_start, startup)
 
+
+def _common_checkpoint(runs: list[_Run], device: torch.device, say) -> list:
+    """Every member's checkpoint of the latest step they all have (one loader position serves them all), or
+    Nones where they share none: the sweep then starts again from step 0 (the same batches, the same result)."""
+    common = set.intersection(*(set(ckpt.complete_steps(r.out)) for r in runs))
+    if not common:
+        if any(ckpt.complete_steps(r.out) for r in runs):
+            say("sweep: the members share no checkpoint step; training every unfinished member from step 0")
+        return [None] * len(runs)
+    step = max(common)
+    say(f"sweep: resuming {len(runs)} member(s) from step {step}")
+    return [ckpt.load_step(r.out, step, device) for r in runs]
+
+
+def _start(run: _Run, loaded, dist: Dist, console) -> None:
+    if loaded is not None:
+        run.trainer.load_state(*loaded)
+    elif dist.is_main:
+        rundir.write_run(run.out, run.meta, finished=False)
+    if dist.is_main:
+        run.log = MetricsLog(run.out / "metrics.jsonl", run.trainer.spec.n_layers, console=console,
+                             total_steps=run.cfg.steps, resume_step=run.trainer.step)
+
+
+def _train(runs: list[_Run], loader: ChunkLoader, dist: Dist, console, on_step, t_start: float,
+           startup: dict) -> dict:
+    """The one loop of single fits and sweeps: each batch is read once and stepped by every member in turn."""
+    active = [r for r in runs if r.status == "training"]
+    start_step = step = min(r.trainer.step for r in active)
+    t0 = time.perf_counter()
+    first = True
+    sweep = runs[0].name is not None
     stop_point = signals.stop_point().enter()  # SIGTERM/SIGINT now stop after the current step, checkpointed
     try:
-        while trainer.step < cfg.steps:
+        for run in active:
+            if run.trainer.step >= run.cfg.steps:  # stopped between its last checkpoint and its export
+                _finish(run, dist)
+        batches = iter(loader)
+        while any(r.status == "training" for r in runs):
             batch = next(batches)
             if first:  # the command's start-up: store, model, checkpoint, first shuffle window
                 startup["first_window_s"] = time.perf_counter() - t0
                 startup["startup_s"] = time.perf_counter() - t_start
                 t0, first = time.perf_counter(), False
-            metrics = trainer.train_step(batch)
-            if log and (trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps):
-                log.write(trainer.step, metrics, lr=trainer.sched.get_last_lr()[0],
-                          batch_size=cfg.batch_size * dist.world)
-            if trainer.step % cfg.checkpoint_every == 0 and trainer.step < cfg.steps:
-                checkpoint()
+            for run in runs:
+                if run.status == "training":
+                    _advance(run, batch, dist, console if sweep else None)
+            step += 1
+            if sweep and console and step % runs[0].cfg.log_every == 0:
+                console.print(f"step {step}  " + "  ".join(_progress(r) for r in runs))
             if on_step is not None:
-                on_step(trainer.step)
+                on_step(step)
             signum = stopping.agreed_signal(dist)
-            if signum and trainer.step < cfg.steps:
-                if trainer.step % cfg.checkpoint_every:  # else written just above
-                    checkpoint()
+            training = [r for r in runs if r.status == "training"]
+            if signum and training:
+                for run in training:
+                    if run.trainer.step % run.cfg.checkpoint_every:  # else written just above
+                        _checkpoint(run, dist)
                 dist.barrier()  # leave together: torchrun's agent SIGTERMs the other ranks when one exits
-                raise stopping.stopped(signum, trainer.step, cfg.steps, out)
+                raise stopping.stopped(signum, step, max(r.cfg.steps for r in training), training[0].out)
     finally:
         stop_point.exit()
-        if log:
-            log.close()
-        trainer.loader.close()
-    checkpoint()
-    if dist.is_main:
-        rundir.save_fitted(out, trainer.model.cpu(), meta)
-    dist.barrier()
+        for run in runs:
+            if run.log:
+                run.log.close()
+        loader.close()
+    _raise_diverged(runs)
     elapsed = time.perf_counter() - t0
-    steps = trainer.step - start_step
-    tokens = steps * cfg.batch_size * dist.world
-    return {"out": str(out), "steps": trainer.step, "ranks": dist.world, "seconds": elapsed,
-            "steps_per_s": steps / max(elapsed, 1e-9), "tokens_per_s": tokens / max(elapsed, 1e-9),
-            "window_chunks": trainer.loader.shuffle_chunks, "kept_rows": trainer.loader.keep_plan.describe(),
-            "data_tiers": trainer.loader.tiers(), **{k: round(v, 3) for k, v in startup.items()},
-            **(log.final_summary() if log else {})}
+    steps = step - start_step
+    batch_size = runs[0].cfg.batch_size * dist.world
+    summary = {"out": str(Path(runs[0].cfg.out).parent if sweep else runs[0].out), "steps": step,
+               "ranks": dist.world, "seconds": elapsed, "steps_per_s": steps / max(elapsed, 1e-9),
+               "tokens_per_s": steps * batch_size / max(elapsed, 1e-9), "window_chunks": loader.shuffle_chunks,
+               "kept_rows": loader.keep_plan.describe(), "data_tiers": loader.tiers(),
+               **{k: round(v, 3) for k, v in startup.items()}}
+    if not sweep:
+        return {**summary, **(runs[0].log.final_summary() if runs[0].log else {})}
+    summary["members"] = len(runs)
+    for run in runs:
+        fvu = (run.log.final_summary() if run.log else {}).get("mean_fvu")
+        summary[run.name] = run.note if fvu is None else f"{run.status}, mean FVU {fvu:.4f}"
+    return summary
+
+
+def _progress(run: _Run) -> str:
+    if run.status == "diverged":
+        return f"{run.name} diverged"
+    loss = (run.log.last if run.log else {}).get("loss")
+    return f"{run.name} loss {loss:.4g}" if loss is not None else f"{run.name} {run.status}"
+
+
+def _advance(run: _Run, batch, dist: Dist, console) -> None:
+    trainer, cfg = run.trainer, run.cfg
+    metrics = trainer.train_step(batch)
+    if not loss_is_finite(metrics["loss"], dist):
+        _diverge(run, "the loss", dist, console)
+        return
+    if run.log and (trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps):
+        run.log.write(trainer.step, metrics, lr=trainer.sched.get_last_lr()[0], batch_size=cfg.batch_size * dist.world)
+    if trainer.step >= cfg.steps:
+        _finish(run, dist)
+    elif trainer.step % cfg.checkpoint_every == 0:
+        _checkpoint(run, dist, console)
+
+
+def _checkpoint(run: _Run, dist: Dist, console=None) -> bool:
+    """Write a checkpoint of finite weights (every rank: it gathers the loader positions); False if they are not."""
+    if not weights_are_finite(run.trainer.model, dist):
+        _diverge(run, "the weights", dist, console)
+        return False
+    state = run.trainer.state()
+    if dist.is_main:
+        ckpt.save_checkpoint(run.out, run.trainer.step, run.trainer.model.state_dict(), state, run.meta)
+    return True
+
+
+def _finish(run: _Run, dist: Dist) -> None:
+    if not _checkpoint(run, dist):
+        return
+    if dist.is_main:
+        rundir.save_fitted(run.out, run.trainer.model.cpu(), run.meta)
+    dist.barrier()
+    run.status = "finished"
+
+
+def _diverge(run: _Run, what: str, dist: Dist, console) -> None:
+    kept = ckpt.list_checkpoints(run.out)
+    run.status = "diverged"
+    run.note = diverged_line(run.out, what, run.trainer.step, kept[-1].name if kept else None)
+    if dist.is_main:
+        mark_diverged(run.out, run.note)
+        if console:
+            console.print(f"[red]diverged[/]: {run.note}")
+    run.trainer.opt.state.clear()  # its moments are not used again: the other members may have the memory
+
+
+def _raise_diverged(runs: list[_Run]) -> None:
+    bad = [r for r in runs if r.status == "diverged"]
+    if not bad:
+        return
+    if runs[0].name is None:
+        raise DivergedError(bad[0].note)
+    done = sum(r.status == "finished" for r in runs)
+    raise DivergedError(f"sweep: member(s) {', '.join(r.name for r in bad)} diverged (see DIVERGED in their "
+                        f"folders), {done} of {len(runs)} finished; analyze the finished ones with `clt-pipe "
+                        f"analyze --clt {Path(runs[0].cfg.out).parent}`")
