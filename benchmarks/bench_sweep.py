@@ -118,7 +118,8 @@ def main() -> None:
     sizes = (f"{len(runs)} members ({', '.join(r.name for r in runs)}), L {lay.n_layers}, d {lay.d_model}, "
              f"F {spec.n_features}, k {base.k}, B {base.batch_size}, aux_k {base.aux_k}, dead_tokens "
              f"{base.dead_tokens}, {lay.n_images} images x {lay.tokens_per_image} tokens, window "
-             f"{loader.shuffle_chunks} chunks, {args.device}, {torch.get_num_threads()} torch threads")
+             f"{loader.shuffle_chunks} chunks, kept rows {loader.keep_plan.describe()}, {args.device}, "
+             f"{torch.get_num_threads()} torch threads")
     print(f"sizes: {sizes}")
     print("median ms per step: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in med.items()))
     print(f"sweep / sum of members preloaded: {ratio:.3f} (paired {paired:.3f}); {med['sweep'] * 1e3:.1f} vs "
