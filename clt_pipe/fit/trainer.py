@@ -253,10 +253,14 @@ def _fit(cfg: FitConfig, store: ActivationStore, dist: Dist, device: torch.devic
     run = _Run(None, cfg, out, Trainer(cfg, store, device, dist, spec))
     startup["model_s"] = time.perf_counter() - t
     run.meta = dict(run_meta(cfg, store, run.trainer.spec), world_size=dist.world)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    loaded = ckpt.load_latest(out, device, log=(console.print if console else print)) if cfg.resume else None
-    _start(run, loaded, dist, console)
+    try:
+        if dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+        loaded = ckpt.load_latest(out, device, log=(console.print if console else print)) if cfg.resume else None
+        _start(run, loaded, dist, console)
+    except BaseException:
+        run.trainer.loader.close()  # no read thread outlives a refused resume (the first window is being read)
+        raise
     return _train([run], run.trainer.loader, dist, console, on_step, t_start, startup)
 
 
