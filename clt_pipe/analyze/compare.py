@@ -26,6 +26,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from clt_pipe.analyze import report as R
+from clt_pipe.analyze.plots import save
 from clt_pipe.errors import CltPipeError
 
 COMPARE_FILE = "compare.json"
@@ -65,7 +66,9 @@ def substitution_rows(name: str, report: dict) -> list[dict]:
         out.append({"member": name, "mode": r["mode"], "tokens": r.get("tokens", ""), "window": r.get("window", ""),
                     "first": r.get("first"), "n": r.get("n"), "top1": top1, "top1_se": _binomial_se(top1, r.get("n")),
                     "top5": r.get("top5"), "baseline_top1": b1, "baseline_top1_se": _binomial_se(b1, base.get("n")),
-                    "delta_top1_pp": None if top1 is None or b1 is None else top1 - b1})
+                    "delta_top1_pp": None if top1 is None or b1 is None else top1 - b1,
+                    # paired over the same images, where the report has it (issue 20's analysis/paired.py)
+                    **{k: r.get(k) for k in ("ci_lo_pp", "ci_hi_pp", "mcnemar_p") if k in r}})
     return out
 
 
@@ -180,7 +183,7 @@ def plot_comparison(path: Path, names: list[str], fid: list[dict], sub: list[dic
         ax.set_title("zero-shot accuracy under substitution")
         ax.ticklabel_format(axis="y", useOffset=False, style="plain")
         ax.legend(fontsize=7)
-    return R._save(fig, path)
+    return save(fig, path)
 
 
 def _wide_substitution(sub: list[dict], names: list[str]) -> list[dict]:
@@ -190,7 +193,10 @@ def _wide_substitution(sub: list[dict], names: list[str]) -> list[dict]:
         key = (r["mode"], r["tokens"], r["window"])
         row = rows.setdefault(key, {"mode": r["mode"], "tokens": r["tokens"], "window": r["window"],
                                     "baseline top-1": _pm(r["baseline_top1"], r["baseline_top1_se"])})
-        delta = "" if r["delta_top1_pp"] is None else f" ({r['delta_top1_pp']:+.2f})"
+        delta = "" if r["delta_top1_pp"] is None else f" ({r['delta_top1_pp']:+.2f}"
+        if delta and r.get("ci_lo_pp") is not None:
+            delta += f", 95% CI {r['ci_lo_pp']:+.2f}…{r['ci_hi_pp']:+.2f}"
+        delta += ")" if delta else ""
         row[r["member"]] = _pm(r["top1"], r["top1_se"]) + delta
     cols = ("mode", "tokens", "window", "baseline top-1", *names)
     return [{k: row.get(k, "") for k in cols} for row in rows.values()]
