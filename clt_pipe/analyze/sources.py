@@ -7,8 +7,8 @@ of a window W = first..last are substituted, two readings of "substitute ŷ_j" e
   0..j. Codes of layers before the window are computed from their live inputs, which are still the unmodified
   model's there, so ŷ_j is exactly what the fidelity part measures.
 * ``window`` (``sources_before_window = false``): only sources inside the window write (first..j). This is a
-  truncated ŷ_j, not the CLT's reconstruction (on the demo at 5c80132 its CLS R² at layer 1 is −4.85 where the
-  full one is 0.887: ``python -m clt_pipe.demo.figures``), so substitution then also measures the missing
+  truncated ŷ_j, not the CLT's reconstruction (on the demo its CLS R² at layer 1 is −4.84 where the
+  full one is 0.884: ``python -m clt_pipe.demo.figures``), so substitution then also measures the missing
   cross-layer writes.
 
 Ablations additionally drop whole source layers (their features write into no target).
