@@ -82,6 +82,17 @@ stop_when() {
   docker stop "$name" >/dev/null
   echo "$(date +%s.%N) - $t" | bc
 }
+# stopped_by_docker STAGE CONTAINER PATH: `docker stop` once PATH exists; the stage must print its `stopped:`
+# line and exit 143 (SIGTERM reached PID 1 and was handled, not SIGKILLed after the grace)
+stopped_by_docker() {
+  local secs rc
+  secs=$(stop_when "$2" "$3")
+  rc=$(exit_code "$2")
+  docker logs "$2" 2>&1 | tail -n 2
+  docker rm "$2" >/dev/null
+  [ "$rc" = 143 ] || fail "$1 after docker stop exited $rc, not 143"
+  echo "docker-ci: $1 stopped in ${secs} s, exit $rc"
+}
 chunk_sums() { (cd "$1" && find . -path '*/c/*' -type f -print0 | sort -z | xargs -0 sha256sum); }
 
 v=$(run --rm -- --version)
@@ -95,13 +106,8 @@ HARVEST=(harvest --model ViT-B-32 --pretrained none --dataset digits --split tra
 run --rm -- "${HARVEST[@]}" --store /stores/ref.zarr >/dev/null
 step "harvest, uninterrupted"
 run -d --name clt-ci-harvest -- "${HARVEST[@]}" --store /stores/stopped.zarr >/dev/null
-secs=$(stop_when clt-ci-harvest "$W/stores/stopped.zarr/commits/shard-000000.json")
-rc=$(exit_code clt-ci-harvest)
-docker logs clt-ci-harvest 2>&1 | tail -n 2
-docker rm clt-ci-harvest >/dev/null
-[ "$rc" = 143 ] || fail "harvest after docker stop exited $rc, not 143"
+stopped_by_docker harvest clt-ci-harvest "$W/stores/stopped.zarr/commits/shard-000000.json"
 [ ! -e "$W/stores/stopped.zarr/COMPLETE.json" ] || fail "a stopped harvest claims to be complete"
-echo "docker-ci: harvest stopped in ${secs} s, exit $rc"
 run --rm -- "${HARVEST[@]}" --store /stores/stopped.zarr >/dev/null
 cmp <(chunk_sums "$W/stores/ref.zarr") <(chunk_sums "$W/stores/stopped.zarr") \
   || fail "the resumed harvest's chunks differ from the uninterrupted one's"
@@ -114,13 +120,8 @@ FIT=(fit --store /stores/ref.zarr --n-features 128 --k 8 --steps 60 --batch-size
 run --rm -- "${FIT[@]}" --out /runs/fit-ref >/dev/null
 step "fit, uninterrupted"
 run -d --name clt-ci-fit -- "${FIT[@]}" --out /runs/fit-stopped >/dev/null
-secs=$(stop_when clt-ci-fit "$W/runs/fit-stopped/checkpoints/step-00000020/DONE")
-rc=$(exit_code clt-ci-fit)
-docker logs clt-ci-fit 2>&1 | tail -n 2
-docker rm clt-ci-fit >/dev/null
-[ "$rc" = 143 ] || fail "fit after docker stop exited $rc, not 143"
+stopped_by_docker fit clt-ci-fit "$W/runs/fit-stopped/checkpoints/step-00000020/DONE"
 [ ! -e "$W/runs/fit-stopped/clt" ] || fail "a stopped fit wrote its final CLT"
-echo "docker-ci: fit stopped in ${secs} s, exit $rc"
 run --rm -- "${FIT[@]}" --out /runs/fit-stopped --resume >/dev/null
 a=$(cd "$W/runs/fit-ref/clt" && find . -type f -name '*.safetensors' -print0 | sort -z | xargs -0 sha256sum)
 b=$(cd "$W/runs/fit-stopped/clt" && find . -type f -name '*.safetensors' -print0 | sort -z | xargs -0 sha256sum)
