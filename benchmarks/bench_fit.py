@@ -175,6 +175,20 @@ def uniform_expected_distinct(n_images: int, tokens: int, batch: int) -> float:
     return n_images * (1 - math.exp(lc(n - tokens, batch) - lc(n, batch)))
 
 
+def shipped_setup(args, prefix: str, overrides: dict, dead_tokens: int = 0):
+    """Threads, the bench store, and the fit config as the CLI builds it from its defaults plus ``overrides`` (a
+    0 value keeps the default). AuxK's dead threshold defaults to two batches, so AuxK runs in the timed steps."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    url = build_store(args)
+    store = ActivationStore(url)
+    over = {"store": url, "out": tempfile.mkdtemp(prefix=prefix), "device": args.device, "steps": 10**9}
+    over.update({k: v for k, v in overrides.items() if v})
+    defaults = stage_config(FitConfig, "fit", None, over)
+    over["dead_tokens"] = dead_tokens or 2 * defaults.batch_size
+    return url, store, torch.device(args.device), stage_config(FitConfig, "fit", None, over)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", default="/tmp/clt_bench_fit")
@@ -197,19 +211,7 @@ def main() -> None:
     ap.add_argument("--data-only", action="store_true", help="only the data path's rates (no model, no steps)")
     ap.add_argument("--write", action="store_true", help="append the result line to BENCHMARKS.md")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    url = build_store(args)
-    store = ActivationStore(url)
-    device = torch.device(args.device)
-
-    overrides = {"store": url, "out": tempfile.mkdtemp(prefix="bench_fit_"), "device": args.device,
-                 "steps": 10**9}
-    if args.batch:
-        overrides["batch_size"] = args.batch
-    defaults = stage_config(FitConfig, "fit", None, overrides)
-    overrides["dead_tokens"] = args.dead_tokens or 2 * defaults.batch_size
-    cfg = stage_config(FitConfig, "fit", None, overrides)
+    url, store, device, cfg = shipped_setup(args, "bench_fit_", {"batch_size": args.batch}, args.dead_tokens)
     no_aux = dataclasses.replace(cfg, aux_k=0)
     runs = {"product": dict(dataclasses.asdict(cfg), data="ChunkLoader (as shipped), epochs >= 2"),
             "store": dict(dataclasses.asdict(cfg), keep_rows=False, data="ChunkLoader, --no-keep-rows"),

@@ -24,7 +24,6 @@ import dataclasses
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,13 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench_common import add_store_args, append_result, sync  # noqa: E402
-from bench_fit import build_store, preloaded  # noqa: E402
-from clt_pipe.config import FitConfig  # noqa: E402
+from bench_fit import preloaded, shipped_setup  # noqa: E402
 from clt_pipe.fit import trainer as T  # noqa: E402
 from clt_pipe.fit.distributed import Dist  # noqa: E402
 from clt_pipe.fit.sweep import SweepConfig, members  # noqa: E402
-from clt_pipe.pipeline import stage_config  # noqa: E402
-from clt_pipe.store.reader import ActivationStore  # noqa: E402
 
 
 def main() -> None:
@@ -56,21 +52,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     ap.add_argument("--write", action="store_true", help="append the result line to BENCHMARKS.md")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    url = build_store(args)
-    store = ActivationStore(url)
-    device = torch.device(args.device)
-
-    overrides = {"store": url, "out": tempfile.mkdtemp(prefix="bench_sweep_"), "device": args.device,
-                 "steps": 10**9}
-    for key, value in (("batch_size", args.batch), ("expansion", args.expansion),
-                       ("shuffle_chunks", args.shuffle_chunks), ("read_threads", args.read_threads)):
-        if value:
-            overrides[key] = value
-    defaults = stage_config(FitConfig, "fit", None, overrides)
-    overrides["dead_tokens"] = 2 * defaults.batch_size
-    base = stage_config(FitConfig, "fit", None, overrides)
+    url, store, device, base = shipped_setup(args, "bench_sweep_", {
+        "batch_size": args.batch, "expansion": args.expansion, "shuffle_chunks": args.shuffle_chunks,
+        "read_threads": args.read_threads})
     mems = members(base, SweepConfig.from_cli([args.sweep], None))
     print(f"base: {json.dumps(dataclasses.asdict(base), sort_keys=True)}")
     for m in mems:
