@@ -1,4 +1,4 @@
-"""Attribution graph of one image (``clt-pipe graph``'s attribution, ``clt_pipe.graph``) at ViT-B/32 sizes.
+"""Attribution graph of one image (``clt-pipe graph``'s attribution, ``clt_pipe.analyze.graph``) at ViT-B/32 sizes.
 
 open_clip's ViT-B-32 geometry with random weights (``--layers`` of them), a random ReLU-TopK CLT
 (``--expansion`` × d features, ``--k``), one random 224 px image: 50 positions × L × k feature nodes (12 layers,
@@ -42,9 +42,9 @@ def main() -> None:
     from clt_pipe.backbone.loading import load_backbone
     from clt_pipe.clt.model import CrossLayerTranscoder
     from clt_pipe.clt.spec import CLTSpec
-    from clt_pipe.graph import prune as PR
-    from clt_pipe.graph.attribution import build_graph
-    from clt_pipe.graph.replacement import Replacement, capture
+    from clt_pipe.analyze.graph import prune as PR
+    from clt_pipe.analyze.graph.attribution import build_graph
+    from clt_pipe.analyze.graph.replacement import Replacement, capture
 
     dev = torch.device(args.device)
     cfg = open_clip.get_model_config("ViT-B-32")

@@ -184,7 +184,7 @@ def atlas_cmd(cfg: AtlasConfig) -> None:
 @stage_command(GraphConfig, "graph", "Attribution graph of one image: which CLT features, at which patches, make "
                                     "the class (circuit-tracer's method; graph page, circuit-tracer files).")
 def graph_cmd(cfg: GraphConfig) -> None:
-    from clt_pipe.graph.run import run_graph
+    from clt_pipe.analyze.graph.run import run_graph
 
     with _io_errors("graph", cfg.out):
         summary = run_graph(cfg, console=err_console)

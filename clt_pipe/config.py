@@ -21,7 +21,8 @@ from clt_pipe.errors import ConfigError
 from clt_pipe.tokens import TokenPolicy, token_type
 
 DEFAULT_STORE_ROOT = "storage/stores"
-ANALYZE_PARTS = ("fidelity", "attribution", "zeroshot", "openloop", "closedloop", "ablation", "retrieval", "atlas")
+ANALYZE_PARTS = ("fidelity", "attribution", "zeroshot", "openloop", "closedloop", "ablation", "retrieval", "atlas",
+                 "graphs")
 ABLATION_RANKS = ("attribution", "final_layer", "fvu")
 ABLATION_MODES = ("features", "true", "zero")
 ABLATION_PROTOCOLS = ("replacement", "real")
@@ -237,9 +238,17 @@ class AnalyzeConfig:
                                           '(e.g. 3:17,5:2)', factory=True)
     atlas_top_per_layer: int = opt(8, 'atlas: features shown per layer, ranked by mean activation over all tokens')
     atlas_top_images: int = opt(8, 'atlas: top images (by max activation over tokens) kept per feature')
+    graph_images: list[str] = opt(list, "graphs: images whose attribution graphs are built, comma-separated store "
+                                        "indices or class names (a class: its first evaluated image); default: "
+                                        "graph_count classes spread over the class list", factory=True)
+    graph_count: int = opt(3, 'graphs: images chosen when graph_images is empty')
+    graph_batch_size: int = opt(256, 'graphs: target nodes per batched backward pass '
+                                     '(memory: B x (L+2) x positions x d floats)')
 
     def validate(self) -> None:
         _check_features("atlas_features", self.atlas_features)
+        _check_positive("graph_count", self.graph_count)
+        _check_positive("graph_batch_size", self.graph_batch_size)
         _check_positive("atlas_top_images", self.atlas_top_images)
         _check_positive("atlas_top_per_layer", self.atlas_top_per_layer, allow_zero=True)
         for part in self.only:

@@ -12,8 +12,8 @@ COMPLETENESS_TOL = 1e-4
 
 
 def _graph_of(bb, clt, image, n_classes=10, seed=0, **kw):
-    from clt_pipe.graph.attribution import build_graph
-    from clt_pipe.graph.replacement import Replacement, capture
+    from clt_pipe.analyze.graph.attribution import build_graph
+    from clt_pipe.analyze.graph.replacement import Replacement, capture
 
     cap, W = capture(bb.visual, image)
     g = torch.Generator().manual_seed(seed)
@@ -36,7 +36,7 @@ def _random_clt(n_layers, d, n_features, k, seed=1, b_dec=False):
 
 
 def test_capture_is_open_clips_forward(analyze_env):
-    from clt_pipe.graph.replacement import capture
+    from clt_pipe.analyze.graph.replacement import capture
 
     bb = analyze_env["bb"]
     image = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(3))
@@ -48,7 +48,7 @@ def test_capture_is_open_clips_forward(analyze_env):
 
 @pytest.mark.parametrize("b_dec", [False, True])
 def test_tiny_clip_graph_is_complete_and_replays_the_logits(analyze_env, b_dec):
-    from clt_pipe.graph.attribution import replacement_logits
+    from clt_pipe.analyze.graph.attribution import replacement_logits
 
     bb = analyze_env["bb"]
     clt = _random_clt(6, 64, 128, 8, b_dec=b_dec)
@@ -153,7 +153,7 @@ def test_pruning_is_circuit_tracers(analyze_env):
     pytest.importorskip("circuit_tracer")
     from circuit_tracer.graph import compute_influence, normalize_matrix
 
-    from clt_pipe.graph import prune as PR
+    from clt_pipe.analyze.graph import prune as PR
 
     bb = analyze_env["bb"]
     clt = _random_clt(6, 64, 128, 4)
@@ -181,7 +181,7 @@ def test_graph_command_writes_circuit_tracer_files_and_page(analyze_env, tmp_pat
     from circuit_tracer.frontend.graph_models import Model
     from circuit_tracer.graph import Graph, prune_graph
 
-    from clt_pipe.graph import prune as PR
+    from clt_pipe.analyze.graph import prune as PR
 
     del ct
     graph = Graph.from_pt(str(out / "circuit-tracer" / "graph.pt"))
@@ -198,11 +198,17 @@ def test_graph_command_writes_circuit_tracer_files_and_page(analyze_env, tmp_pat
     assert model.metadata.prompt_tokens[0] == "CLS"
     meta = json.loads((out / "circuit-tracer" / "graph_files" / "graph-metadata.json").read_text())
     assert [g["slug"] for g in meta["graphs"]] == ["image-3"]
+    from circuit_tracer.graph import compute_graph_scores
+
+    replacement, completeness = compute_graph_scores(graph)
+    assert 0.0 < summary["replacement score"] < 1.0
+    assert summary["replacement score"] == pytest.approx(float(replacement), rel=1e-5)
+    assert summary["completeness score"] == pytest.approx(float(completeness), rel=1e-5)
 
 
 def test_graph_page_renders(analyze_env, tmp_path_factory, page_checker):
     from clt_pipe.config import GraphConfig, build
-    from clt_pipe.graph.run import run_graph
+    from clt_pipe.analyze.graph.run import run_graph
 
     out = tmp_path_factory.mktemp("graph-page")
     cfg = build(GraphConfig, {"store": analyze_env["store_url"], "clt": str(analyze_env["run_dir"]), "out": str(out),
@@ -234,7 +240,7 @@ def test_an_image_file_and_an_atlas_written_by_another_run(analyze_env, tmp_path
     """The image given as a file (here the store's image 1 itself: the same logits as by index); an atlas already
     in OUT (an analyze report's) is kept as it is."""
     from clt_pipe.config import GraphConfig, build
-    from clt_pipe.graph.run import run_graph
+    from clt_pipe.analyze.graph.run import run_graph
 
     out = tmp_path / "report"
     (out / "atlas" / "features").mkdir(parents=True)
@@ -249,3 +255,89 @@ def test_an_image_file_and_an_atlas_written_by_another_run(analyze_env, tmp_path
     assert (out / "atlas" / "index.html").read_text() == "the report's atlas"
     page = (out / "graph.html").read_text()
     assert "kept as it is" in page and "atlas/features/" not in page  # no page there: nothing linked
+
+
+# ------------------------------------------------------------------------------------------ the analyze part
+
+def _first_of(store, name: str) -> int:
+    import numpy as np
+
+    from clt_pipe.analyze.zeroshot import eval_images
+
+    idx = eval_images(store)
+    return int(idx[np.flatnonzero(store.labels[idx] == list(store.class_names).index(name))[0]])
+
+
+def test_default_graph_images_spread_over_the_classes(analyze_env):
+    from clt_pipe.analyze.graph.part import choose_images
+
+    store = analyze_env["store"]
+    names = list(store.class_names)
+    chosen, rule = choose_images(store, [], 3)
+    labels = [names[int(store.labels[i])] for i in chosen]
+    assert len(set(labels)) == 3 and labels[0] == names[0] and labels[-1] == names[-1]
+    assert chosen == [_first_of(store, n) for n in labels] and "spread" in rule
+    assert len(choose_images(store, [], 50)[0]) == len(names)  # never more than one image per class
+    assert choose_images(store, ["fox", "2", "fox"], 3)[0] == [_first_of(store, "fox"), 2]
+
+
+def test_analyze_graphs_part_links_every_kept_feature_to_the_reports_atlas(analyze_env, tmp_path_factory,
+                                                                          page_checker):
+    """`analyze --only graphs,atlas`: each chosen image's graph in OUT/graphs/, exact, the same graph as the
+    command's, every kept feature node with a page in the report's atlas; the pages render with no dead link."""
+    from clt_pipe.analyze.graph.run import run_graph
+    from clt_pipe.analyze.run import run_analyze
+    from clt_pipe.config import GraphConfig, build
+    from tests.conftest import analyze_config
+
+    out = tmp_path_factory.mktemp("analyze-graphs")
+    summary = run_analyze(analyze_config(analyze_env, out=str(out), only=["graphs", "atlas"],
+                                         graph_images=["dog", "3"], atlas_top_per_layer=1, atlas_top_images=2))
+    assert summary["graphs"] == 2 and summary["graphs_completeness_error_max"] <= COMPLETENESS_TOL
+    report = json.loads((out / "report.json").read_text())
+    rows = report["results"]["graphs"]["rows"]
+    assert [r["image"] for r in rows] == [_first_of(analyze_env["store"], "dog"), 3]
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(out / "graphs.parquet").num_rows == 2
+    for r in rows:
+        assert r["completeness_error"] <= COMPLETENESS_TOL and 0.0 <= r["replacement_score"] <= 1.0
+        graph = json.loads((out / r["page"]).with_name("graph.json").read_text())
+        assert graph["kept_features"], "nothing kept: the link check below would check nothing"
+        html = (out / r["page"]).read_text()
+        for f in graph["kept_features"]:
+            fid = f"L{f['layer']}-F{f['feature']}"
+            assert (out / "atlas" / "features" / f"{fid}.html").is_file(), fid
+            assert f"href='../../atlas/features/{fid}.html'" in html
+    command = run_graph(build(GraphConfig, {"store": analyze_env["store_url"], "clt": str(analyze_env["run_dir"]),
+                                            "out": str(tmp_path_factory.mktemp("graph-3")), "image": "3",
+                                            "device": "cpu", "atlas": False}))
+    mine = json.loads((out / rows[1]["page"]).with_name("graph.json").read_text())
+    for key in ("nodes", "feature nodes", "kept nodes", "kept edges", "predicted", "target"):
+        assert mine[key] == command[key], key
+    assert "Attribution graphs" in (out / "report.html").read_text()
+    assert page_checker.problems(out / rows[0]["page"]) == []
+    assert page_checker.problems(out / "report.html") == []
+
+
+def test_analyze_graphs_without_the_atlas_say_so(analyze_env, tmp_path):
+    from clt_pipe.analyze.run import run_analyze
+    from tests.conftest import analyze_config
+
+    out = tmp_path / "r"
+    run_analyze(analyze_config(analyze_env, out=str(out), only=["graphs"], graph_count=1))
+    (row,) = json.loads((out / "report.json").read_text())["results"]["graphs"]["rows"]
+    page = (out / row["page"]).read_text()
+    assert "atlas part did not run" in page and "atlas/features/" not in page
+    assert not (out / "atlas").exists()
+
+
+@pytest.mark.parametrize("value, needle", [("zebra", "neither a store image index nor a class"),
+                                           ("999", "outside the store")])
+def test_analyze_bad_graph_image_is_one_error_line(analyze_env, tmp_path, capsys, monkeypatch, value, needle):
+    out = tmp_path / "r"
+    code, _, err = run_cli(capsys, monkeypatch, [
+        "analyze", "--store", analyze_env["store_url"], "--clt", str(analyze_env["run_dir"]), "--out", str(out),
+        "--device", "cpu", "--only", "graphs", "--graph-images", value])
+    assert_one_line_error(code, err, needle)
+    assert not (out / "report.json").exists() and not (out / "graphs").exists()

@@ -18,7 +18,7 @@ RANKS = {
     "datasets": 1, "store": 1, "clt": 1, "backbone": 2, "outdir": 2,
     "config": 3, "testing": 3,
     "harvest": 4, "fit": 4, "analyze": 4, "preflight": 4,
-    "pipeline": 5, "graph": 5,
+    "pipeline": 5,
     "demo": 6,
     "cli": 7, "__main__": 8,
 }

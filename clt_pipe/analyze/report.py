@@ -10,6 +10,8 @@ and leaves the caller's pyplot state alone.
 * PNGs: ``attribution.png`` (C_proj heatmaps, CLS vs patches), ``cascade.png``, ``fidelity.png`` and
   ``ablation.png`` (``clt_pipe.analyze.plots``: each beside its baseline, with paired intervals),
   ``retrieval_q<image>.png`` (rows = layers, columns = query + neighbours).
+* ``graphs/image-<i>/`` — the graphs part: each chosen image's attribution graph as ``clt-pipe graph`` writes
+  it (``graph.html``, ``graph.json``, circuit-tracer's files); ``graphs.parquet`` one row per image.
 * ``report.html`` — self-contained: PNGs embedded as base64, tables as HTML.
 """
 
@@ -183,6 +185,32 @@ def _img(path: Path) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}">'
 
 
+def graphs_html(graphs: dict, out: Path) -> str:
+    """The graphs part: one row per image, its total-influence heatmap linked to its graph page."""
+    rows = []
+    for r in graphs["rows"]:
+        heat = out / r["heatmap"]
+        img = (f"<a href='{html.escape(r['page'])}'>{_img(heat)}</a>" if heat.is_file() else "")
+        rows.append(
+            f"<tr><td>{img}</td><td><a href='{html.escape(r['page'])}'>image {r['image']}</a></td>"
+            f"<td>{html.escape(str(r['label']))}</td><td>{html.escape(str(r['predicted']))}</td>"
+            f"<td>{html.escape(str(r['target']))}</td><td>{r['replacement_score']:.3f}</td>"
+            f"<td>{r['completeness_score']:.3f}</td><td>{r['completeness_error']:.2g}</td>"
+            f"<td>{r['kept_feature_nodes']} of {r['feature_nodes']}</td>"
+            f"<td style='text-align:left'>{html.escape('; '.join(r['top_features']))}</td></tr>")
+    head = "".join(f"<th>{c}</th>" for c in (
+        "total influence per patch", "graph", "label", "predicted", "target", "replacement score",
+        "completeness score", "completeness error", "kept feature nodes", "most influential kept features"))
+    return ("<h2>Attribution graphs</h2><p>circuit-tracer's method on single images (images: "
+            f"{html.escape(graphs['chosen'])}). Replacement score: the share of the target's influence reaching "
+            "the graph's sources that ends at the image's embeddings rather than at error nodes (0: everything "
+            "through the CLT's errors, 1: through features alone); completeness score: circuit-tracer's partial "
+            "credit of the same; completeness error: how far edges and constants miss each node's input (≤ 1e-4 "
+            "is exact in float32)." + ("" if graphs.get("atlas_linked") else
+                                       " Feature nodes are not linked: the atlas part did not run.")
+            + f"</p><table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
 def write_html(path: Path, results: dict, settings: dict, identity: dict, tables: dict, pngs: dict) -> None:
     css = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;font-size:12px;"
            "margin-bottom:1em}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}th{background:#eee}"
@@ -207,6 +235,8 @@ def write_html(path: Path, results: dict, settings: dict, identity: dict, tables
                      f"{a['n_features']} features with their top images, patch heatmaps, decoder footprints and "
                      f"logit effects" + (f" (no thumbnails: {html.escape(a['images_note'])})"
                                          if a.get("images_note") else "") + ".</p>")
+    if "graphs" in results:
+        parts.append(graphs_html(results["graphs"], path.parent))
     sections = [
         ("Fidelity", ["fidelity_aggregate", "fidelity"], ["fidelity"]),
         ("Attribution C_proj", ["attribution_columns"], ["attribution"]),
@@ -259,9 +289,11 @@ def write_report(out: str | Path, results: dict, settings: dict, identity: dict,
     if "retrieval" in results:
         tables["retrieval"] = results["retrieval"]["rows"]
         tables["retrieval_layers"] = results["retrieval"]["per_layer"]
+    if "graphs" in results:
+        tables["graphs"] = results["graphs"]["rows"]
     files: dict[str, list[str]] = {"parquet": [], "png": []}
     for name in ("fidelity", "fidelity_aggregate", "attribution", "substitution", "ablation", "retrieval",
-                 "retrieval_layers"):
+                 "retrieval_layers", "graphs"):
         if name in tables:
             p = out / f"{name}.parquet"
             _write_parquet(p, tables[name])
@@ -345,6 +377,11 @@ def summary(results: dict, files: dict) -> dict:
         s["ablation_protocol"] = results["ablation"].get("protocol", "replacement")
     if "atlas" in results:
         s["atlas"] = results["atlas"]["index"]
+    if results.get("graphs", {}).get("rows"):
+        g = results["graphs"]["rows"]
+        s["graphs"] = len(g)
+        s["graphs_completeness_error_max"] = max(r["completeness_error"] for r in g)
+        s["graphs_replacement_score"] = ", ".join(f"{r['replacement_score']:.3f}" for r in g)
     s["report"] = (files.get("html") or [""])[0]
     s["seconds"] = round(results.get("timings_s", {}).get("total", 0.0), 1)
     return s

@@ -2,8 +2,9 @@
 
 Every part declares what it needs (``PARTS``): the parts whose results it reads, and whether it consumes the
 streamed pass over the store's chunks (fidelity, attribution, openloop, retrieval share one pass) or re-runs
-the ViT on the store's images (closedloop, ablation). A part needed by a selected one is computed too, and
-recorded in ``report.json`` (``computed``, ``notes``). Results are collected in ``AnalyzeResults``.
+the ViT on the store's images (closedloop, ablation) or on a few chosen ones (graphs). A part needed by a
+selected one is computed too, and recorded in ``report.json`` (``computed``, ``notes``). Results are
+collected in ``AnalyzeResults``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from clt_pipe.analyze.atlas import run as ATL
 from clt_pipe.analyze.atlas.scan import FeatureScan
 from clt_pipe.analyze.compare import write_comparison
 from clt_pipe.analyze.fidelity import FidelityAccumulator
+from clt_pipe.analyze.graph.part import GraphsPart
 from clt_pipe.analyze.inputs import check_clt_matches_store, distinct_prefix
 from clt_pipe.analyze.means import PositionMeans, train_means
 from clt_pipe.analyze.stream import iter_chunks
@@ -103,6 +105,7 @@ def _retrieval_dataset(cfg: AnalyzeConfig, store: ActivationStore):
 class Part:
     name: str
     kind: str  # "store": per-image store arrays only | "stream": the chunk pass | "closedloop": re-runs the ViT
+    #            on the evaluated images | "images": re-runs it on a few chosen images
     needs: tuple[str, ...] = ()  # parts whose results this one reads
     cls_only: bool = False  # reads CLS slots
 
@@ -116,6 +119,7 @@ PARTS: dict[str, Part] = {p.name: p for p in (
     Part("atlas", "stream"),
     Part("closedloop", "closedloop"),
     Part("ablation", "closedloop"),  # needs: by ablation_rank, see part_needs
+    Part("graphs", "images"),  # a few images through the ViT: built before the atlas's pass, pages after it
 )}
 
 
@@ -148,6 +152,7 @@ class AnalyzeResults:
     ablation: dict | None = None
     mean_baseline: dict | None = None  # where the per-position means (mean-ablation, mean predictor) come from
     atlas: dict | None = None
+    graphs: dict | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -165,6 +170,7 @@ class Context:
     windows: list[dict]
     closed_loop: tuple | None = None  # closed_loop_inputs(...) when a closed-loop part runs
     means: PositionMeans | None = None
+    graphs: GraphsPart | None = None
 
     @property
     def mu(self) -> torch.Tensor | None:
@@ -235,7 +241,8 @@ def run_stream_parts(ctx: Context, need: set[str], res: AnalyzeResults, progress
     for name, a in accs.items():
         setattr(res, name, a.result())
     if res.atlas is not None:
-        res.atlas = ATL.finish_atlas(ctx.store, ctx.clt, res.atlas, cfg.out, listed=cfg.atlas_features,
+        listed = list(dict.fromkeys(cfg.atlas_features + (ctx.graphs.features if ctx.graphs else [])))
+        res.atlas = ATL.finish_atlas(ctx.store, ctx.clt, res.atlas, cfg.out, listed=listed,
                                      top_per_layer=cfg.atlas_top_per_layer, template_set=cfg.template_set,
                                      device=ctx.device, data_root=cfg.data_root, read_threads=cfg.read_threads,
                                      store_url=cfg.store, clt_path=cfg.clt)
@@ -339,6 +346,8 @@ def _analyze(cfg: AnalyzeConfig, console) -> dict:
     ctx = Context(cfg, store, clt, device, windows)
     if any(PARTS[n].kind == "closedloop" for n in need):
         ctx.closed_loop = closed_loop_inputs(cfg, store, device)  # fail before the long streaming pass
+    if "graphs" in need:  # its images are read now: a data root without them fails before the long pass
+        ctx.graphs = GraphsPart(cfg, store, clt, device, backbone=ctx.closed_loop[1] if ctx.closed_loop else None)
     if need & MEAN_PARTS:
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -353,6 +362,8 @@ def _analyze(cfg: AnalyzeConfig, console) -> dict:
         res.mean_baseline = {"source": ctx.means.source, "n_images": ctx.means.n_images,
                              "in_sample": ctx.means.in_sample, "text": ctx.means.describe()}
         res.timings_s["means"] = timings_means
+    if ctx.graphs is not None:  # first: the atlas gives every kept feature node a page
+        ctx.graphs.build()
     with torch.inference_mode():
         if "zeroshot" in need:
             t0 = time.perf_counter()
@@ -361,6 +372,9 @@ def _analyze(cfg: AnalyzeConfig, console) -> dict:
             res.timings_s["zeroshot"] = time.perf_counter() - t0
         run_stream_parts(ctx, need, res, progress)
         run_closed_loop_parts(ctx, need, res, progress)
+    if ctx.graphs is not None:
+        res.graphs = ctx.graphs.finish(Path(cfg.out) / ATL.ATLAS_DIR if res.atlas is not None else None)
+        res.timings_s["graphs"] = res.graphs["seconds"]
     retrieval_ds = _retrieval_dataset(cfg, store) if res.retrieval is not None else None
     if res.retrieval is not None:
         res.retrieval["grids"] = "images" if retrieval_ds is not None else "indices"

@@ -87,6 +87,23 @@ def prune(adjacency: Tensor, target_weights: Tensor, n_features: int, n_tokens: 
     return Pruned(node_mask, edge_mask, cum, influence)
 
 
+def graph_scores(adjacency: Tensor, influence: Tensor, target_weights: Tensor, errors: slice,
+                 tokens: slice) -> dict[str, float]:
+    """circuit-tracer's ``compute_graph_scores`` from the influence ``prune`` computed (same weights): the
+    *replacement score*, the share of the influence reaching the graph's sources that ends at embeddings rather
+    than error nodes (1: the target is explained through features alone), and the *completeness score*, each
+    node's non-error share of its input weighted by its influence plus its target weight (partial credit)."""
+    tok, err = float(influence[tokens].sum()), float(influence[errors].sum())
+    a = adjacency.abs()
+    row = a.sum(1).clamp(min=1e-10)
+    non_error = 1 - a[:, errors].sum(1) / row
+    w = torch.zeros(adjacency.shape[0], device=adjacency.device, dtype=influence.dtype)
+    w[-target_weights.shape[0]:] = target_weights
+    out = influence + w
+    return {"replacement": tok / (tok + err) if tok + err > 0 else float("nan"),
+            "completeness": float((non_error * out).sum() / out.sum())}
+
+
 def strongest_paths(adjacency: Tensor, edge_mask: Tensor, order_key: Tensor, target: int, sources: Tensor,
                     k: int = 10) -> list[tuple[float, list[int]]]:
     """The ``k`` source nodes (of ``sources``) with the strongest single path to ``target`` over kept edges,

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from clt_pipe.graph.replacement import Replacement
+from clt_pipe.analyze.graph.replacement import Replacement
 
 MAX_N_LOGITS = 10  # circuit-tracer's attribute() defaults
 DESIRED_LOGIT_PROB = 0.95

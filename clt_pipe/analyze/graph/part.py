@@ -1,0 +1,121 @@
+"""The ``graphs`` part of ``clt-pipe analyze``: attribution graphs of a few chosen images, beside the report.
+
+Each graph is ``clt-pipe graph``'s (same builder, same defaults, same files) written to
+``OUT/graphs/image-<i>/``; its feature nodes link to the report's atlas, to which the part adds every kept
+feature (so each has a page). The graphs are built before the atlas's pass over the store and their pages
+written after it; between the two only the small page data is held, not the N × N adjacencies.
+
+Images are store indices or class names (a class name picks the first evaluated image of that class); none
+given, ``graph_count`` classes spread evenly over the class list, each by its first evaluated image.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from clt_pipe.analyze import zeroshot as ZS
+from clt_pipe.analyze.graph.run import GraphBuilder, load_image
+from clt_pipe.config import AnalyzeConfig, GraphConfig, build
+from clt_pipe.errors import CltPipeError
+
+GRAPHS_DIR = "graphs"
+
+
+def choose_images(store, specs: list[str], count: int) -> tuple[list[int], str]:
+    """(store image indices, how they were chosen)."""
+    idx = ZS.eval_images(store)
+    labels = store.labels[idx]
+    names = list(store.class_names)
+
+    def first_of(c: int) -> int | None:
+        hit = np.flatnonzero(labels == c)
+        return int(idx[hit[0]]) if len(hit) else None
+
+    if not specs:
+        present = np.unique(labels)
+        if not len(present):
+            raise CltPipeError("graphs: the store has no labelled, harvested image to choose from")
+        picks = np.unique(np.linspace(0, len(present) - 1, min(count, len(present))).round().astype(int))
+        chosen = [first_of(int(present[p])) for p in picks]
+        return chosen, f"the first evaluated image of {len(chosen)} classes spread over the class list"
+    chosen = []
+    for s in specs:
+        if s.isdigit():
+            i = int(s)
+            if i >= store.layout.n_images:
+                raise CltPipeError(f"graph_images: {i} is outside the store ({store.layout.n_images} images)")
+            if not bool(store.image_ok[i]):
+                raise CltPipeError(f"graph_images: image {i} was not harvested (image_ok is false in the store)")
+            chosen.append(i)
+        elif s in names:
+            i = first_of(names.index(s))
+            if i is None:
+                raise CltPipeError(f"graph_images: the store has no evaluated image of class {s!r}")
+            chosen.append(i)
+        else:
+            raise CltPipeError(f"graph_images: {s!r} is neither a store image index nor a class of the store "
+                               f"({len(names)} classes, e.g. {', '.join(names[:5])})")
+    return list(dict.fromkeys(chosen)), "given (graph_images)"
+
+
+def graph_config(cfg: AnalyzeConfig, index: int) -> GraphConfig:
+    return build(GraphConfig, {"store": cfg.store, "clt": cfg.clt, "image": str(index), "atlas": False,
+                               "template_set": cfg.template_set, "data_root": cfg.data_root, "device": cfg.device,
+                               "batch_size": cfg.graph_batch_size, "read_threads": cfg.read_threads})
+
+
+class GraphsPart:
+    """Built in two steps around the atlas's pass: ``build`` (graphs, circuit-tracer files) and ``finish``
+    (pages linked to the atlas, the part's result)."""
+
+    def __init__(self, cfg: AnalyzeConfig, store, clt, device, backbone=None):
+        self.cfg, self.root = cfg, Path(cfg.out) / GRAPHS_DIR
+        self.indices, self.rule = choose_images(store, cfg.graph_images, cfg.graph_count)
+        self.builder = GraphBuilder(store, clt, device, cfg.template_set, cfg.data_root, backbone)
+        # every image read now: a data root without them fails here, before any long pass
+        self.images = {i: load_image(graph_config(cfg, i), store, cfg.data_root) for i in self.indices}
+        self.built: list = []
+        self.seconds = 0.0
+
+    def build(self) -> None:
+        t0 = time.perf_counter()
+        if self.root.exists():
+            shutil.rmtree(self.root)  # graphs of images no longer chosen would be stale, misleading pages
+        for i in self.indices:
+            self.built.append(self.builder.build(graph_config(self.cfg, i), self.root / f"image-{i}",
+                                                 self.images[i]))
+        self.seconds = time.perf_counter() - t0
+
+    @property
+    def features(self) -> list[str]:
+        """Every graph's kept feature nodes as LAYER:FEATURE, for the atlas's listed features."""
+        return sorted({f for g in self.built for f in g.features}, key=lambda s: tuple(map(int, s.split(":"))))
+
+    def finish(self, atlas_dir: Path | None) -> dict:
+        t0 = time.perf_counter()
+        note = None if atlas_dir is not None else "the atlas part did not run: feature nodes are not linked"
+        rows = []
+        for g in self.built:
+            s = self.builder.write(g, graph_config(self.cfg, g.index), atlas_dir, note)
+            rows.append({
+                "image": g.index, "label": s["label"], "predicted": s["predicted"], "target": s["target"],
+                "completeness_error": s["completeness error"],
+                "logits_max_abs_diff": s["replacement logits max |diff| vs encode_image"],
+                "replacement_score": s["replacement score"], "completeness_score": s["completeness score"],
+                "feature_nodes": s["feature nodes"], "kept_feature_nodes": s["kept feature nodes"],
+                "kept_edges": s["kept edges"],
+                "top_features": [f"L{f['layer']}-F{f['feature']} @ {g.detail['positions'][f['position']]}"
+                                 for f in g.detail["kept_features"][:3]],
+                "page": str(Path(GRAPHS_DIR) / f"image-{g.index}" / "graph.html"),
+                "heatmap": str(Path(GRAPHS_DIR) / f"image-{g.index}" / "graph-img" / "total.png"),
+                "attribution_s": s["attribution_s"],
+            })
+        gc = graph_config(self.cfg, 0)
+        return {"chosen": self.rule, "rows": rows, "atlas_linked": atlas_dir is not None,
+                "settings": {k: getattr(gc, k) for k in ("node_threshold", "edge_threshold", "max_n_logits",
+                                                         "desired_logit_prob", "batch_size")},
+                "seconds": self.seconds + time.perf_counter() - t0}
