@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=100)
     ap.add_argument("--batch-sizes", default="256,1024")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed builds first (kernels, allocator); 0 on a CPU "
+                                                          "where one 12-layer build takes minutes")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
 
@@ -65,7 +67,8 @@ def main() -> None:
     times: dict[int, list[float]] = {b: [] for b in sizes}
     peak: dict[int, float] = {}
     graph = None
-    build_graph(rep, clt, names, batch_size=sizes[0])  # warm-up (kernels, allocator)
+    for _ in range(args.warmup):  # kernels, allocator
+        build_graph(rep, clt, names, batch_size=sizes[0])
     for _ in range(args.repeats):
         for b in sizes:
             graph = None

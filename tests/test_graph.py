@@ -341,3 +341,19 @@ def test_analyze_bad_graph_image_is_one_error_line(analyze_env, tmp_path, capsys
         "--device", "cpu", "--only", "graphs", "--graph-images", value])
     assert_one_line_error(code, err, needle)
     assert not (out / "report.json").exists() and not (out / "graphs").exists()
+
+
+def test_graph_arithmetic_is_float32_whatever_the_process_set(analyze_env):
+    """A caller's bf16 autocast or TF32 setting (a fit in the same process sets such things) must not reach the
+    graph: its completeness bound is a float32 bound. The settings come back afterwards."""
+    bb, clt = analyze_env["bb"], analyze_env["clt"]
+    image = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(4))
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, g = _graph_of(bb, clt, image)
+            assert torch.get_float32_matmul_precision() == "medium" and torch.is_autocast_cpu_enabled()
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert g.adjacency.dtype == torch.float32 and g.completeness_error() <= COMPLETENESS_TOL

@@ -180,9 +180,10 @@ def _html_table(rows: list[dict], max_rows: int = 400) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{more}"
 
 
-def _img(path: Path) -> str:
+def _img(path: Path, width: int | None = None) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}">'
+    size = f' width="{width}"' if width else ""
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}"{size}>'
 
 
 def graphs_html(graphs: dict, out: Path) -> str:
@@ -190,7 +191,7 @@ def graphs_html(graphs: dict, out: Path) -> str:
     rows = []
     for r in graphs["rows"]:
         heat = out / r["heatmap"]
-        img = (f"<a href='{html.escape(r['page'])}'>{_img(heat)}</a>" if heat.is_file() else "")
+        img = (f"<a href='{html.escape(r['page'])}'>{_img(heat, 128)}</a>" if heat.is_file() else "")
         rows.append(
             f"<tr><td>{img}</td><td><a href='{html.escape(r['page'])}'>image {r['image']}</a></td>"
             f"<td>{html.escape(str(r['label']))}</td><td>{html.escape(str(r['predicted']))}</td>"
@@ -201,8 +202,8 @@ def graphs_html(graphs: dict, out: Path) -> str:
     head = "".join(f"<th>{c}</th>" for c in (
         "total influence per patch", "graph", "label", "predicted", "target", "replacement score",
         "completeness score", "completeness error", "kept feature nodes", "most influential kept features"))
-    return ("<h2>Attribution graphs</h2><p>circuit-tracer's method on single images (images: "
-            f"{html.escape(graphs['chosen'])}). Replacement score: the share of the target's influence reaching "
+    return ("<h2>Attribution graphs</h2><p>circuit-tracer's method on single images: "
+            f"{html.escape(graphs['chosen'])}. Replacement score: the share of the target's influence reaching "
             "the graph's sources that ends at the image's embeddings rather than at error nodes (0: everything "
             "through the CLT's errors, 1: through features alone); completeness score: circuit-tracer's partial "
             "credit of the same; completeness error: how far edges and constants miss each node's input (≤ 1e-4 "

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from clt_pipe.precision import exact_float32
 from clt_pipe.analyze.graph.replacement import Replacement
 
 MAX_N_LOGITS = 10  # circuit-tracer's attribute() defaults
@@ -186,6 +187,7 @@ def position_slots(active: Tensor, acts: Tensor, dec: list[Tensor], starts: list
     return out
 
 
+@exact_float32()
 @torch.no_grad()
 def build_graph(rep: Replacement, clt, class_names: list[str], target: int | None = None,
                 versus: int | None = None, batch_size: int = BATCH_SIZE, max_n_logits: int = MAX_N_LOGITS,
@@ -279,6 +281,7 @@ def _target_weights(n_logits: int, dev) -> Tensor:
     return w
 
 
+@exact_float32()
 def replacement_logits(rep: Replacement, graph: AttributionGraph, clt) -> Tensor:
     """The replacement model run forward on the graph's own nodes (embeddings, feature writes + b_dec, errors):
     it gives the real logits back."""

@@ -59,7 +59,7 @@ def choose_images(store, specs: list[str], count: int) -> tuple[list[int], str]:
         else:
             raise CltPipeError(f"graph_images: {s!r} is neither a store image index nor a class of the store "
                                f"({len(names)} classes, e.g. {', '.join(names[:5])})")
-    return list(dict.fromkeys(chosen)), "given (graph_images)"
+    return list(dict.fromkeys(chosen)), "the images given by graph_images"
 
 
 def graph_config(cfg: AnalyzeConfig, index: int) -> GraphConfig:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from clt_pipe.precision import exact_float32
 from torch.nn import functional as F
 
 
@@ -120,6 +122,7 @@ class Capture:
     embedding: Tensor  # [E] ln_post(resid_final) @ proj, not normalised
 
 
+@exact_float32()
 @torch.no_grad()
 def capture(visual, image: Tensor) -> tuple[Capture, ViTWeights]:
     """Run the ViT on ``image`` [3, H, W] in float32 and keep what the replacement model needs."""
