@@ -357,3 +357,50 @@ def test_graph_arithmetic_is_float32_whatever_the_process_set(analyze_env):
     finally:
         torch.set_float32_matmul_precision(before)
     assert g.adjacency.dtype == torch.float32 and g.completeness_error() <= COMPLETENESS_TOL
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 0.8, 0.98, 1.0])
+def test_find_threshold_skipping_zeros_is_circuit_tracers(threshold):
+    """Ours sorts only the non-zero scores (an edge-score matrix is nearly all zeros); the threshold is the same
+    as circuit-tracer's full sort, also at 1.0 where it falls into the zeros."""
+    pytest.importorskip("circuit_tracer")
+    from circuit_tracer.graph import find_threshold as theirs
+
+    from clt_pipe.analyze.graph.prune import find_threshold
+
+    g = torch.Generator().manual_seed(3)
+    scores = torch.rand(300, 300, generator=g) * (torch.rand(300, 300, generator=g) < 0.02)
+    assert float(find_threshold(scores, threshold)) == float(theirs(scores.flatten(), threshold))
+    dense = torch.rand(500, generator=g)
+    assert float(find_threshold(dense, threshold)) == float(theirs(dense, threshold))
+
+
+def test_strongest_paths_are_the_best_products_over_kept_edges():
+    """Brute force on a small layered graph: every path to the target over kept edges enumerated."""
+    from clt_pipe.analyze.graph import prune as PR
+
+    g = torch.Generator().manual_seed(5)
+    layers = [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]  # sources … target 9; edges go to the next layers only
+    N = 10
+    key = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 3])
+    adj = torch.zeros(N, N)
+    for t in range(N):
+        for s in range(N):
+            if key[s] < key[t]:
+                adj[t, s] = torch.randn((), generator=g)
+    mask = (torch.rand(N, N, generator=g) < 0.6) & (adj != 0)
+    share = adj.abs() / adj.abs().sum(1, keepdim=True)
+
+    def best_from(node):
+        if node == 9:
+            return 1.0, [9]
+        options = [(float(share[t, node]) * best_from(t)[0], [node] + best_from(t)[1])
+                   for t in range(N) if mask[t, node]]
+        options = [o for o in options if o[0] > 0]
+        return max(options) if options else (0.0, [])
+
+    sources = torch.tensor(layers[0] + layers[1])
+    got = PR.strongest_paths(adj, mask, key, 9, sources, k=6)
+    want = sorted((best_from(int(s)) for s in sources if best_from(int(s))[0] > 0), reverse=True)
+    assert got and [p for _, p in got] == [p for _, p in want]
+    assert [s for s, _ in got] == pytest.approx([s for s, _ in want], rel=1e-6)

@@ -75,9 +75,9 @@ class GraphsPart:
     def __init__(self, cfg: AnalyzeConfig, store, clt, device, backbone=None):
         self.cfg, self.root = cfg, Path(cfg.out) / GRAPHS_DIR
         self.indices, self.rule = choose_images(store, cfg.graph_images, cfg.graph_count)
-        self.builder = GraphBuilder(store, clt, device, cfg.template_set, cfg.data_root, backbone)
-        # every image read now: a data root without them fails here, before any long pass
+        # every image read now: a data root without them fails here, before the ViT loads and any long pass
         self.images = {i: load_image(graph_config(cfg, i), store, cfg.data_root) for i in self.indices}
+        self.builder = GraphBuilder(store, clt, device, cfg.template_set, cfg.data_root, backbone)
         self.built: list = []
         self.seconds = 0.0
 

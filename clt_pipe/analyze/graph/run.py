@@ -62,6 +62,16 @@ def class_index(spec: str, names: list[str], what: str) -> int | None:
                        f"{', '.join(names[:5])})")
 
 
+def targets(cfg: GraphConfig, names: list[str]) -> tuple[int | None, int | None]:
+    """(target class, versus class) of ``cfg``, each None when not given."""
+    target, versus = class_index(cfg.target, names, "target"), class_index(cfg.versus, names, "versus")
+    if versus is not None and target is None:
+        raise CltPipeError("graph: --versus needs --target (the class it is compared with)")
+    if versus is not None and versus == target:
+        raise CltPipeError("graph: --target and --versus name the same class")
+    return target, versus
+
+
 def load_backbone_of(store, device):
     from clt_pipe.backbone.loading import load_backbone
 
@@ -121,11 +131,7 @@ class GraphBuilder:
         from clt_pipe.analyze.graph.replacement import Replacement, capture
 
         names, store = self.names, self.store
-        target, versus = class_index(cfg.target, names, "target"), class_index(cfg.versus, names, "versus")
-        if versus is not None and target is None:
-            raise CltPipeError("graph: --versus needs --target (the class it is compared with)")
-        if versus is not None and versus == target:
-            raise CltPipeError("graph: --target and --versus name the same class")
+        target, versus = targets(cfg, names)
         pil, index, label, where = image or load_image(cfg, store, self.data_root)
         pixels = self.bb.preprocess(pil).to(self.device)
         t1 = time.perf_counter()
@@ -203,8 +209,7 @@ def run_graph(cfg: GraphConfig, console=None) -> dict:
     store = ActivationStore(cfg.store)
     clt, run_meta = load_fitted(cfg.clt)
     check_clt_matches_store(store, clt, run_meta)
-    class_index(cfg.target, store.class_names, "target")  # a bad class fails before the ViT loads
-    class_index(cfg.versus, store.class_names, "versus")
+    targets(cfg, list(store.class_names))  # a bad class fails before the ViT loads
     image = load_image(cfg, store, cfg.data_root)
     device = resolve_device(cfg.device)
     builder = GraphBuilder(store, clt, device, cfg.template_set, cfg.data_root)
