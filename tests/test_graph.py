@@ -343,19 +343,46 @@ def test_analyze_bad_graph_image_is_one_error_line(analyze_env, tmp_path, capsys
     assert not (out / "report.json").exists() and not (out / "graphs").exists()
 
 
-def test_graph_arithmetic_is_float32_whatever_the_process_set(analyze_env):
-    """A caller's bf16 autocast or TF32 setting (a fit in the same process sets such things) must not reach the
-    graph: its completeness bound is a float32 bound. The settings come back afterwards."""
+def _set_precision(path: str, value: str) -> str:
+    from clt_pipe.precision import _backend
+
+    node = _backend(path)
+    old, node.fp32_precision = node.fp32_precision, value
+    return old
+
+
+@pytest.mark.parametrize("api", ["legacy", "per-backend"])
+def test_graph_arithmetic_is_float32_whatever_the_process_set(analyze_env, api):
+    """A caller's bf16 autocast or TF32/bf16 float32 settings (a fit in the same process sets such things) must
+    not reach the graph: its completeness bound is a float32 bound. torch ≥ 2.9's per-backend settings are
+    honoured too (its legacy getter raises once they are used). The settings come back afterwards."""
     bb, clt = analyze_env["bb"], analyze_env["clt"]
     image = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(4))
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("medium")
+    if api == "per-backend" and not hasattr(torch.backends, "fp32_precision"):
+        pytest.skip("this torch has no per-backend float32 precision settings")
+    restore = []
+    if api == "legacy":
+        before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("medium")
+        restore.append(lambda: torch.set_float32_matmul_precision(before))
+    else:
+        for path, value in (("cuda.matmul", "tf32"), ("mkldnn.matmul", "bf16")):
+            old = _set_precision(path, value)
+            restore.append(lambda path=path, old=old: _set_precision(path, old))
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             _, g = _graph_of(bb, clt, image)
-            assert torch.get_float32_matmul_precision() == "medium" and torch.is_autocast_cpu_enabled()
+            assert torch.is_autocast_cpu_enabled()
+            if api == "legacy":
+                assert torch.get_float32_matmul_precision() == "medium"
+            else:
+                from clt_pipe.precision import _backend
+
+                assert (_backend("cuda.matmul").fp32_precision, _backend("mkldnn.matmul").fp32_precision) == \
+                    ("tf32", "bf16")
     finally:
-        torch.set_float32_matmul_precision(before)
+        for undo in reversed(restore):
+            undo()
     assert g.adjacency.dtype == torch.float32 and g.completeness_error() <= COMPLETENESS_TOL
 
 
