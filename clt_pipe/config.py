@@ -197,7 +197,8 @@ class AnalyzeConfig:
     store: str = opt(f"{DEFAULT_STORE_ROOT}/default.zarr", 'Store: local path or fsspec URL')
     clt: str = opt("runs/clt", 'Directory of a fitted CLT (clt-pipe fit --out)')
     out: str = opt("runs/report", 'Output directory')
-    data_root: str = opt("", 'needed by closed-loop substitution (re-runs the ViT on the images)')
+    data_root: str = opt("", "the store's images, for the parts that re-run the ViT on them: closedloop and "
+                             "ablation (required), graphs (default: the store's recorded data_root)")
     split: str = opt("", "split for closed-loop images; default: the store's split")
     only: list[str] = opt(lambda: list(ANALYZE_PARTS), 'Parts to run, comma-separated: ' + ', '.join(ANALYZE_PARTS),
                           factory=True)
@@ -239,8 +240,9 @@ class AnalyzeConfig:
     atlas_top_per_layer: int = opt(8, 'atlas: features shown per layer, ranked by mean activation over all tokens')
     atlas_top_images: int = opt(8, 'atlas: top images (by max activation over tokens) kept per feature')
     graph_images: list[str] = opt(list, "graphs: images whose attribution graphs are built, comma-separated store "
-                                        "indices or class names (a class: its first evaluated image); default: "
-                                        "graph_count classes spread over the class list", factory=True)
+                                        "indices or class names (a class: its first evaluated image; a name wins "
+                                        "over an index, image:N and class:NAME say which); default: graph_count "
+                                        "classes spread over the class list", factory=True)
     graph_count: int = opt(3, 'graphs: images chosen when graph_images is empty')
     graph_batch_size: int = opt(256, 'graphs: target nodes per batched backward pass '
                                      '(memory: B x (L+2) x positions x d floats)')

@@ -199,6 +199,7 @@ def graphs_html(graphs: dict, out: Path) -> str:
             f"<td>{r['completeness_score']:.3f}</td><td>{r['completeness_error']:.2g}</td>"
             f"<td>{r['kept_feature_nodes']} of {r['feature_nodes']}</td>"
             f"<td style='text-align:left'>{html.escape('; '.join(r['top_features']))}</td></tr>")
+    positions = sorted({r.get("feature_positions", "") for r in graphs["rows"]} - {"", "every position"})
     head = "".join(f"<th>{c}</th>" for c in (
         "total influence per patch", "graph", "label", "predicted", "target", "replacement score",
         "completeness score", "completeness error", "kept feature nodes", "most influential kept features"))
@@ -209,6 +210,7 @@ def graphs_html(graphs: dict, out: Path) -> str:
             "credit of the same; completeness error: how far edges and constants miss each node's input (≤ 1e-4 "
             "is exact in float32)." + ("" if graphs.get("atlas_linked") else
                                        " Feature nodes are not linked: the atlas part did not run.")
+            + "".join(f" Feature nodes at {html.escape(t)}." for t in positions)
             + f"</p><table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 

@@ -347,7 +347,8 @@ def _analyze(cfg: AnalyzeConfig, console) -> dict:
     if any(PARTS[n].kind == "closedloop" for n in need):
         ctx.closed_loop = closed_loop_inputs(cfg, store, device)  # fail before the long streaming pass
     if "graphs" in need:  # its images are read now: a data root without them fails before the long pass
-        ctx.graphs = GraphsPart(cfg, store, clt, device, backbone=ctx.closed_loop[1] if ctx.closed_loop else None)
+        ctx.graphs = GraphsPart(cfg, store, clt, device, backbone=ctx.closed_loop[1] if ctx.closed_loop else None,
+                                run_meta=run_meta)
     if need & MEAN_PARTS:
         t0 = time.perf_counter()
         with torch.inference_mode():

@@ -191,8 +191,11 @@ def position_slots(active: Tensor, acts: Tensor, dec: list[Tensor], starts: list
 @torch.no_grad()
 def build_graph(rep: Replacement, clt, class_names: list[str], target: int | None = None,
                 versus: int | None = None, batch_size: int = BATCH_SIZE, max_n_logits: int = MAX_N_LOGITS,
-                desired_logit_prob: float = DESIRED_LOGIT_PROB) -> AttributionGraph:
-    """Every node and every direct-effect edge of the image ``rep`` was captured at (see the module docstring)."""
+                desired_logit_prob: float = DESIRED_LOGIT_PROB,
+                feature_positions: Tensor | None = None) -> AttributionGraph:
+    """Every node and every direct-effect edge of the image ``rep`` was captured at (see the module docstring).
+    ``feature_positions`` ([P] bool) limits feature nodes to positions the CLT was trained on; elsewhere the MLP
+    outputs stay whole in the error nodes (exactness does not depend on which features are nodes)."""
     cap = rep.cap
     L, P, d = cap.mlp_in.shape
     dev = cap.mlp_in.device
@@ -200,6 +203,8 @@ def build_graph(rep: Replacement, clt, class_names: list[str], target: int | Non
     pre = clt.preactivations(x).float().transpose(0, 1)  # [L, P, F]
     z = clt.encode(x).float().transpose(0, 1)
     active = (z != 0).nonzero()  # [n, 3] sorted by layer, position, feature
+    if feature_positions is not None:
+        active = active[feature_positions.to(dev)[active[:, 1]]]
     acts = z[active[:, 0], active[:, 1], active[:, 2]]
     pre_act = pre[active[:, 0], active[:, 1], active[:, 2]]
     n = active.shape[0]

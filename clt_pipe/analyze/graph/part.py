@@ -5,8 +5,11 @@ Each graph is ``clt-pipe graph``'s (same builder, same defaults, same files) wri
 feature (so each has a page). The graphs are built before the atlas's pass over the store and their pages
 written after it; between the two only the small page data is held, not the N × N adjacencies.
 
-Images are store indices or class names (a class name picks the first evaluated image of that class); none
-given, ``graph_count`` classes spread evenly over the class list, each by its first evaluated image.
+Images are store indices or class names (a class name picks the first evaluated image of that class; a bare
+value that names a class is the class, as ``clt-pipe graph --target`` reads it; ``image:N`` and ``class:NAME``
+say which is meant); none given, ``graph_count`` classes spread evenly over the class list, each by its first
+evaluated image. The graphs are staged in ``OUT/graphs.partial/`` and renamed into place when their pages are
+written, just before the report: a run that fails or stops leaves the previous report's graphs as they were.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from clt_pipe.config import AnalyzeConfig, GraphConfig, build
 from clt_pipe.errors import CltPipeError
 
 GRAPHS_DIR = "graphs"
+STAGE_DIR = "graphs.partial"
 
 
 def choose_images(store, specs: list[str], count: int) -> tuple[list[int], str]:
@@ -43,21 +47,24 @@ def choose_images(store, specs: list[str], count: int) -> tuple[list[int], str]:
         chosen = [first_of(int(present[p])) for p in picks]
         return chosen, f"the first evaluated image of {len(chosen)} classes spread over the class list"
     chosen = []
-    for s in specs:
-        if s.isdigit():
+    for spec in specs:
+        kind, _, s = spec.partition(":") if spec.startswith(("image:", "class:")) else ("", "", spec)
+        if kind == "image" or (not kind and s.isdigit() and s not in names):
+            if not s.isdigit():
+                raise CltPipeError(f"graph_images: {spec!r}: image: takes a store image index")
             i = int(s)
             if i >= store.layout.n_images:
                 raise CltPipeError(f"graph_images: {i} is outside the store ({store.layout.n_images} images)")
             if not bool(store.image_ok[i]):
                 raise CltPipeError(f"graph_images: image {i} was not harvested (image_ok is false in the store)")
             chosen.append(i)
-        elif s in names:
+        elif s in names:  # a bare class name, or class:NAME
             i = first_of(names.index(s))
             if i is None:
                 raise CltPipeError(f"graph_images: the store has no evaluated image of class {s!r}")
             chosen.append(i)
         else:
-            raise CltPipeError(f"graph_images: {s!r} is neither a store image index nor a class of the store "
+            raise CltPipeError(f"graph_images: {spec!r} is neither a store image index nor a class of the store "
                                f"({len(names)} classes, e.g. {', '.join(names[:5])})")
     return list(dict.fromkeys(chosen)), "the images given by graph_images"
 
@@ -72,21 +79,21 @@ class GraphsPart:
     """Built in two steps around the atlas's pass: ``build`` (graphs, circuit-tracer files) and ``finish``
     (pages linked to the atlas, the part's result)."""
 
-    def __init__(self, cfg: AnalyzeConfig, store, clt, device, backbone=None):
-        self.cfg, self.root = cfg, Path(cfg.out) / GRAPHS_DIR
+    def __init__(self, cfg: AnalyzeConfig, store, clt, device, backbone=None, run_meta: dict | None = None):
+        self.cfg, self.root, self.stage = cfg, Path(cfg.out) / GRAPHS_DIR, Path(cfg.out) / STAGE_DIR
         self.indices, self.rule = choose_images(store, cfg.graph_images, cfg.graph_count)
         # every image read now: a data root without them fails here, before the ViT loads and any long pass
         self.images = {i: load_image(graph_config(cfg, i), store, cfg.data_root) for i in self.indices}
-        self.builder = GraphBuilder(store, clt, device, cfg.template_set, cfg.data_root, backbone)
+        self.builder = GraphBuilder(store, clt, device, cfg.template_set, cfg.data_root, backbone, run_meta)
         self.built: list = []
         self.seconds = 0.0
 
     def build(self) -> None:
         t0 = time.perf_counter()
-        if self.root.exists():
-            shutil.rmtree(self.root)  # graphs of images no longer chosen would be stale, misleading pages
+        if self.stage.exists():
+            shutil.rmtree(self.stage)  # what a failed or stopped run left
         for i in self.indices:
-            self.built.append(self.builder.build(graph_config(self.cfg, i), self.root / f"image-{i}",
+            self.built.append(self.builder.build(graph_config(self.cfg, i), self.stage / f"image-{i}",
                                                  self.images[i]))
         self.seconds = time.perf_counter() - t0
 
@@ -112,8 +119,11 @@ class GraphsPart:
                                  for f in g.detail["kept_features"][:3]],
                 "page": str(Path(GRAPHS_DIR) / f"image-{g.index}" / "graph.html"),
                 "heatmap": str(Path(GRAPHS_DIR) / f"image-{g.index}" / "graph-img" / "total.png"),
-                "attribution_s": s["attribution_s"],
+                "feature_positions": s["feature positions"], "attribution_s": s["attribution_s"],
             })
+        if self.root.exists():
+            shutil.rmtree(self.root)  # graphs of images no longer chosen would be stale, misleading pages
+        self.stage.rename(self.root)
         gc = graph_config(self.cfg, 0)
         return {"chosen": self.rule, "rows": rows, "atlas_linked": atlas_dir is not None,
                 "settings": {k: getattr(gc, k) for k in ("node_threshold", "edge_threshold", "max_n_logits",

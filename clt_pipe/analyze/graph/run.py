@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,8 @@ import numpy as np
 import torch
 
 from clt_pipe.config import AtlasConfig, GraphConfig, build
+from clt_pipe.datasets.base import DatasetError
+from clt_pipe.precision import exact_float32
 from clt_pipe.errors import CltPipeError
 from clt_pipe.analyze.graph import attribution as AT
 from clt_pipe.analyze.graph import ctfiles, page
@@ -43,7 +46,11 @@ def load_image(cfg: GraphConfig, store, data_root: str = ""):
         raise CltPipeError(f"graph: image {i} was not harvested (image_ok is false in the store)")
     ds = store.meta.dataset
     root = data_root or ds.data_root or ""
-    dataset = open_dataset(ds.name, root, ds.split, coco_label_rule=ds.coco_label_rule or "largest_area")
+    try:
+        dataset = open_dataset(ds.name, root, ds.split, coco_label_rule=ds.coco_label_rule or "largest_area")
+    except DatasetError as e:
+        raise CltPipeError(f"graph: image {i} cannot be read from the store's dataset ({e}); pass --data-root "
+                           f"(the folder the store's {ds.name} images are in now)") from None
     source = _sources(store, [i]).get(i)
     if i >= len(dataset) or dataset.record(i).source != source:
         raise CltPipeError(f"graph: image {i} of {ds.name}/{ds.split} at {root or '(no data root)'} is not the "
@@ -60,6 +67,26 @@ def class_index(spec: str, names: list[str], what: str) -> int | None:
         return int(spec)
     raise CltPipeError(f"graph: --{what} {spec!r} is not a class of the store ({len(names)} classes, e.g. "
                        f"{', '.join(names[:5])})")
+
+
+def trained_positions(run_meta: dict, n_pos: int) -> tuple[torch.Tensor | None, str]:
+    """([P] bool of the positions whose MLP rows the CLT was trained on, or None for all; what it means).
+
+    The rows a fit saw are its store's token policy (cls, patches, all, cls+K: CLS and K random patches, so over
+    the data every patch position) filtered by the fit's ``tokens``; a feature read elsewhere is off-distribution.
+    """
+    policy = str(((run_meta.get("store") or {}).get("tokens") or {}).get("policy", "all"))
+    fit_rows = str((run_meta.get("config") or {}).get("tokens", "all"))
+    cls = policy in ("cls", "all") or policy.startswith("cls+")
+    patches = policy != "cls"
+    cls, patches = cls and fit_rows in ("cls", "all"), patches and fit_rows in ("patches", "all")
+    if cls and patches:
+        return None, "every position"
+    mask = torch.zeros(n_pos, dtype=torch.bool)
+    mask[0], mask[1:] = cls, patches
+    where = "CLS only" if cls else "patches only" if patches else "none"
+    return mask, (f"{where}: the CLT was trained on {policy} tokens of its store (fit tokens = {fit_rows}), so the "
+                  f"MLP outputs at other positions are left whole in the error nodes")
 
 
 def targets(cfg: GraphConfig, names: list[str]) -> tuple[int | None, int | None]:
@@ -113,16 +140,18 @@ class GraphBuilder:
     """What every graph over one store and CLT shares: the store's classes and text head, its ViT (weights
     checked against the store's hash), the CLT on the device."""
 
-    def __init__(self, store, clt, device: torch.device, template_set: str, data_root: str = "", backbone=None):
+    def __init__(self, store, clt, device: torch.device, template_set: str, data_root: str = "", backbone=None,
+                 run_meta: dict | None = None):
         from clt_pipe.analyze import zeroshot as ZS
 
-        self.store, self.device, self.data_root = store, device, data_root
+        self.store, self.device, self.data_root, self.run_meta = store, device, data_root, run_meta or {}
         self.clt = clt.to(device).eval()
         self.names = list(store.class_names)
         self.classifier = torch.from_numpy(store.text_classifier(template_set)).float().to(device)
         self.logit_scale = ZS.logit_scale(store)
         self.bb = backbone if backbone is not None else load_backbone_of(store, device)
 
+    @exact_float32()  # the reference logits too, not only the graph: both are compared in float32
     def build(self, cfg: GraphConfig, out: Path, image=None) -> ImageGraph:
         """Build ``cfg.image``'s graph (or ``image``, a (PIL, index, label, where) already loaded), check it,
         prune it, write circuit-tracer's files into ``out``."""
@@ -137,8 +166,9 @@ class GraphBuilder:
         t1 = time.perf_counter()
         cap, W = capture(self.bb.visual, pixels)
         rep = Replacement(cap, W, self.classifier, self.logit_scale)
+        positions, positions_text = trained_positions(self.run_meta, cap.emb.shape[0])
         graph = AT.build_graph(rep, self.clt, names, target, versus, cfg.batch_size, cfg.max_n_logits,
-                               cfg.desired_logit_prob)
+                               cfg.desired_logit_prob, positions)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t_attr = time.perf_counter() - t1
@@ -168,7 +198,7 @@ class GraphBuilder:
             "target": graph.logit_nodes[0].label, "completeness error": completeness,
             "replacement logits max |diff| vs encode_image": float((replayed - real).abs().max()),
             "logits max |diff| (own forward vs encode_image)": float((graph.logits - real).abs().max()),
-            "nodes": graph.n_nodes, "feature nodes": graph.n_features,
+            "nodes": graph.n_nodes, "feature nodes": graph.n_features, "feature positions": positions_text,
             "edges (non-zero)": int((graph.adjacency != 0).sum()),
             "kept nodes": int(pruned.node_mask.sum()), "kept feature nodes": len(kept),
             "kept edges": int(pruned.edge_mask.sum()),
@@ -193,7 +223,11 @@ class GraphBuilder:
                         ct=ig.ct, atlas_dir=atlas_dir, atlas_note=atlas_note)
         summary["page"] = str(pg)
         summary["circuit_tracer"] = ig.ct.get("json") or ig.ct.get("note")
-        (ig.out / GRAPH_JSON).write_text(json.dumps({**_jsonable(summary), **ig.detail}, indent=1))
+        # graph.json names its files relative to its folder: the folder can move (a report staged, then renamed
+        # into place; a teammate's copy) and still point at them
+        rel = {"page": page.PAGE,
+               "circuit_tracer": os.path.relpath(ig.ct["json"], ig.out) if ig.ct.get("json") else ig.ct.get("note")}
+        (ig.out / GRAPH_JSON).write_text(json.dumps({**_jsonable({**summary, **rel}), **ig.detail}, indent=1))
         return summary
 
 
@@ -212,7 +246,7 @@ def run_graph(cfg: GraphConfig, console=None) -> dict:
     targets(cfg, list(store.class_names))  # a bad class fails before the ViT loads
     image = load_image(cfg, store, cfg.data_root)
     device = resolve_device(cfg.device)
-    builder = GraphBuilder(store, clt, device, cfg.template_set, cfg.data_root)
+    builder = GraphBuilder(store, clt, device, cfg.template_set, cfg.data_root, run_meta=run_meta)
     t_load = time.perf_counter() - t0
     out = Path(cfg.out)
     with hold_out_dir(out, "graph"):  # one writer per output folder (the atlas inside re-enters it)
