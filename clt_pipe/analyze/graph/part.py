@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clt_pipe import signals
 from clt_pipe.analyze import zeroshot as ZS
 from clt_pipe.analyze.graph.run import GraphBuilder, load_image
 from clt_pipe.config import AnalyzeConfig, GraphConfig, build
@@ -121,9 +122,10 @@ class GraphsPart:
                 "heatmap": str(Path(GRAPHS_DIR) / f"image-{g.index}" / "graph-img" / "total.png"),
                 "feature_positions": s["feature positions"], "attribution_s": s["attribution_s"],
             })
-        if self.root.exists():
-            shutil.rmtree(self.root)  # graphs of images no longer chosen would be stale, misleading pages
-        self.stage.rename(self.root)
+        with signals.stop_point():  # never between the two: no graphs at all where the old report points
+            if self.root.exists():
+                shutil.rmtree(self.root)  # graphs of images no longer chosen would be stale, misleading pages
+            self.stage.rename(self.root)
         gc = graph_config(self.cfg, 0)
         return {"chosen": self.rule, "rows": rows, "atlas_linked": atlas_dir is not None,
                 "settings": {k: getattr(gc, k) for k in ("node_threshold", "edge_threshold", "max_n_logits",
