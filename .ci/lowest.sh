@@ -8,6 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
 work="${TMPDIR:-/tmp}/clt-pipe-ci-lowest"
+# hypothesis 6.0 would leave its example database (.hypothesis/) in the checkout
+export HYPOTHESIS_STORAGE_DIRECTORY="$work/hypothesis"
 start=$SECONDS
 
 command -v uv >/dev/null || pip install -q uv
