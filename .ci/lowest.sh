@@ -28,7 +28,7 @@ for label, reqs in (("lowest", project["dependencies"]), ("lowest dev", project[
     print(f"{label}:", " ".join(f"{(n := Requirement(r).name)}=={version(n)}" for r in reqs))
 EOF
 
-# A bound: a hang (seen once in the two-rank gloo fit under torch 2.6, test_fit_distributed) must not eat CI's budget
+# A bound: a hang (the two-rank torchrun sweep test hung in 3 of 4 runs at torch 2.6) must not eat CI time
 rc=0
 timeout -k 10 480 "$py" -m pytest -q || rc=$?
 if [ "$rc" -eq 0 ]; then
