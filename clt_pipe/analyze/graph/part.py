@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from clt_pipe import signals
 from clt_pipe.analyze import zeroshot as ZS
-from clt_pipe.analyze.graph.run import GraphBuilder, load_image
+from clt_pipe.analyze.graph.run import GraphBuilder, store_images
 from clt_pipe.config import AnalyzeConfig, GraphConfig, build
 from clt_pipe.errors import CltPipeError
 
@@ -70,7 +71,8 @@ def choose_images(store, specs: list[str], count: int) -> tuple[list[int], str]:
     return list(dict.fromkeys(chosen)), "the images given by graph_images"
 
 
-def graph_config(cfg: AnalyzeConfig, index: int) -> GraphConfig:
+def graph_config(cfg: AnalyzeConfig, index: int = 0) -> GraphConfig:
+    """``clt-pipe graph``'s settings for one image of the part (its defaults, analyze's shared options)."""
     return build(GraphConfig, {"store": cfg.store, "clt": cfg.clt, "image": str(index), "atlas": False,
                                "template_set": cfg.template_set, "data_root": cfg.data_root, "device": cfg.device,
                                "batch_size": cfg.graph_batch_size, "read_threads": cfg.read_threads})
@@ -82,9 +84,10 @@ class GraphsPart:
 
     def __init__(self, cfg: AnalyzeConfig, store, clt, device, backbone=None, run_meta: dict | None = None):
         self.cfg, self.root, self.stage = cfg, Path(cfg.out) / GRAPHS_DIR, Path(cfg.out) / STAGE_DIR
+        self.gcfg = graph_config(cfg)
         self.indices, self.rule = choose_images(store, cfg.graph_images, cfg.graph_count)
         # every image read now: a data root without them fails here, before the ViT loads and any long pass
-        self.images = {i: load_image(graph_config(cfg, i), store, cfg.data_root) for i in self.indices}
+        self.images = store_images(store, self.indices, cfg.data_root)
         self.builder = GraphBuilder(store, clt, device, cfg.template_set, cfg.data_root, backbone, run_meta)
         self.built: list = []
         self.seconds = 0.0
@@ -94,7 +97,7 @@ class GraphsPart:
         if self.stage.exists():
             shutil.rmtree(self.stage)  # what a failed or stopped run left
         for i in self.indices:
-            self.built.append(self.builder.build(graph_config(self.cfg, i), self.stage / f"image-{i}",
+            self.built.append(self.builder.build(replace(self.gcfg, image=str(i)), self.stage / f"image-{i}",
                                                  self.images[i]))
         self.seconds = time.perf_counter() - t0
 
@@ -108,7 +111,7 @@ class GraphsPart:
         note = None if atlas_dir is not None else "the atlas part did not run: feature nodes are not linked"
         rows = []
         for g in self.built:
-            s = self.builder.write(g, graph_config(self.cfg, g.index), atlas_dir, note)
+            s = self.builder.write(g, replace(self.gcfg, image=str(g.index)), atlas_dir, note)
             rows.append({
                 "image": g.index, "label": s["label"], "predicted": s["predicted"], "target": s["target"],
                 "completeness_error": s["completeness error"],
@@ -126,7 +129,7 @@ class GraphsPart:
             if self.root.exists():
                 shutil.rmtree(self.root)  # graphs of images no longer chosen would be stale, misleading pages
             self.stage.rename(self.root)
-        gc = graph_config(self.cfg, 0)
+        gc = self.gcfg
         return {"chosen": self.rule, "rows": rows, "atlas_linked": atlas_dir is not None,
                 "settings": {k: getattr(gc, k) for k in ("node_threshold", "edge_threshold", "max_n_logits",
                                                          "desired_logit_prob", "batch_size")},

@@ -26,36 +26,46 @@ def load_image(cfg: GraphConfig, store, data_root: str = ""):
     """(PIL image, store index or None, label or -1, how it was found) for ``cfg.image``."""
     from PIL import Image
 
+    spec = cfg.image.strip()
+    if spec.isdigit():
+        return store_images(store, [int(spec)], data_root)[int(spec)]
+    path = Path(spec)
+    if not path.is_file():
+        raise CltPipeError(f"graph: --image {spec!r} is neither a store image index nor an image file")
+    try:
+        return Image.open(path).convert("RGB"), None, -1, str(path)
+    except OSError as e:
+        raise CltPipeError(f"graph: --image {spec}: cannot read it as an image ({e})") from None
+
+
+def store_images(store, indices: list[int], data_root: str = "") -> dict[int, tuple]:
+    """{index: (PIL image, index, label, how it was found)} of store images, the dataset opened and
+    images.parquet read once for all of them; each checked to be the store's own image."""
     from clt_pipe.analyze.atlas.images import _sources
     from clt_pipe.datasets.registry import open_dataset
 
-    spec = cfg.image.strip()
-    if not spec.isdigit():
-        path = Path(spec)
-        if not path.is_file():
-            raise CltPipeError(f"graph: --image {spec!r} is neither a store image index nor an image file")
-        try:
-            return Image.open(path).convert("RGB"), None, -1, str(path)
-        except OSError as e:
-            raise CltPipeError(f"graph: --image {spec}: cannot read it as an image ({e})") from None
-    i = int(spec)
     n = store.layout.n_images
-    if i >= n:
-        raise CltPipeError(f"graph: --image {i} is outside the store ({n} images)")
-    if not bool(store.image_ok[i]):
-        raise CltPipeError(f"graph: image {i} was not harvested (image_ok is false in the store)")
+    for i in indices:
+        if i >= n:
+            raise CltPipeError(f"graph: --image {i} is outside the store ({n} images)")
+        if not bool(store.image_ok[i]):
+            raise CltPipeError(f"graph: image {i} was not harvested (image_ok is false in the store)")
     ds = store.meta.dataset
     root = data_root or ds.data_root or ""
     try:
         dataset = open_dataset(ds.name, root, ds.split, coco_label_rule=ds.coco_label_rule or "largest_area")
     except DatasetError as e:
-        raise CltPipeError(f"graph: image {i} cannot be read from the store's dataset ({e}); pass --data-root "
-                           f"(the folder the store's {ds.name} images are in now)") from None
-    source = _sources(store, [i]).get(i)
-    if i >= len(dataset) or dataset.record(i).source != source:
-        raise CltPipeError(f"graph: image {i} of {ds.name}/{ds.split} at {root or '(no data root)'} is not the "
-                           f"store's image {i} (images.parquet names {source!r}); pass --data-root")
-    return dataset.load_image(i), i, int(store.labels[i]), f"store image {i} ({source})"
+        raise CltPipeError(f"graph: image {indices[0]} cannot be read from the store's dataset ({e}); pass "
+                           f"--data-root (the folder the store's {ds.name} images are in now)") from None
+    sources = _sources(store, list(indices))
+    out = {}
+    for i in indices:
+        source = sources.get(i)
+        if i >= len(dataset) or dataset.record(i).source != source:
+            raise CltPipeError(f"graph: image {i} of {ds.name}/{ds.split} at {root or '(no data root)'} is not "
+                               f"the store's image {i} (images.parquet names {source!r}); pass --data-root")
+        out[i] = (dataset.load_image(i), i, int(store.labels[i]), f"store image {i} ({source})")
+    return out
 
 
 def class_index(spec: str, names: list[str], what: str) -> int | None:
@@ -126,14 +136,13 @@ class ImageGraph:
     slug: str
     summary: dict
     data: page.PageData
-    kept: list[tuple[int, int, int]]  # (layer, position, feature) of the kept feature nodes
     detail: dict
     ct: dict
 
     @property
     def features(self) -> list[str]:
         """The kept feature nodes as LAYER:FEATURE (atlas ``--features``)."""
-        return sorted({f"{layer}:{f}" for layer, _, f in self.kept})
+        return sorted({f"{layer}:{f}" for layer, _, f, _, _ in self.data.kept})
 
 
 class GraphBuilder:
@@ -186,7 +195,6 @@ class GraphBuilder:
                                  slice(graph.token_start, graph.logit_start))
         grid = patch_grid(store.model, graph.n_pos - 1)
         labels = position_labels(graph.n_pos, grid)
-        kept = graph.active_features[pruned.node_mask[:graph.n_features].cpu()].tolist() if graph.n_features else []
         slug = f"image-{index}" if index is not None else Path(cfg.image).stem
         out.mkdir(parents=True, exist_ok=True)
         ct = ctfiles.write(graph, pruned, out, slug, labels, model_name=store.model.get("name", ""),
@@ -200,7 +208,8 @@ class GraphBuilder:
             "logits max |diff| (own forward vs encode_image)": float((graph.logits - real).abs().max()),
             "nodes": graph.n_nodes, "feature nodes": graph.n_features, "feature positions": positions_text,
             "edges (non-zero)": int((graph.adjacency != 0).sum()),
-            "kept nodes": int(pruned.node_mask.sum()), "kept feature nodes": len(kept),
+            "kept nodes": int(pruned.node_mask.sum()),
+            "kept feature nodes": int(pruned.node_mask[:graph.n_features].sum()),
             "kept edges": int(pruned.edge_mask.sum()),
             "replacement score": scores["replacement"], "completeness score": scores["completeness"],
             "attribution_s": t_attr, "prune_s": t_prune, "device": str(self.device), "batch_size": cfg.batch_size,
@@ -211,16 +220,13 @@ class GraphBuilder:
                   "kept_features": [{"layer": la, "position": p, "feature": f, "activation": a, "influence": v}
                                     for la, p, f, a, v in data.kept],
                   "logit_nodes": [{"label": n.label, "index": n.index, "prob": n.prob} for n in graph.logit_nodes]}
-        return ImageGraph(out, pil, index, slug, summary, data, [tuple(k) for k in kept], detail, ct)
+        return ImageGraph(out, pil, index, slug, summary, data, detail, ct)
 
     def write(self, ig: ImageGraph, cfg: GraphConfig, atlas_dir: Path | None, atlas_note: str | None) -> dict:
         """The page and ``graph.json`` of a built graph; returns its summary (with the page's path)."""
-        from clt_pipe.analyze.atlas.render import patch_grid
-
-        grid = patch_grid(self.store.model, len(ig.data.total) - 1)
         summary = dict(ig.summary)
-        pg = page.write(ig.out, ig.data, summary, ig.image, grid, ig.detail["positions"], thumb_px=cfg.thumb_px,
-                        ct=ig.ct, atlas_dir=atlas_dir, atlas_note=atlas_note)
+        pg = page.write(ig.out, ig.data, summary, ig.image, tuple(ig.detail["grid"]), ig.detail["positions"],
+                        thumb_px=cfg.thumb_px, ct=ig.ct, atlas_dir=atlas_dir, atlas_note=atlas_note)
         summary["page"] = str(pg)
         summary["circuit_tracer"] = ig.ct.get("json") or ig.ct.get("note")
         # graph.json names its files relative to its folder: the folder can move (a report staged, then renamed
@@ -256,7 +262,7 @@ def run_graph(cfg: GraphConfig, console=None) -> dict:
         if cfg.atlas and foreign:  # an analyze/atlas run's atlas: never replaced, linked where it has the page
             atlas_note = (f"{out / 'atlas'} was written by another run and is kept as it is: features without a "
                           f"page there are not linked")
-        elif cfg.atlas and ig.kept:
+        elif cfg.atlas and ig.data.kept:
             from clt_pipe.analyze.atlas.run import run_atlas
 
             acfg = build(AtlasConfig, {"store": cfg.store, "clt": cfg.clt, "out": str(out), "data_root": cfg.data_root,
